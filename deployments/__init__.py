@@ -1,0 +1,1 @@
+"""Model deployments: one `ModelServer` per configured model, each owning one engine."""

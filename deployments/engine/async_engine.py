@@ -1,0 +1,125 @@
+"""An asyncio face for the engine: one background thread runs `step()`; each request gets a queue.
+
+Requests and aborts are handed to the engine thread through a thread-safe inbox, so the engine
+itself stays single-threaded. Leaving `generate()` early (the client went away) aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import LLMEngine
+from deployments.engine.request import RequestOutput, SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (it crashed or was shut down); in-flight requests cannot finish."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLMEngine:
+    """Drives an `LLMEngine` from a background thread and streams its outputs to coroutines."""
+
+    def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+        self.engine = engine_factory(config)
+        self._inbox: queue.SimpleQueue[tuple[str, tuple]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    def next_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's outputs as they are produced; the last one has a finish_reason."""
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        self.engine.validate(prompt_token_ids, params)  # raise before anything is queued
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._send("add", request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def shutdown(self) -> None:
+        """Stop the loop thread, end every open stream with `EngineDeadError`, free the engine."""
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=60)
+        self._fail_all(EngineDeadError("the model was unloaded while this request was running"))
+        self.engine.release()
+
+    # --- engine thread -----------------------------------------------------------------------
+    def _send(self, command: str, *args: object) -> None:
+        self._inbox.put((command, args))
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                for output in self.engine.step():
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        stream.put(output)
+        except Exception as exc:  # noqa: BLE001 - a crashed step must reach every waiting request
+            self._stopped = True
+            self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                request_id = args[0]
+                try:
+                    self.engine.add_request(*args)  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - hand the error to its own request only
+                    stream = self._streams.get(request_id)  # type: ignore[call-overload]
+                    if stream is not None:
+                        stream.put(exc)
+            else:
+                self.engine.abort(*args)  # type: ignore[arg-type]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.put(error)

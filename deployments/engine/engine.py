@@ -1,0 +1,143 @@
+"""The synchronous engine: `add_request`, `step`, `abort`. One step = schedule, run, update, output."""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams, Sequence
+from deployments.engine.runner import ModelRunner
+from deployments.engine.sampler import Sampler
+from deployments.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class LLMEngine:
+    """Continuous batching over one model. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.tokenizer = self.runner.tokenizer
+        limit = self.runner.max_position_embeddings
+        self.max_model_len = min(config.max_model_len, limit) if limit else config.max_model_len
+        self.eos_token_ids = self._find_eos_token_ids()
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    # --- requests in -------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids for a plain prompt or for chat messages rendered by the model's chat template."""
+        if messages is not None:
+            if not self.has_chat_template:
+                raise InvalidRequestError(
+                    "this model has no chat template; use a completion (prompt) request, "
+                    "or give the model a chat_template in the config",
+                    param="messages",
+                )
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            token_ids = self.tokenizer(prompt or "")["input_ids"]
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", param="messages" if messages is not None else "prompt")
+        return list(token_ids)
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        """The completion length: as asked, else the configured default capped by the context left."""
+        if requested is not None:
+            return requested
+        return max(1, min(self.config.default_max_tokens, self.max_model_len - num_prompt_tokens))
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `InvalidRequestError` (naming the numbers) if the request cannot fit the context."""
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{len(prompt_token_ids)} prompt tokens + {params.max_tokens} max_tokens = {total} were requested",
+                param="max_tokens",
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self.sampler.add(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        self._free({request_id})
+        return RequestOutput(request_id, [], "", FinishReason.ABORT, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # --- one iteration -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        logits = self._execute(scheduler_output)
+        sampled = self.sampler(logits, scheduler_output.sequences)
+        self.scheduler.update_from_output(scheduler_output, sampled)
+        return self._process_outputs(scheduler_output.sequences)
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        parts = []
+        if scheduler_output.decodes:
+            seqs = scheduler_output.decodes
+            parts.append(self.runner.decode([s.request_id for s in seqs], [s.last_token_id for s in seqs]))
+        for seq in scheduler_output.prefills:
+            parts.append(self.runner.prefill(seq.request_id, seq.prompt_token_ids).unsqueeze(0))
+        return torch.cat(parts)
+
+    def _process_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        outputs, finished = [], set()
+        for seq in seqs:
+            token_id = seq.output_token_ids[-1]
+            detokenizer = self.detokenizers[seq.request_id]
+            ended_by_eos = seq.finish_reason is FinishReason.STOP  # the scheduler only stops on EOS
+            if not ended_by_eos and detokenizer.push(token_id):
+                self.scheduler.finish(seq, FinishReason.STOP)
+            text = detokenizer.pop_delta(finished=seq.is_finished)
+            outputs.append(
+                RequestOutput(
+                    seq.request_id, [token_id], text, seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens
+                )
+            )
+            if seq.is_finished:
+                finished.add(seq.request_id)
+        self._free(finished)
+        return outputs
+
+    def _free(self, request_ids: set[str]) -> None:
+        if not request_ids:
+            return
+        self.runner.free(request_ids)
+        for request_id in request_ids:
+            self.sampler.free(request_id)
+            self.detokenizers.pop(request_id, None)
+
+    def _find_eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        generation_eos = getattr(self.runner.model.generation_config, "eos_token_id", None)
+        for value in (generation_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(value)
+        return ids
+
+    def release(self) -> None:
+        """Free the weights and caches; the engine is unusable afterwards."""
+        self.runner.release()
+        self.detokenizers.clear()

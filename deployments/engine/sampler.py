@@ -1,0 +1,62 @@
+"""Per-request sampling over a batch of logits: every row keeps its own settings and RNG."""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.engine.request import Sequence
+
+
+class Sampler:
+    """Turns one row of logits per sequence into one token id per sequence."""
+
+    def __init__(self, eos_token_ids: set[int]) -> None:
+        self.eos_token_ids = sorted(eos_token_ids)
+        self.generators: dict[str, torch.Generator] = {}
+
+    def add(self, seq: Sequence) -> None:
+        if seq.params.seed is not None:
+            self.generators[seq.request_id] = torch.Generator().manual_seed(seq.params.seed)
+
+    def free(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        logits = logits.float()
+        if all(s.params.is_greedy and not s.params.has_penalties and not s.params.min_tokens for s in seqs):
+            return logits.argmax(dim=-1).tolist()  # fast path: the whole batch is plain greedy
+        return [self._sample_row(logits[i], seq) for i, seq in enumerate(seqs)]
+
+    def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        if p.has_penalties:
+            row = self._apply_penalties(row.clone(), seq)
+        if seq.num_output_tokens < p.min_tokens and self.eos_token_ids:
+            row[self.eos_token_ids] = float("-inf")
+        if p.is_greedy:
+            return int(row.argmax())
+        row = row / p.temperature
+        if p.top_k is not None and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        generator = self.generators.get(seq.request_id)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    @staticmethod
+    def _apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.prompt_token_ids + seq.output_token_ids)), dtype=torch.long)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if seq.output_token_ids and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.shape[-1])[: row.shape[-1]]
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        return row

@@ -1,0 +1,75 @@
+"""Tiny randomly initialised models and a tiny trained tokenizer, built in-process and saved to disk.
+
+They go through the same loading code as real models (`EngineConfig(model=<dir>)`), in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ray Serve hosts models behind one API; tokens stream over server-sent events.",
+    "Continuous batching admits new requests between decode steps.",
+    "Héllo wörld — naïve café, 日本語のテキスト, emoji 🙂🚀 and more.",
+] * 20
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (so any UTF-8 text round-trips) with chat and EOS special tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_model(directory: Path, kind: str = "llama", with_chat_template: bool = True) -> Path:
+    """Build a seeded random model of the given family and save it with its tokenizer."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    if not with_chat_template:
+        tokenizer.chat_template = None
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "gemma3":
+        # A sliding window shorter than the test sequences, so the hybrid-attention path is exercised.
+        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
