@@ -57,3 +57,18 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str, chat_template:
     )
     network.to(device).eval()
     return network, tokenizer
+
+
+def describe_quantization(model: str, dtype: str) -> str:
+    """How the weights are stored at the source and what they run as, e.g. `GGUF MOSTLY_Q4_1 -> float32`."""
+    directory, gguf_file = resolve_model_path(model)
+    if gguf_file is None:
+        config = (directory / "config.json").read_text()
+        return f"checkpoint quantization_config -> {dtype}" if "quantization_config" in config else dtype
+    import gguf  # only GGUF sources need it
+
+    field = gguf.GGUFReader(str(directory / gguf_file)).fields.get("general.file_type")
+    if field is None:
+        return f"GGUF -> {dtype}"
+    file_type = int(field.parts[field.data[0]][0])
+    return f"GGUF {gguf.LlamaFileType(file_type).name} -> {dtype}"

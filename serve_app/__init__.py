@@ -1,0 +1,1 @@
+"""The router ingress: REST + OpenAI-compatible API, SSE streaming and the chat page."""

@@ -1,0 +1,23 @@
+"""Builds the FastAPI app over a model registry. Knows nothing of Ray: tests drive it in-process."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from serve_app import openai_routes, routes
+from serve_app.clients import ModelRegistry
+from serve_app.config import AppSettings
+from serve_app.errors import BodySizeLimit, install_error_handlers
+
+
+def create_api(registry: ModelRegistry, settings: AppSettings) -> FastAPI:
+    app = FastAPI(title="llm-serve", version="0.1.0")
+    app.state.registry = registry
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(openai_routes.router)
+    app.mount("/ui", StaticFiles(directory=routes.UI_DIR), name="ui")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,64 @@
+"""The seam between the API and the models: a `ModelClient` per model.
+
+In production each client wraps a Ray Serve deployment handle (see serve_app.app); for tests and
+single-process use, `InProcessModelClient` wraps a `ModelServer` directly. The API sees only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+from deployments.errors import NotFoundError
+from deployments.server import ModelServer
+
+
+class ModelClient(Protocol):
+    model_id: str
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def load(self) -> dict[str, Any]: ...
+
+    async def unload(self) -> dict[str, Any]: ...
+
+    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+class InProcessModelClient:
+    """A `ModelClient` over a `ModelServer` living in this process."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+        self.model_id = server.model_id
+
+    async def status(self) -> dict[str, Any]:
+        return self.server.status() | {"replicas": 1}
+
+    async def load(self) -> dict[str, Any]:
+        return await self.server.load() | {"replicas": 1}
+
+    async def unload(self) -> dict[str, Any]:
+        return await self.server.unload() | {"replicas": 1}
+
+    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.server.generate(request)
+
+
+class ModelRegistry:
+    """The configured models by id."""
+
+    def __init__(self, clients: Mapping[str, ModelClient]) -> None:
+        self.clients = dict(clients)
+
+    def get(self, model_id: str) -> ModelClient:
+        client = self.clients.get(model_id)
+        if client is None:
+            known = ", ".join(sorted(self.clients))
+            raise NotFoundError(
+                f"the model {model_id!r} does not exist; available: {known}", param="model", code="model_not_found"
+            )
+        return client
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.clients.values())

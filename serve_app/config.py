@@ -1,0 +1,90 @@
+"""Validation of the application arguments in config/serve.yaml (`applications[].args`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.engine import EngineConfig
+
+
+class AutoscalingSettings(BaseModel):
+    """Passed to Ray Serve's `autoscaling_config` as is."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+
+
+class ModelSettings(BaseModel):
+    """One served model: where its weights are, how it runs, and how much load it accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The model name clients send.")
+    source: str = Field(min_length=1, description="Model directory, .gguf file, or pkg://package/file.gguf.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    max_model_len: int = Field(2048, ge=16)
+    max_num_seqs: int = Field(8, ge=1, description="Sequences decoded together in one batch.")
+    max_prefill_tokens: int = Field(2048, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    num_threads: int | None = Field(None, ge=1)
+    chat_template: str | None = Field(None, description="Jinja chat template supplied or overriding the model's.")
+    load_on_start: bool = True
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (engine queue incl.).")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica; beyond: 503.")
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) each replica reserves.")
+
+    @model_validator(mode="after")
+    def _check_device(self) -> "ModelSettings":
+        if self.device.startswith("cuda") and self.num_gpus <= 0:
+            raise ValueError(f"device={self.device!r} needs num_gpus > 0 (got {self.num_gpus})")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.source,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_prefill_tokens=self.max_prefill_tokens,
+            num_threads=self.num_threads,
+            chat_template=self.chat_template,
+            default_max_tokens=self.default_max_tokens,
+        )
+
+
+class AppSettings(BaseModel):
+    """The whole application: its models and the router's limits."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelSettings] = Field(min_length=1)
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Bodies over this get 413.")
+    status_timeout_s: float = Field(5.0, gt=0, description="How long GET /models waits for a replica.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "AppSettings":
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"model ids must be unique; repeated: {duplicates}")
+        return self
+
+
+def parse_app_settings(args: dict[str, Any]) -> AppSettings:
+    """Validate the app args; a bad config fails with a message naming each bad field."""
+    try:
+        return AppSettings.model_validate(args)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"invalid application config: {problems}") from None

@@ -1,0 +1,97 @@
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (streaming or not)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from serve_app.clients import ModelRegistry
+from serve_app.routes import get_registry
+from serve_app.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from serve_app.streaming import Chunk, collect, open_stream, sse_response
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelList:
+    now = int(time.time())
+    return ModelList(data=[ModelCard(id=c.model_id, created=now) for c in registry])
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, registry: ModelRegistry = Depends(get_registry)) -> Any:
+    client = registry.get(body.model)
+    request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    wire = {"request_id": request_id, "prompt": body.prompt, "params": body.engine_params()}
+    first, rest = await open_stream(client.generate(wire))
+    echo = body.prompt if body.echo else ""
+
+    def response(text: str, finish_reason: str | None, usage: dict[str, int] | None) -> CompletionResponse:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return CompletionResponse(id=request_id, created=created, model=body.model, choices=[choice], usage=usage)  # type: ignore[arg-type]
+
+    if body.stream:
+        state = {"echo": echo}
+
+        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
+            text, state["echo"] = state["echo"] + chunk["text"], ""
+            events = []
+            if text or chunk.get("finish_reason"):
+                events.append(response(text, chunk.get("finish_reason"), None).model_dump())
+            if chunk.get("finish_reason") and body.include_usage:
+                events.append(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk["usage"]).model_dump())
+            return events
+
+        return sse_response(first, rest, to_events)
+    result = await collect(first, rest)
+    return response(echo + result.text, result.finish_reason, result.usage)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, registry: ModelRegistry = Depends(get_registry)) -> Any:
+    client = registry.get(body.model)
+    request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    wire = {"request_id": request_id, "messages": messages, "params": body.engine_params()}
+    first, rest = await open_stream(client.generate(wire))
+    if body.stream:
+        state = {"sent_role": False}
+
+        def chunk_event(delta: ChatDelta, finish_reason: str | None = None) -> dict[str, Any]:
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            return ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]).model_dump()
+
+        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
+            events = []
+            if not state["sent_role"]:
+                state["sent_role"] = True
+                events.append(chunk_event(ChatDelta(role="assistant", content="")))
+            if chunk["text"]:
+                events.append(chunk_event(ChatDelta(content=chunk["text"])))
+            if chunk.get("finish_reason"):
+                events.append(chunk_event(ChatDelta(), chunk["finish_reason"]))
+                if body.include_usage:
+                    events.append(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk["usage"]).model_dump())
+            return events
+
+        return sse_response(first, rest, to_events)
+    result = await collect(first, rest)
+    choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+    return ChatCompletionResponse(id=request_id, created=created, model=body.model, choices=[choice], usage=result.usage)  # type: ignore[arg-type]

@@ -1,0 +1,95 @@
+"""The seed REST API: /models, /load, /unload, /infer (+ SSE), health checks and the chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from serve_app.clients import ModelClient, ModelRegistry
+from serve_app.config import AppSettings
+from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList
+from serve_app.streaming import Chunk, collect, open_stream, sse_response
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+router = APIRouter()
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+def get_settings(request: Request) -> AppSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+async def model_info(client: ModelClient, timeout_s: float) -> ModelInfo:
+    """A model's status; a replica that does not answer in time is still starting (loading)."""
+    try:
+        status = await asyncio.wait_for(client.status(), timeout_s)
+    except asyncio.TimeoutError:
+        status = {"id": client.model_id, "status": "loading"}
+    return ModelInfo.model_validate(status)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(registry: ModelRegistry = Depends(get_registry), settings: AppSettings = Depends(get_settings)) -> JSONResponse:
+    """Ready when every model configured to load on start is loaded."""
+    wanted = {m.id for m in settings.models if m.load_on_start}
+    infos = await asyncio.gather(*(model_info(registry.get(i), settings.status_timeout_s) for i in sorted(wanted)))
+    not_ready = {info.id: info.status for info in infos if info.status != "loaded"}
+    body = {"status": "ready" if not not_ready else "not_ready", "not_ready": not_ready}
+    return JSONResponse(body, status_code=200 if not not_ready else 503)
+
+
+@router.get("/models", response_model=ModelInfoList)
+async def list_models(registry: ModelRegistry = Depends(get_registry), settings: AppSettings = Depends(get_settings)) -> ModelInfoList:
+    infos = await asyncio.gather(*(model_info(c, settings.status_timeout_s) for c in registry))
+    return ModelInfoList(data=list(infos))
+
+
+@router.post("/load", response_model=ModelInfo)
+async def load(body: LoadRequest, registry: ModelRegistry = Depends(get_registry)) -> ModelInfo:
+    return ModelInfo.model_validate(await registry.get(body.model).load())
+
+
+@router.post("/unload", response_model=ModelInfo)
+async def unload(body: LoadRequest, registry: ModelRegistry = Depends(get_registry)) -> ModelInfo:
+    return ModelInfo.model_validate(await registry.get(body.model).unload())
+
+
+@router.post("/infer", response_model=InferResponse)
+async def infer(body: InferRequest, stream: bool = False, registry: ModelRegistry = Depends(get_registry)) -> Any:
+    client = registry.get(body.model)
+    request_id = f"infer-{uuid.uuid4().hex}"
+    wire: dict[str, Any] = {"request_id": request_id, "params": body.engine_params()}
+    if body.messages is not None:
+        wire["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
+    else:
+        wire["prompt"] = body.prompt
+    first, rest = await open_stream(client.generate(wire))
+    if stream:
+
+        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
+            event: dict[str, Any] = {"id": request_id, "model": body.model, "text": chunk["text"]}
+            if chunk.get("finish_reason"):
+                return [event | {"finish_reason": chunk["finish_reason"], "usage": chunk["usage"]}]
+            return [event] if chunk["text"] else []
+
+        return sse_response(first, rest, to_events)
+    result = await collect(first, rest)
+    return InferResponse(id=request_id, model=body.model, text=result.text, finish_reason=result.finish_reason, usage=result.usage)  # type: ignore[arg-type]
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    return FileResponse(UI_DIR / "index.html")

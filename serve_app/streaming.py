@@ -1,0 +1,84 @@
+"""Server-Sent Events plumbing shared by /infer and /v1/*.
+
+The first chunk is read before any header is sent, so a bad request still gets its real status
+code; an error after streaming began becomes one SSE error event, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from deployments.errors import APIError
+from serve_app.errors import unwrap_error
+
+Chunk = dict[str, Any]
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def open_stream(chunks: AsyncIterator[Chunk]) -> tuple[Chunk, AsyncIterator[Chunk]]:
+    """Wait for the first chunk: errors raised before it propagate (and become HTTP errors)."""
+    try:
+        first = await chunks.__anext__()
+    except BaseException:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise
+    return first, chunks
+
+
+async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def sse_response(first: Chunk, rest: AsyncIterator[Chunk], to_events: Callable[[Chunk], Iterable[Any]]) -> StreamingResponse:
+    """Stream `to_events(chunk)` for every chunk as SSE; a client that leaves cancels generation."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in _chain(first, rest):
+                for event in to_events(chunk):
+                    yield sse_event(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - after headers, an error can only be an event
+            error = unwrap_error(exc) or APIError(f"internal error: {type(exc).__name__}", code="internal_error")
+            yield sse_event(error.to_dict())
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@dataclass
+class Completion:
+    """A whole (non-streamed) result: the concatenated deltas, why it ended, and token counts."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+async def collect(first: Chunk, rest: AsyncIterator[Chunk]) -> Completion:
+    result = Completion()
+    try:
+        async for chunk in _chain(first, rest):
+            result.text += chunk["text"]
+            if chunk.get("finish_reason"):
+                result.finish_reason = chunk["finish_reason"]
+                result.usage = chunk.get("usage") or {}
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+    return result
