@@ -47,25 +47,29 @@ class HandleModelClient:
         return await self._call("unload") | {"replicas": await self._num_replicas()}
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        response = self.handle.options(stream=True).generate.remote(request)
-        finished = False
+        response = None
+        settled = False  # finished or failed: nothing left to cancel (cancel() would re-raise the failure)
         try:
+            # .remote() itself raises BackPressureError when the model's queue is full.
+            response = self.handle.options(stream=True).generate.remote(request)
             async for chunk in response:
                 yield chunk
-            finished = True
-        except BackPressureError:
-            raise ServiceUnavailableError(f"model {self.model_id!r} is at capacity; retry shortly") from None
+            settled = True
+        except BackPressureError as exc:
+            settled = True
+            raise _overloaded(self.model_id, exc) from None
         except Exception as exc:
+            settled = True
             raise (unwrap_error(exc) or exc) from None
         finally:
-            if not finished:
+            if response is not None and not settled:
                 response.cancel()  # the client left or failed: stop generating for it
 
     async def _call(self, method: str) -> dict[str, Any]:
         try:
             return await getattr(self.handle, method).remote()  # type: ignore[no-any-return]
-        except BackPressureError:
-            raise ServiceUnavailableError(f"model {self.model_id!r} is at capacity; retry shortly") from None
+        except BackPressureError as exc:
+            raise _overloaded(self.model_id, exc) from None
         except Exception as exc:
             raise (unwrap_error(exc) or exc) from None
 
@@ -77,6 +81,14 @@ class HandleModelClient:
         if deployment is None:
             return 0
         return int(sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+
+
+def _overloaded(model_id: str, exc: BackPressureError) -> ServiceUnavailableError:
+    retry_after = getattr(exc, "retry_after_s", None) or 1
+    return ServiceUnavailableError(
+        f"model {model_id!r} is at capacity (its queue is full); retry after {retry_after:g}s",
+        headers={"Retry-After": str(max(1, round(retry_after)))},
+    )
 
 
 class Router:
