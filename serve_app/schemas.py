@@ -34,6 +34,16 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS is suppressed until this many tokens.")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS (fixed lengths).")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "SamplingFields":
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -52,34 +62,20 @@ class SamplingFields(BaseModel):
             "stop": list(self.stop or []),
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
-        }
-
-
-class OpenAIFields(SamplingFields):
-    """What /v1/completions and /v1/chat/completions add: OpenAI penalties, n, streaming, vLLM extras."""
-
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
-    user: str | None = None
-
-    @model_validator(mode="after")
-    def _min_le_max(self) -> "OpenAIFields":
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        return self
-
-    def engine_params(self) -> dict[str, Any]:
-        return super().engine_params() | {
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
             "min_tokens": self.min_tokens,
             "ignore_eos": self.ignore_eos,
         }
+
+
+class OpenAIFields(SamplingFields):
+    """What /v1/completions and /v1/chat/completions add: n, streaming options, user."""
+
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
 
     @property
     def include_usage(self) -> bool:
