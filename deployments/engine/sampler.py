@@ -25,12 +25,13 @@ class Sampler:
         logits = logits.float()
         if all(s.params.is_greedy and not s.params.has_penalties and not s.params.min_tokens for s in seqs):
             return logits.argmax(dim=-1).tolist()  # fast path: the whole batch is plain greedy
-        return [self._sample_row(logits[i], seq) for i, seq in enumerate(seqs)]
+        return [self._sample_row(logits[i].clone(), seq) for i, seq in enumerate(seqs)]
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:
+        """Sample one token from `row` (a private copy: it is modified in place)."""
         p = seq.params
         if p.has_penalties:
-            row = self._apply_penalties(row.clone(), seq)
+            row = self._apply_penalties(row, seq)
         if seq.num_output_tokens < p.min_tokens and self.eos_token_ids:
             row[self.eos_token_ids] = float("-inf")
         if p.is_greedy:

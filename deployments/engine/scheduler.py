@@ -65,7 +65,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             budget -= seq.num_prompt_tokens
+            seq.status = SequenceStatus.RUNNING  # running from now on, so an abort can find it
             out.prefills.append(seq)
+        self.running.extend(out.prefills)
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, sampled_token_ids: list[int]) -> None:
@@ -73,9 +75,6 @@ class Scheduler:
         seqs = scheduler_output.sequences
         if len(seqs) != len(sampled_token_ids):
             raise RuntimeError(f"{len(sampled_token_ids)} sampled tokens for {len(seqs)} sequences")
-        for seq in scheduler_output.prefills:
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
         for seq, token_id in zip(seqs, sampled_token_ids):
             if seq.is_finished:  # aborted while the step ran
                 continue

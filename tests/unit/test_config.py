@@ -1,0 +1,65 @@
+"""config/serve.yaml validates; bad configs fail at start with the bad field named."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.engine import EngineConfig, SamplingParams
+from deployments.engine.request import InvalidRequestError
+from deployments.errors import BadRequestError, ServiceUnavailableError
+from serve_app.config import parse_app_settings
+
+SERVE_YAML = Path(__file__).resolve().parents[2] / "config" / "serve.yaml"
+
+
+def app_args() -> dict:
+    return yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"]
+
+
+def test_shipped_config_serves_both_embedded_models_on_loopback() -> None:
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    settings = parse_app_settings(app_args())
+    assert [m.id for m in settings.models] == ["smollm2-135m-instruct", "gemma-3-270m"]
+    assert all(m.source.startswith("pkg://") for m in settings.models)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda a: a["models"][0].update(max_num_seqs=0), "models.0.max_num_seqs"),
+        (lambda a: a["models"][1].update(dtype="float8"), "models.1.dtype"),
+        (lambda a: a["models"][0].update(device="cuda", num_gpus=0), "num_gpus"),
+        (lambda a: a["models"][0].update(colour="blue"), "models.0.colour"),
+        (lambda a: a["models"][1].update(id=a["models"][0]["id"]), "unique"),
+        (lambda a: a.update(models=[]), "models"),
+    ],
+)
+def test_bad_config_names_the_bad_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
+    args = app_args()
+    mutate(args)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        parse_app_settings(args)
+
+
+def test_engine_config_and_sampling_params_reject_bad_values_by_name() -> None:
+    with pytest.raises(ValueError, match="max_model_len=0"):
+        EngineConfig(model="x", max_model_len=0)
+    with pytest.raises(ValueError, match="dtype='int3'"):
+        EngineConfig(model="x", dtype="int3")
+    with pytest.raises(InvalidRequestError, match="top_p") as info:
+        SamplingParams(top_p=0.0)
+    assert info.value.param == "top_p"
+
+
+def test_errors_survive_pickling_with_their_fields() -> None:
+    for error in (BadRequestError("bad", param="x", code="c"), ServiceUnavailableError("busy"), InvalidRequestError("m", "p")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and getattr(copy, "param") == getattr(error, "param")
+    busy = pickle.loads(pickle.dumps(ServiceUnavailableError("busy")))
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert set(busy.to_dict()["error"]) == {"message", "type", "param", "code"}
