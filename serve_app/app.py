@@ -21,6 +21,7 @@ from serve_app.api import create_api
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, parse_app_settings
 from serve_app.errors import unwrap_error
+from serve_app.loopback import keep_serve_grpc_on_loopback
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -95,6 +96,7 @@ class Router:
     """The ingress: builds the FastAPI app over handle-backed model clients at replica start."""
 
     def __init__(self, models: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
+        keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         self.settings: AppSettings = parse_app_settings(settings)
         app_name = serve.get_replica_context().app_name
         self.registry = ModelRegistry({mid: HandleModelClient(mid, h, app_name) for mid, h in models.items()})
@@ -104,12 +106,22 @@ class Router:
 
 
 RouterDeployment = serve.deployment(
-    name="router", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    name="router",
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0},
 )(serve.ingress()(Router))
 
 
+class ModelReplica(ModelServer):
+    """`ModelServer` as a Serve replica: the same class, plus the loopback shim at construction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
+        super().__init__(*args, **kwargs)
+
+
 def model_deployment(model: ModelSettings) -> Any:
-    """`serve.deployment(ModelServer)` with this model's resources, limits and scaling."""
+    """`serve.deployment(ModelReplica)` with this model's resources, limits and scaling."""
     options: dict[str, Any] = {
         "name": deployment_name(model.id),
         "max_ongoing_requests": model.max_ongoing_requests,
@@ -125,7 +137,7 @@ def model_deployment(model: ModelSettings) -> Any:
         options["autoscaling_config"] = model.autoscaling.model_dump()
     else:
         options["num_replicas"] = model.num_replicas
-    return serve.deployment(ModelServer).options(**options)
+    return serve.deployment(ModelReplica).options(**options)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Read by Ray at import: without it Ray swaps 127.0.0.1 for a routable IP and binds all interfaces.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 TIERS = ("unit", "integration", "e2e", "browser")
 

