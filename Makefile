@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install serve test test-fast clean
+.PHONY: install serve test test-fast typecheck clean
 
 install: $(STAMP)
 
@@ -33,8 +33,11 @@ serve: install
 	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together.
 	$(VENV)/bin/serve run config/serve.yaml
 
-test: install
+test: install typecheck
 	$(PY) -m pytest tests
+
+typecheck: install
+	$(VENV)/bin/mypy deployments/engine serve_app/schemas.py
 
 test-fast: install
 	$(PY) -m pytest tests/unit tests/integration

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 class KVCacheManager:
@@ -44,11 +45,11 @@ class KVCacheManager:
             return
         total = max(self.seq_len, new_len)
         merged = []
-        for old_layer, new_layer in zip(self.cache.layers, seq_cache.layers):
+        for (old_k, old_v), (new_k, new_v) in zip(_tensors(self.cache), _tensors(seq_cache)):
             merged.append(
                 (
-                    torch.cat([_left_pad(old_layer.keys, total), _left_pad(new_layer.keys, total)], dim=0),
-                    torch.cat([_left_pad(old_layer.values, total), _left_pad(new_layer.values, total)], dim=0),
+                    torch.cat([_left_pad(old_k, total), _left_pad(new_k, total)], dim=0),
+                    torch.cat([_left_pad(old_v, total), _left_pad(new_v, total)], dim=0),
                 )
             )
         self.cache = DynamicCache(ddp_cache_data=merged)
@@ -72,9 +73,8 @@ class KVCacheManager:
         num_pad = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
         if num_pad:
             self.mask = self.mask[:, num_pad:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, num_pad:]
-                layer.values = layer.values[:, :, num_pad:]
+            for layer, (keys, values) in zip(self.cache.layers, _tensors(self.cache)):
+                layer.keys, layer.values = keys[:, :, num_pad:], values[:, :, num_pad:]  # type: ignore[union-attr]
 
     def decode_inputs(self) -> dict[str, torch.Tensor | DynamicCache | None]:
         """Mask, positions and cache position for one new token per row (as generate() builds them)."""
@@ -90,6 +90,17 @@ class KVCacheManager:
 
     def release(self) -> None:
         self.cache, self.mask, self.request_ids = None, self.mask[:0, :0], []
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values). Only full-attention layers are expected: the engine builds its
+    caches without a model config, so sliding-window models keep every position and rely on the mask."""
+    out = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
+            raise RuntimeError(f"unexpected KV cache layer {type(layer).__name__}")
+        out.append((layer.keys, layer.values))
+    return out
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str, chat_template:
         raise ValueError(f"{model!r} has no fast tokenizer; incremental detokenisation needs one")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-    network = AutoModelForCausalLM.from_pretrained(
+    network: Any = AutoModelForCausalLM.from_pretrained(
         str(directory), local_files_only=True, dtype=getattr(torch, dtype), **extra
     )
     network.to(device).eval()
