@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from serve_app.clients import ModelClient, ModelRegistry
 from serve_app.config import AppSettings
@@ -93,3 +93,8 @@ async def infer(body: InferRequest, stream: bool = False, registry: ModelRegistr
 @router.get("/", include_in_schema=False)
 async def chat_page() -> FileResponse:
     return FileResponse(UI_DIR / "index.html")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    return Response(status_code=204)
