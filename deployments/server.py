@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import torch
+
 from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.loader import describe_quantization
@@ -86,7 +88,7 @@ class ModelServer:
         core = engine.engine
         self.facts = {
             "architecture": (core.runner.model.config.architectures or [type(core.runner.model).__name__])[0],
-            "quantization": describe_quantization(self.config.model, self.config.dtype),
+            "quantization": describe_quantization(self.config.model, self.config.dtype, self.config.quantization),
             "context_length": core.max_model_len,
             "has_chat_template": core.has_chat_template,
             "weights_bytes": core.runner.weights_bytes(),
@@ -124,6 +126,7 @@ class ModelServer:
             "last_used": self.last_used,
             "num_running_requests": engine.num_requests if engine else 0,
             "max_num_seqs": self.config.max_num_seqs,
+            "num_threads": torch.get_num_threads(),
         }
 
     # --- generation --------------------------------------------------------------------------

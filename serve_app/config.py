@@ -28,6 +28,7 @@ class ModelSettings(BaseModel):
     source: str = Field(min_length=1, description="Model directory, .gguf file, or pkg://package/file.gguf.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    quantization: Literal["int8"] | None = Field(None, description="int8: int8 Linear weights (torchao).")
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(8, ge=1, description="Sequences decoded together in one batch.")
     max_prefill_tokens: int = Field(2048, ge=1)
@@ -53,6 +54,7 @@ class ModelSettings(BaseModel):
             model=self.source,
             dtype=self.dtype,
             device=self.device,
+            quantization=self.quantization,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
             max_prefill_tokens=self.max_prefill_tokens,

@@ -235,6 +235,7 @@ class ModelInfo(BaseModel):
     last_used: float | None = None
     num_running_requests: int = 0
     max_num_seqs: int | None = None
+    num_threads: int | None = None
 
 
 class ModelInfoList(BaseModel):

@@ -31,6 +31,25 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _coalesce(
+    first: RequestOutput | BaseException, pending: asyncio.Queue[RequestOutput | BaseException]
+) -> tuple[RequestOutput | None, BaseException | None]:
+    """Merge every output already waiting into one, so a consumer that fell behind gets one chunk
+    (one SSE event, one hop per process) instead of many. Returns (merged output, error after it)."""
+    if isinstance(first, BaseException):
+        return None, first
+    merged = first
+    while not merged.finished and not pending.empty():
+        nxt = pending.get_nowait()
+        if isinstance(nxt, BaseException):
+            return merged, nxt
+        merged = RequestOutput(
+            merged.request_id, merged.new_token_ids + nxt.new_token_ids, merged.text + nxt.text,
+            nxt.finish_reason, nxt.num_prompt_tokens, nxt.num_output_tokens,
+        )
+    return merged, None
+
+
 class AsyncLLMEngine:
     """Drives an `LLMEngine` from a background thread and streams its outputs to coroutines."""
 
@@ -64,11 +83,12 @@ class AsyncLLMEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                item, error = _coalesce(await stream.queue.get(), stream.queue)
+                if item is not None:
+                    finished = item.finished
+                    yield item
+                if error is not None:
+                    raise error
         finally:
             self._streams.pop(request_id, None)
             if not finished:

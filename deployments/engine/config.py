@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_QUANTIZATION = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class EngineConfig:
     """Weights and activations dtype; GGUF weights are dequantised to it."""
     device: str = "cpu"
     """`cpu`, `cuda` or `cuda:N`."""
+    quantization: str | None = None
+    """`int8`: int8 Linear weights, `dtype` activations (torchao weight-only); None keeps `dtype` weights."""
     max_model_len: int = 2048
     """Longest prompt + completion accepted, in tokens (capped by the model's own limit)."""
     max_num_seqs: int = 8
@@ -24,7 +27,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048
     """Prompt tokens admitted per step, so new arrivals do not stall running streams for long."""
     num_threads: int | None = None
-    """torch intra-op threads; None leaves torch's default."""
+    """torch intra-op threads on CPU; None uses every core the process may run on (not Ray's OMP_NUM_THREADS)."""
     chat_template: str | None = None
     """A Jinja chat template that overrides (or supplies) the tokenizer's own."""
     default_max_tokens: int = 256
@@ -35,6 +38,8 @@ class EngineConfig:
             raise ValueError("model must name a directory, a .gguf file or pkg://package/file")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {SUPPORTED_DTYPES}")
+        if self.quantization is not None and self.quantization not in SUPPORTED_QUANTIZATION:
+            raise ValueError(f"quantization={self.quantization!r} is not one of {SUPPORTED_QUANTIZATION} or None")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
         for name in ("max_model_len", "max_num_seqs", "max_prefill_tokens", "default_max_tokens"):

