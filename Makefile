@@ -16,7 +16,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install serve test test-fast typecheck clean
+.PHONY: install serve test test-fast typecheck bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,17 @@ typecheck: install
 
 test-fast: install
 	$(PY) -m pytest tests/unit tests/integration
+
+# make bench: the standard performance set (about 10 minutes here); JSON + PNG under perf/results.
+bench: $(VENV)/.perf-installed
+	$(PY) perf/bench_engine.py --name bench_engine
+	$(PY) perf/quality.py
+	$(PY) perf/profile_engine.py
+	$(PY) perf/bench_overhead.py --sweep
+
+$(VENV)/.perf-installed: $(STAMP)
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,perf]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -73,6 +73,20 @@ def start_server(args: argparse.Namespace) -> tuple[str, Any]:
     raise SystemExit("the server did not become ready")
 
 
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process under this one, by process name."""
+    import psutil
+
+    totals: dict[str, float] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name, times = proc.name(), proc.cpu_times()
+        except psutil.Error:
+            continue
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
+
+
 async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> dict[str, Any]:
     def point_args(output_len: int) -> argparse.Namespace:
         return argparse.Namespace(base_url=f"{url}/v1", model=MODEL_ID, endpoint="completions", output_len=output_len,
@@ -80,7 +94,14 @@ async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> d
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         await bench_serving.run_point(client, point_args(4), prompts[:2], concurrency=2)  # warm-up
+        before = cpu_seconds_by_process()
         streams = await bench_serving.run_point(client, point_args(args.output_len), prompts, concurrency=args.streams)
+        after = cpu_seconds_by_process()
+        wall = streams["duration_s"]
+        streams["cpu_cores_used_by_process"] = {  # where the 2 cores went during the 10-stream run
+            name: round((after[name] - before.get(name, 0.0)) / wall, 3) for name in after
+            if after[name] - before.get(name, 0.0) > 0.01 * wall
+        }
         single = await bench_serving.run_point(client, point_args(args.c1_output_len), prompts[: args.c1_requests],
                                                concurrency=1)
     for point in (streams, single):
@@ -102,6 +123,7 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
     print(f"summary: HTTP/in-process throughput {figures['http_over_in_process_throughput']:.2f}, TTFT overhead "
           f"{figures['ttft_overhead_ms_c1']:.1f} ms at c=1, ITL p99/p50 {figures['itl_p99_over_p50']:.2f} "
           f"(p50 {itl['p50']:.1f} ms, p99 {itl['p99']:.1f} ms) at {args.streams} streams")
+    print("CPU cores used per process during the streams:", json.dumps(streams.get("cpu_cores_used_by_process")))
     return figures
 
 
@@ -112,6 +134,8 @@ def main() -> None:
     p.add_argument("--c1-requests", type=int, default=5)
     p.add_argument("--c1-output-len", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="then run bench_serving's sweep against the same server")
+    p.add_argument("--sweep-prompts", type=int, default=10, help="requests per sweep point")
+    p.add_argument("--sweep-output-len", type=int, default=32)
     p.add_argument("--name", default="bench_overhead")
     p.add_argument("--out-dir", default="perf/results")
     args = p.parse_args()
@@ -127,7 +151,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.json").write_text(json.dumps(data, indent=2, default=str))
         if args.sweep:
-            bench_serving.main(["--base-url", f"{url}/v1", "--model", MODEL_ID, "--out-dir", args.out_dir])
+            bench_serving.main(["--base-url", f"{url}/v1", "--model", MODEL_ID, "--out-dir", args.out_dir,
+                                "--num-prompts", str(args.sweep_prompts), "--output-len", str(args.sweep_output_len)])
     finally:
         ray.shutdown()
 
