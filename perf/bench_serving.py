@@ -9,10 +9,7 @@ Other scripts may import `run_point` and `summarize`. Run: python perf/bench_ser
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -24,6 +21,9 @@ import httpx
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from perf.common import machine  # noqa: E402
+
 SENTENCES = [  # ~10 words each; a prompt joins 1-6 of them (seeded)
     "Explain how a language model predicts the next word.", "Write a short poem about the sea on a calm night.",
     "Describe the water cycle to a curious young child.", "What is the capital of France, and why is it famous?",
@@ -233,19 +233,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
-    except OSError:
-        cpu = None
-    return {"git_sha": sha, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_model": cpu or platform.processor(), "cpu_count": os.cpu_count(), "httpx": httpx.__version__,
-            "base_url": args.base_url, "model": args.model, "endpoint": args.endpoint}
+    return {**machine(), "httpx": httpx.__version__, "base_url": args.base_url, "model": args.model,
+            "endpoint": args.endpoint}
 
 
 def print_table(points: list[dict[str, Any]]) -> None:

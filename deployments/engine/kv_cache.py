@@ -37,7 +37,8 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
         if self.length + n > self._key_buffer.shape[-2]:
-            self._reserve(self.keys, self.values, capacity=2 * (self.length + n))
+            current = (self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length])
+            self._reserve(*current, capacity=2 * (self.length + n))
         self._key_buffer[:, :, self.length : self.length + n] = key_states
         self._value_buffer[:, :, self.length : self.length + n] = value_states
         self.length += n
@@ -126,9 +127,10 @@ def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     caches without a model config, so sliding-window models keep every position and rely on the mask."""
     out = []
     for layer in cache.layers:
-        if type(layer) not in (DynamicLayer, GrowingLayer) or layer.keys is None or layer.values is None:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if type(layer) not in (DynamicLayer, GrowingLayer) or keys is None or values is None:
             raise RuntimeError(f"unexpected KV cache layer {type(layer).__name__}")
-        out.append((layer.keys, layer.values))
+        out.append((keys, values))
     return out
 
 
