@@ -48,6 +48,7 @@ bench: $(VENV)/.perf-installed
 	$(PY) perf/quality.py
 	$(PY) perf/profile_engine.py
 	$(PY) perf/bench_overhead.py --sweep
+	$(PY) perf/bench_reload.py
 
 $(VENV)/.perf-installed: $(STAMP)
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,perf]'

@@ -55,6 +55,7 @@ class AsyncLLMEngine:
 
     def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
         self.engine = engine_factory(config)
+        self.engine.warm_up()  # before the loop thread owns the engine
         self._inbox: queue.SimpleQueue[tuple[str, tuple]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()

@@ -64,6 +64,13 @@ class LLMEngine:
                 param="max_tokens",
             )
 
+    def warm_up(self) -> None:
+        """Run one tiny request: weights loaded from safetensors are memory-mapped and paged in on
+        first use, so this makes them resident (and measurable) before real traffic arrives."""
+        self.add_request("warm-up", self.encode("Hello"), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while self.has_unfinished():
+            self.step()
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
