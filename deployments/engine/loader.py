@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deployments.engine.quantization import quantize
 
 PKG_SCHEME = "pkg://"
+ModelSource = tuple[Path, "str | None"]
+"""(directory, GGUF file name or None), as `resolve_model_path` finds it."""
 
 
 def resolve_model_path(model: str) -> tuple[Path, str | None]:
@@ -50,17 +52,17 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
 
 
 def load_model_and_tokenizer(
-    model: str, dtype: str, device: str, chat_template: str | None, quantization: str | None = None
+    source: ModelSource, dtype: str, device: str, chat_template: str | None, quantization: str | None = None
 ) -> tuple[Any, Any]:
     """Load weights and tokenizer from local files only (GGUF weights are dequantised to `dtype`,
     then quantized again by `quantization` if set). A GGUF source is converted once into the
     conversion cache and loaded from there afterwards."""
-    directory, gguf_file = resolve_model_path(model)
+    directory, gguf_file = source
     if gguf_file is not None:
-        directory, gguf_file = converted_checkpoint(directory / gguf_file, dtype), None
+        directory = converted_checkpoint(directory / gguf_file, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{model!r} has no fast tokenizer; incremental detokenisation needs one")
+        raise ValueError(f"{directory} has no fast tokenizer; incremental detokenisation needs one")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     network: Any = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=getattr(torch, dtype))
@@ -112,9 +114,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_quantization(model: str, dtype: str, quantization: str | None = None) -> str:
+def describe_quantization(source: ModelSource, dtype: str, quantization: str | None = None) -> str:
     """How the weights are stored at the source and what they run as, e.g. `GGUF MOSTLY_Q4_1 -> int8`."""
-    directory, gguf_file = resolve_model_path(model)
+    directory, gguf_file = source
     dtype = f"{quantization} weights ({dtype} activations)" if quantization else dtype
     if gguf_file is None:
         config = (directory / "config.json").read_text()

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.kv_cache import KVCacheManager
-from deployments.engine.loader import load_model_and_tokenizer
+from deployments.engine.loader import describe_quantization, load_model_and_tokenizer, resolve_model_path
 
 
 class ModelRunner:
@@ -22,9 +22,11 @@ class ModelRunner:
             # core this process may run on; `num_threads` in the config partitions cores instead.
             torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.device = torch.device(config.device)
+        source = resolve_model_path(config.model)  # once: for a pkg:// source this may assemble and hash the file
         self.model, self.tokenizer = load_model_and_tokenizer(
-            config.model, config.dtype, config.device, config.chat_template, config.quantization
+            source, config.dtype, config.device, config.chat_template, config.quantization
         )
+        self.quantization = describe_quantization(source, config.dtype, config.quantization)
         self.kv_cache = KVCacheManager(self.device)
 
     @property
