@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deployments.engine.quantization import QUANTIZATION_METHODS
+
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-SUPPORTED_QUANTIZATION = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class EngineConfig:
             raise ValueError("model must name a directory, a .gguf file or pkg://package/file")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {SUPPORTED_DTYPES}")
-        if self.quantization is not None and self.quantization not in SUPPORTED_QUANTIZATION:
-            raise ValueError(f"quantization={self.quantization!r} is not one of {SUPPORTED_QUANTIZATION} or None")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} is not one of {QUANTIZATION_METHODS} or None")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
         for name in ("max_model_len", "max_num_seqs", "max_prefill_tokens", "default_max_tokens"):
