@@ -72,3 +72,11 @@ class ServiceUnavailableError(APIError):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, param, code, {"Retry-After": "1", **(headers or {})})
+
+
+class InsufficientMemoryError(APIError):
+    """A load that does not fit the device's memory budget even after releasing idle models (507)."""
+
+    status_code = 507
+    error_type = "insufficient_storage_error"
+

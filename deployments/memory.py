@@ -23,3 +23,12 @@ def release_freed_memory() -> None:
         libc = ctypes.CDLL(libc_name)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
+
+
+def gpu_memory(device: str) -> dict[str, int]:
+    """CUDA bytes allocated by tensors and reserved by torch's caching allocator on `device`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"allocated_bytes": 0, "reserved_bytes": 0}
+    return {"allocated_bytes": int(torch.cuda.memory_allocated(device)), "reserved_bytes": int(torch.cuda.memory_reserved(device))}

@@ -17,9 +17,10 @@ import torch
 
 from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
+from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
-from deployments.memory import release_freed_memory, rss_bytes
+from deployments.memory import gpu_memory, release_freed_memory, rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,16 @@ class ModelStatus(str, enum.Enum):
     FAILED = "failed"
 
 
+RELEASE_REASONS = ("manual", "idle", "memory_pressure", "replaced")
+DRAIN_POLL_S = 0.05
+
+
 class ModelServer:
-    """Serves one model: load/unload/status and streaming generation."""
+    """Serves one model: load/unload/status and streaming generation.
+
+    Its state follows `unloaded -> loading -> loaded -> unloading -> unloaded` (or `failed`, with the
+    reason). `reconfigure(user_config)` sets the wanted state; Ray Serve calls it on every replica.
+    """
 
     def __init__(
         self,
@@ -41,6 +50,7 @@ class ModelServer:
         engine_config: dict[str, Any] | EngineConfig,
         load_on_start: bool = True,
         engine_cls: Callable[[EngineConfig], AsyncLLMEngine] = AsyncLLMEngine,
+        drain_timeout_s: float = 300.0,
     ) -> None:
         self.model_id = model_id
         self.config = engine_config if isinstance(engine_config, EngineConfig) else EngineConfig(**engine_config)
@@ -50,7 +60,11 @@ class ModelServer:
         self.error: str | None = None
         self.facts: dict[str, Any] = {}  # what the last load learned: architecture, quantization, ...
         self.resident_bytes = 0
+        self.measured_bytes: int | None = None  # the last load's footprint, kept after unload
         self.last_used: float | None = None
+        self.drain_timeout_s = drain_timeout_s
+        self.epoch = 0  # of the last user_config applied
+        self._estimate: MemoryEstimate | None = None
         self._lock: asyncio.Lock | None = None
         if load_on_start:
             self._load_sync()
@@ -64,15 +78,33 @@ class ModelServer:
                 await asyncio.to_thread(self._load_sync)
         return self.status()
 
-    async def unload(self) -> dict[str, Any]:
-        """Stop the engine (open streams end with an error event) and free the weights."""
+    async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        """Stop serving and free the weights. New requests get 503 from now on; requests in flight
+        finish first (drain, up to `drain_timeout_s`) unless `force`, which ends them at once with
+        an error event."""
         async with self._transition_lock():
             if self.engine is not None:
                 self.state = ModelStatus.UNLOADING
+                if not force:
+                    await self._drain(self.engine)
                 engine, self.engine = self.engine, None
                 await asyncio.to_thread(self._release, engine)
+                logger.info("released %s (reason: %s, force: %s)", self.model_id, reason, force)
             self.state, self.error = ModelStatus.UNLOADED, None
         return self.status()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply the wanted state `{"loaded": bool, "force": bool, "reason": str, "epoch": int}`."""
+        if user_config.get("loaded", True):
+            await self.load()
+        else:
+            await self.unload(force=bool(user_config.get("force")), reason=str(user_config.get("reason", "manual")))
+        self.epoch = int(user_config.get("epoch", self.epoch))
+
+    async def _drain(self, engine: AsyncLLMEngine) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while engine.num_requests and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
 
     def _load_sync(self) -> None:
         self.state = ModelStatus.LOADING
@@ -94,6 +126,9 @@ class ModelServer:
             "load_time_s": round(time.monotonic() - started, 3),
         }
         self.resident_bytes = max(0, rss_bytes() - rss_before)
+        if self.config.device.startswith("cuda"):
+            self.resident_bytes = gpu_memory(self.config.device)["allocated_bytes"]
+        self.measured_bytes = self.resident_bytes
         self.engine, self.state, self.error = engine, ModelStatus.LOADED, None
         logger.info("loaded %s in %.1fs, %d resident bytes", self.model_id, self.facts["load_time_s"], self.resident_bytes)
 
@@ -101,6 +136,8 @@ class ModelServer:
         engine.shutdown()
         del engine
         release_freed_memory()
+        if self.config.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # give the allocator's cached blocks back: reserved bytes fall too
         self.resident_bytes = 0
 
     def _transition_lock(self) -> asyncio.Lock:
@@ -108,8 +145,26 @@ class ModelServer:
             self._lock = asyncio.Lock()
         return self._lock
 
+    def estimate(self) -> MemoryEstimate:
+        """What a load is expected to hold (read once from the files' headers)."""
+        if self._estimate is None:
+            self._estimate = estimate_memory(self.config)
+        return self._estimate
+
+    def memory_need(self) -> int:
+        """Bytes to budget for this model: the measured footprint of its last load if there was one
+        (else the estimate of weights and overhead), plus the KV-cache reservation."""
+        estimate = self.estimate()
+        base = self.measured_bytes if self.measured_bytes is not None else estimate.weights_bytes + estimate.overhead_bytes
+        return base + estimate.kv_cache_bytes
+
     def status(self) -> dict[str, Any]:
         engine = self.engine
+        try:
+            estimate: dict[str, int] | None = self.estimate().to_dict() | {"need_bytes": self.memory_need()}
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("cannot estimate %s's memory: %s", self.model_id, exc)
+            estimate = None
         return {
             "id": self.model_id,
             "status": self.state.value,
@@ -126,6 +181,11 @@ class ModelServer:
             "num_running_requests": engine.num_requests if engine else 0,
             "max_num_seqs": self.config.max_num_seqs,
             "num_threads": torch.get_num_threads(),
+            "device": self.config.device,
+            "memory_estimate": estimate,
+            "measured_bytes": self.measured_bytes,
+            "gpu_memory": gpu_memory(self.config.device) if self.config.device.startswith("cuda") else None,
+            "epoch": self.epoch,
         }
 
     # --- generation --------------------------------------------------------------------------

@@ -9,12 +9,14 @@ from serve_app import openai_routes, routes
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
 from serve_app.errors import BodySizeLimit, install_error_handlers
+from serve_app.lifecycle import LifecycleManager
 
 
-def create_api(registry: ModelRegistry, settings: AppSettings) -> FastAPI:
+def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: LifecycleManager | None = None) -> FastAPI:
     app = FastAPI(title="llm-serve", version="0.1.0")
     app.state.registry = registry
     app.state.settings = settings
+    app.state.lifecycle = lifecycle or LifecycleManager(registry, settings)
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)

@@ -18,9 +18,17 @@ class ModelClient(Protocol):
 
     async def status(self) -> dict[str, Any]: ...
 
-    async def load(self) -> dict[str, Any]: ...
+    async def load(self) -> dict[str, Any]:
+        """Load on every replica; returns when they are loaded (or failed)."""
+        ...
 
-    async def unload(self) -> dict[str, Any]: ...
+    async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        """Unload on every replica (draining unless `force`); returns when done."""
+        ...
+
+    async def num_replicas(self) -> int:
+        """Replicas running now (0 for a model scaled to zero)."""
+        ...
 
     def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
 
@@ -38,8 +46,11 @@ class InProcessModelClient:
     async def load(self) -> dict[str, Any]:
         return await self.server.load() | {"replicas": 1}
 
-    async def unload(self) -> dict[str, Any]:
-        return await self.server.unload() | {"replicas": 1}
+    async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        return await self.server.unload(force=force, reason=reason) | {"replicas": 1}
+
+    async def num_replicas(self) -> int:
+        return 1
 
     def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         return self.server.generate(request)

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.engine import EngineConfig
+from serve_app.schemas import parse_duration
+
+SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as "512MiB", "16GiB", "2GB"."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    if unit not in SIZE_UNITS or not number:
+        raise ValueError(f"{value!r} is not a size (bytes, or e.g. '512MiB', '16GiB')")
+    return int(float(number) * SIZE_UNITS[unit])
 
 
 class AutoscalingSettings(BaseModel):
@@ -18,6 +33,7 @@ class AutoscalingSettings(BaseModel):
     target_ongoing_requests: float = Field(4.0, gt=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idle time before the last replica goes.")
 
 
 class ModelSettings(BaseModel):
@@ -36,12 +52,38 @@ class ModelSettings(BaseModel):
     num_threads: int | None = Field(None, ge=1)
     chat_template: str | None = Field(None, description="Jinja chat template supplied or overriding the model's.")
     load_on_start: bool = True
+    autoload: bool = Field(True, description="Load on the first request when unloaded (else 409).")
+    keep_alive: float | str | None = Field(
+        "5m", description="Unload after this long unused (seconds or '30s'/'5m'/'1h'; 0: after each request; -1: never)."
+    )
+    pinned: bool = Field(False, description="Never released for idleness or memory pressure.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica runs at once (engine queue incl.).")
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica; beyond: 503.")
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) each replica reserves.")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: float | str | None) -> float | str | None:
+        parse_duration(value)
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """Seconds; None: forever."""
+        return parse_duration(self.keep_alive)
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Ray Serve's autoscaler removes the last replica when idle (it is the idle release then)."""
+        return self.autoscaling is not None and self.autoscaling.min_replicas == 0
+
+    @property
+    def memory_device(self) -> str:
+        """The budget this model counts against: "cpu", or "cuda" (per GPU)."""
+        return "cpu" if self.device == "cpu" else "cuda"
 
     @model_validator(mode="after")
     def _check_device(self) -> "ModelSettings":
@@ -71,6 +113,30 @@ class AppSettings(BaseModel):
     models: list[ModelSettings] = Field(min_length=1)
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Bodies over this get 413.")
     status_timeout_s: float = Field(5.0, gt=0, description="How long GET /models waits for a replica.")
+    memory_budget: dict[Literal["cpu", "cuda"], int | str] = Field(
+        default_factory=dict,
+        description="Bytes models may hold per device: 'cpu' (RAM) and 'cuda' (per GPU). Unset: cpu = 80% of RAM, cuda = no check.",
+    )
+    idle_check_interval_s: float = Field(1.0, gt=0, description="How often idle models are looked for.")
+    load_progress_interval_s: float = Field(2.0, gt=0, description="SSE comment interval while a request waits for a load.")
+    load_timeout_s: float = Field(900.0, gt=0, description="How long /load waits for every replica.")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _sizes(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        for size in value.values():
+            parse_size(size)
+        return value
+
+    def budget_bytes(self, device: str) -> int | None:
+        """The memory budget of a device kind, in bytes (None: not checked)."""
+        if device in self.memory_budget:
+            return parse_size(self.memory_budget[device])  # type: ignore[index]
+        if device == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().total * 0.8)
+        return None
 
     @model_validator(mode="after")
     def _unique_ids(self) -> "AppSettings":

@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from serve_app.clients import ModelRegistry
-from serve_app.routes import get_registry
+from serve_app.lifecycle import LifecycleManager
+from serve_app.routes import get_lifecycle, get_registry
 from serve_app.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -36,11 +37,10 @@ async def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelL
 
 
 @router.post("/completions", response_model=CompletionResponse)
-async def completions(body: CompletionRequest, registry: ModelRegistry = Depends(get_registry)) -> Any:
-    client = registry.get(body.model)
+async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     wire = {"request_id": request_id, "prompt": body.prompt, "params": body.engine_params()}
-    first, rest = await open_stream(client.generate(wire))
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
     echo = body.prompt if body.echo else ""
 
     def response(text: str, finish_reason: str | None, usage: dict[str, int] | None) -> CompletionResponse:
@@ -65,12 +65,11 @@ async def completions(body: CompletionRequest, registry: ModelRegistry = Depends
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, registry: ModelRegistry = Depends(get_registry)) -> Any:
-    client = registry.get(body.model)
+async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     wire = {"request_id": request_id, "messages": messages, "params": body.engine_params()}
-    first, rest = await open_stream(client.generate(wire))
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
     if body.stream:
         state = {"sent_role": False}
 

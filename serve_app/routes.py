@@ -10,9 +10,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from serve_app.clients import ModelClient, ModelRegistry
+from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
-from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList
+from serve_app.lifecycle import LifecycleManager
+from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList, UnloadRequest
 from serve_app.streaming import Chunk, collect, open_stream, sse_response
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -27,12 +28,16 @@ def get_settings(request: Request) -> AppSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-async def model_info(client: ModelClient, timeout_s: float) -> ModelInfo:
+def get_lifecycle(request: Request) -> LifecycleManager:
+    return request.app.state.lifecycle  # type: ignore[no-any-return]
+
+
+async def model_info(lifecycle: LifecycleManager, model_id: str, timeout_s: float) -> ModelInfo:
     """A model's status; a replica that does not answer in time is still starting (loading)."""
     try:
-        status = await asyncio.wait_for(client.status(), timeout_s)
+        status = await asyncio.wait_for(lifecycle.status(model_id), timeout_s)
     except asyncio.TimeoutError:
-        status = {"id": client.model_id, "status": "loading"}
+        status = {"id": model_id, "status": "loading"}
     return ModelInfo.model_validate(status)
 
 
@@ -42,41 +47,52 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(registry: ModelRegistry = Depends(get_registry), settings: AppSettings = Depends(get_settings)) -> JSONResponse:
-    """Ready when every model configured to load on start is loaded."""
+async def readyz(lifecycle: LifecycleManager = Depends(get_lifecycle), settings: AppSettings = Depends(get_settings)) -> JSONResponse:
+    """Ready when every model configured to load on start is loaded, or was released by the
+    lifecycle (idle or memory pressure) and loads again on demand."""
     wanted = {m.id for m in settings.models if m.load_on_start}
-    infos = await asyncio.gather(*(model_info(registry.get(i), settings.status_timeout_s) for i in sorted(wanted)))
-    not_ready = {info.id: info.status for info in infos if info.status != "loaded"}
+    infos = await asyncio.gather(*(model_info(lifecycle, i, settings.status_timeout_s) for i in sorted(wanted)))
+    not_ready = {
+        info.id: info.status for info in infos
+        if info.status != "loaded" and not (info.status == "unloaded" and info.autoload and info.releases)
+    }
     body = {"status": "ready" if not not_ready else "not_ready", "not_ready": not_ready}
     return JSONResponse(body, status_code=200 if not not_ready else 503)
 
 
 @router.get("/models", response_model=ModelInfoList)
-async def list_models(registry: ModelRegistry = Depends(get_registry), settings: AppSettings = Depends(get_settings)) -> ModelInfoList:
-    infos = await asyncio.gather(*(model_info(c, settings.status_timeout_s) for c in registry))
+async def list_models(
+    registry: ModelRegistry = Depends(get_registry),
+    lifecycle: LifecycleManager = Depends(get_lifecycle),
+    settings: AppSettings = Depends(get_settings),
+) -> ModelInfoList:
+    infos = await asyncio.gather(*(model_info(lifecycle, c.model_id, settings.status_timeout_s) for c in registry))
     return ModelInfoList(data=list(infos))
 
 
 @router.post("/load", response_model=ModelInfo)
-async def load(body: LoadRequest, registry: ModelRegistry = Depends(get_registry)) -> ModelInfo:
-    return ModelInfo.model_validate(await registry.get(body.model).load())
+async def load(body: LoadRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelInfo:
+    """Load on every replica (idempotent; concurrent calls share one load); 507 if over budget."""
+    await lifecycle.load(body.model, body.keep_alive_s())
+    return await model_info(lifecycle, body.model, timeout_s=60)
 
 
 @router.post("/unload", response_model=ModelInfo)
-async def unload(body: LoadRequest, registry: ModelRegistry = Depends(get_registry)) -> ModelInfo:
-    return ModelInfo.model_validate(await registry.get(body.model).unload())
+async def unload(body: UnloadRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelInfo:
+    """Unload on every replica: requests in flight finish first unless `force`."""
+    await lifecycle.unload(body.model, force=body.force)
+    return await model_info(lifecycle, body.model, timeout_s=60)
 
 
 @router.post("/infer", response_model=InferResponse)
-async def infer(body: InferRequest, stream: bool = False, registry: ModelRegistry = Depends(get_registry)) -> Any:
-    client = registry.get(body.model)
+async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id = f"infer-{uuid.uuid4().hex}"
     wire: dict[str, Any] = {"request_id": request_id, "params": body.engine_params()}
     if body.messages is not None:
         wire["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
     else:
         wire["prompt"] = body.prompt
-    first, rest = await open_stream(client.generate(wire))
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
     if stream:
 
         def to_events(chunk: Chunk) -> list[dict[str, Any]]:

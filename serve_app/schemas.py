@@ -7,6 +7,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 8
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: float | int | str | None) -> float | None:
+    """Seconds from a number of seconds or an Ollama-style duration ("30s", "5m", "1h", "0");
+    a negative value means forever (None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            seconds = float(text[: len(text) - len(unit)]) * DURATION_UNITS.get(unit, 1.0)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration (seconds, or e.g. '30s', '5m', '1h')") from None
+    else:
+        seconds = float(value)
+    return None if seconds < 0 else seconds
 
 
 class TextPart(BaseModel):
@@ -22,7 +40,26 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class SamplingFields(BaseModel):
+class KeepAliveField(BaseModel):
+    """Ollama's `keep_alive`: how long the model stays loaded after this request."""
+
+    keep_alive: float | str | None = Field(None, description="Seconds or '30s'/'5m'/'1h'; 0: unload after this; -1: forever.")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: float | str | None) -> float | str | None:
+        parse_duration(value)  # raises ValueError (a 400) on a bad duration
+        return value
+
+    def keep_alive_s(self) -> float | None:
+        """The requested keep-alive in seconds; -1 (forever) is `inf`; None: the model's default."""
+        if self.keep_alive is None:
+            return None
+        seconds = parse_duration(self.keep_alive)
+        return float("inf") if seconds is None else seconds
+
+
+class SamplingFields(KeepAliveField):
     """Sampling settings shared by /infer and /v1/*; out-of-range values are a 400."""
 
     model_config = ConfigDict(extra="ignore")
@@ -127,8 +164,13 @@ class ChatCompletionRequest(OpenAIFields):
         return params
 
 
-class LoadRequest(BaseModel):
+class LoadRequest(KeepAliveField):
     model: str = Field(min_length=1)
+
+
+class UnloadRequest(BaseModel):
+    model: str = Field(min_length=1)
+    force: bool = Field(False, description="End requests in flight at once (an error event) instead of draining them.")
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -236,6 +278,15 @@ class ModelInfo(BaseModel):
     num_running_requests: int = 0
     max_num_seqs: int | None = None
     num_threads: int | None = None
+    device: str | None = None
+    memory_estimate: dict[str, int] | None = None
+    measured_bytes: int | None = None
+    gpu_memory: dict[str, int] | None = None
+    pinned: bool = False
+    autoload: bool = True
+    keep_alive_s: float | None = None
+    keep_alive_expires_at: float | None = None
+    releases: dict[str, int] = Field(default_factory=dict)
 
 
 class ModelInfoList(BaseModel):

@@ -48,6 +48,9 @@ def sse_response(first: Chunk, rest: AsyncIterator[Chunk], to_events: Callable[[
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in _chain(first, rest):
+                if "progress" in chunk:  # waiting for a load: a comment keeps the client informed
+                    yield f": {chunk['progress']}\n\n"
+                    continue
                 for event in to_events(chunk):
                     yield sse_event(event)
         except asyncio.CancelledError:
@@ -75,6 +78,8 @@ async def collect(first: Chunk, rest: AsyncIterator[Chunk]) -> Completion:
     result = Completion()
     try:
         async for chunk in _chain(first, rest):
+            if "progress" in chunk:
+                continue
             result.text += chunk["text"]
             if chunk.get("finish_reason"):
                 result.finish_reason = chunk["finish_reason"]

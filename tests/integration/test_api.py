@@ -35,7 +35,7 @@ async def client(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[htt
             "max_request_bytes": 4096,
             "models": [
                 {"id": CHAT, "source": str(tiny_model_dir), "max_model_len": 128, "max_num_seqs": 4},
-                {"id": BASE, "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False},
+                {"id": BASE, "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False, "autoload": False},
             ],
         }
     )

@@ -1,0 +1,298 @@
+"""When models load and unload: on demand, after idling, and under a memory budget.
+
+Ray Serve runs each model's replicas and delivers the wanted state to every one of them
+(`user_config` -> `reconfigure`); what Ray cannot express lives here, in the router, small:
+- one transition at a time per model, in call order; concurrent loads share one load;
+- autoload on the first request (SSE progress comments while it waits), 409 when `autoload: false`;
+- keep-alive idle release (config default, per-request override, 0 = after this request), `pinned`;
+- a per-device memory budget: release least-recently-used idle models, else refuse with 507;
+- why every release happened, counted per model and handed to `on_release` (a metric in Ray).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.errors import InsufficientMemoryError, ModelNotLoadedError, ServiceUnavailableError
+from serve_app.clients import ModelClient, ModelRegistry
+from serve_app.config import AppSettings, ModelSettings
+
+logger = logging.getLogger(__name__)
+Chunk = dict[str, Any]
+MiB = 1 << 20
+
+
+@dataclass
+class ModelUsage:
+    """The router's view of one model: requests in flight, last use, keep-alive, transitions."""
+
+    in_flight: int = 0
+    last_used: float = 0.0
+    keep_alive_s: float | None = None  # None: forever
+    expires_at: float | None = None
+    maybe_loaded: bool = False
+    releases: Counter[str] = field(default_factory=Counter)
+    pending: tuple[str, asyncio.Task[dict[str, Any]]] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class LifecycleManager:
+    """Loads, unloads and releases models over their `ModelClient`s."""
+
+    def __init__(
+        self, registry: ModelRegistry, settings: AppSettings, on_release: Callable[[str, str], None] | None = None
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.models: dict[str, ModelSettings] = {m.id: m for m in settings.models}
+        self.on_release = on_release
+        now = time.time()
+        self.usage = {
+            m.id: ModelUsage(last_used=now, keep_alive_s=m.keep_alive_s, maybe_loaded=m.load_on_start) for m in settings.models
+        }
+        for usage in self.usage.values():
+            usage.expires_at = None if usage.keep_alive_s is None else now + usage.keep_alive_s
+        self._budget_lock = asyncio.Lock()
+        self._idle_task: asyncio.Task[None] | None = None
+
+    # --- transitions -------------------------------------------------------------------------
+    async def load(self, model_id: str, keep_alive_s: float | None = None) -> dict[str, Any]:
+        """Load (idempotent: concurrent calls share one load); fits the budget first."""
+        self.registry.get(model_id)
+        if keep_alive_s is not None:
+            self._set_keep_alive(model_id, keep_alive_s)
+        return await self._transition(model_id, "load")
+
+    async def unload(self, model_id: str, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        """Unload: drain requests in flight (or end them at once with `force`)."""
+        self.registry.get(model_id)
+        return await self._transition(model_id, "unload", force=force, reason=reason)
+
+    async def _transition(self, model_id: str, action: str, **kwargs: Any) -> dict[str, Any]:
+        """Run transitions of one model one at a time, in call order, so the last call decides the
+        final state; a call equal to the latest pending one joins it instead of repeating it."""
+        usage = self.usage[model_id]
+        if usage.pending is not None and usage.pending[0] == action and not usage.pending[1].done():
+            return await asyncio.shield(usage.pending[1])
+        run = self._do_load(model_id) if action == "load" else self._do_unload(model_id, **kwargs)
+        task = asyncio.ensure_future(self._locked(usage.lock, run))
+        usage.pending = (action, task)
+        return await asyncio.shield(task)
+
+    @staticmethod
+    async def _locked(lock: asyncio.Lock, run: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        async with lock:
+            return await run
+
+    async def _do_load(self, model_id: str) -> dict[str, Any]:
+        async with self._budget_lock:
+            await self._make_room(model_id)
+            status = await self.registry.get(model_id).load()
+        usage = self.usage[model_id]
+        usage.maybe_loaded = status.get("status") == "loaded"
+        self._touch(usage)
+        return status
+
+    async def _do_unload(self, model_id: str, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        usage = self.usage[model_id]
+        was_loaded = usage.maybe_loaded
+        status = await self.registry.get(model_id).unload(force=force, reason=reason)
+        usage.maybe_loaded = False
+        if was_loaded:
+            self._count_release(model_id, reason)
+        return status
+
+    def _count_release(self, model_id: str, reason: str) -> None:
+        self.usage[model_id].releases[reason] += 1
+        logger.info("model %s released: %s", model_id, reason)
+        if self.on_release is not None:
+            self.on_release(model_id, reason)
+
+    # --- the memory budget -------------------------------------------------------------------
+    async def _make_room(self, model_id: str) -> None:
+        """Before a load: if the device's budget cannot take it, release least-recently-used idle
+        unpinned models; if even releasing all of them would not do, refuse (507) and touch nothing."""
+        device = self.models[model_id].memory_device
+        budget = self.settings.budget_bytes(device)
+        if budget is None:
+            return
+        peers = [m for m in self.models.values() if m.memory_device == device]
+        statuses = dict(zip([m.id for m in peers], await asyncio.gather(*(self._status(m.id) for m in peers))))
+        target = statuses[model_id]
+        if target.get("status") == "loaded":
+            return
+        need = _footprint(target, max(1, target.get("replicas") or 1))
+        holders = {mid: _footprint(s, s.get("replicas") or 1) for mid, s in statuses.items() if mid != model_id and _holds(s)}
+        free = budget - sum(holders.values())
+        if need <= free:
+            return
+        idle = sorted((mid for mid in holders if self._releasable(mid)), key=lambda mid: self.usage[mid].last_used)
+        chosen: list[str] = []
+        for mid in idle:
+            if free >= need:
+                break
+            chosen.append(mid)
+            free += holders[mid]
+        if free < need:
+            kept = sorted(set(holders) - set(idle))
+            raise InsufficientMemoryError(
+                f"loading {model_id!r} needs about {need / MiB:.0f} MiB of {device} memory; the budget is "
+                f"{budget / MiB:.0f} MiB with {sum(holders.values()) / MiB:.0f} MiB held, and releasing every idle "
+                f"unpinned model ({', '.join(idle) or 'none'}) would leave only {free / MiB:.0f} MiB free "
+                f"(pinned or busy: {', '.join(kept) or 'none'})",
+                param="model",
+                code="memory_budget_exceeded",
+            )
+        for mid in chosen:
+            logger.info("releasing %s (%.0f MiB) to make room for %s", mid, holders[mid] / MiB, model_id)
+            await self._do_unload(mid, reason="memory_pressure")
+
+    def _releasable(self, model_id: str) -> bool:
+        usage, model = self.usage[model_id], self.models[model_id]
+        busy = usage.in_flight > 0 or (usage.pending is not None and not usage.pending[1].done())
+        return not model.pinned and not busy
+
+    # --- requests ----------------------------------------------------------------------------
+    async def generate(self, model_id: str, request: dict[str, Any], keep_alive_s: float | None = None) -> AsyncIterator[Chunk]:
+        """The model's chunks, loading it first if it is unloaded and may autoload; while it loads,
+        chunks `{"progress": message}` are yielded (SSE comments). Errors before any chunk raise."""
+        client = self.registry.get(model_id)
+        usage = self.usage[model_id]
+        self._start_idle_loop()
+        if usage.pending is not None and usage.pending[0] == "unload" and not usage.pending[1].done():
+            raise ServiceUnavailableError(f"model {model_id!r} is unloading; retry once it is loaded", code="model_unloading")
+        usage.in_flight += 1
+        try:
+            if usage.pending is not None and not usage.pending[1].done():  # a load is under way: join it
+                async for progress in self._wait_for_load(model_id, usage.pending[1]):
+                    yield progress
+            chunks = client.generate(request)
+            try:
+                first = await chunks.__anext__()
+            except (ModelNotLoadedError, ServiceUnavailableError) as exc:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                if not self._should_autoload(model_id, exc):
+                    raise
+                loading = asyncio.ensure_future(self._transition(model_id, "load"))
+                async for progress in self._wait_for_load(model_id, loading):
+                    yield progress
+                chunks = client.generate(request)
+                first = await chunks.__anext__()
+            usage.maybe_loaded = True
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            usage.in_flight -= 1
+            if keep_alive_s is not None:
+                usage.keep_alive_s = None if keep_alive_s == float("inf") else keep_alive_s
+            self._touch(usage)
+            if usage.expires_at is not None and usage.expires_at <= time.time() and usage.in_flight == 0:
+                self._spawn(self._release_if_idle(model_id))  # keep_alive 0: unload after this request
+
+    def _should_autoload(self, model_id: str, exc: Exception) -> bool:
+        if isinstance(exc, ServiceUnavailableError) and exc.code != "model_loading":
+            return False  # overloaded or unloading: the client retries
+        if not self.models[model_id].autoload:
+            return False
+        return True
+
+    async def _wait_for_load(self, model_id: str, task: asyncio.Future[dict[str, Any]]) -> AsyncIterator[Chunk]:
+        started = time.monotonic()
+        while True:
+            yield {"progress": f"loading model {model_id} ({time.monotonic() - started:.0f} s)"}
+            done, _ = await asyncio.wait({task}, timeout=self.settings.load_progress_interval_s)
+            if done:
+                break
+        status = task.result()  # raises the load's error (e.g. 507)
+        if status.get("status") != "loaded":
+            raise ModelNotLoadedError(
+                f"model {model_id!r} could not be loaded: {status.get('error') or status.get('status')}", param="model", code="model_load_failed"
+            )
+
+    # --- idle release ------------------------------------------------------------------------
+    def _set_keep_alive(self, model_id: str, keep_alive_s: float) -> None:
+        usage = self.usage[model_id]
+        usage.keep_alive_s = None if keep_alive_s == float("inf") else keep_alive_s
+        self._touch(usage)
+
+    @staticmethod
+    def _touch(usage: ModelUsage) -> None:
+        usage.last_used = time.time()
+        usage.expires_at = None if usage.keep_alive_s is None else usage.last_used + usage.keep_alive_s
+
+    async def release_idle(self) -> list[str]:
+        """Unload every model whose keep-alive ran out; returns their ids."""
+        now = time.time()
+        expired = [
+            mid for mid, u in self.usage.items()
+            if u.maybe_loaded and u.expires_at is not None and u.expires_at <= now and not self.models[mid].scales_to_zero
+        ]
+        released = [mid for mid in expired if await self._release_if_idle(mid)]
+        return released
+
+    async def _release_if_idle(self, model_id: str) -> bool:
+        usage = self.usage[model_id]
+        if not self._releasable(model_id) or not usage.maybe_loaded:
+            return False
+        if usage.expires_at is None or usage.expires_at > time.time():
+            return False
+        await self._transition(model_id, "unload", reason="idle")
+        return True
+
+    def _start_idle_loop(self) -> None:
+        if self._idle_task is None or self._idle_task.done():
+            self._idle_task = asyncio.ensure_future(self._idle_loop())
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.idle_check_interval_s)
+            try:
+                await self.release_idle()
+            except Exception:  # noqa: BLE001 - one failed release must not stop the loop
+                logger.exception("idle release failed")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        asyncio.ensure_future(coroutine).add_done_callback(_log_failure)
+
+    # --- status ------------------------------------------------------------------------------
+    async def _status(self, model_id: str) -> dict[str, Any]:
+        client: ModelClient = self.registry.get(model_id)
+        if self.models[model_id].scales_to_zero and await client.num_replicas() == 0:
+            return {"id": model_id, "status": "unloaded", "replicas": 0}  # asking would start a replica
+        return await client.status()
+
+    async def status(self, model_id: str) -> dict[str, Any]:
+        """The replica's status plus the router's lifecycle view of the model."""
+        self._start_idle_loop()
+        status = await self._status(model_id)
+        usage, model = self.usage[model_id], self.models[model_id]
+        if status.get("status") in ("loaded", "unloaded"):
+            usage.maybe_loaded = status["status"] == "loaded" or usage.maybe_loaded and usage.in_flight > 0
+        return status | {
+            "pinned": model.pinned,
+            "autoload": model.autoload,
+            "keep_alive_s": usage.keep_alive_s,
+            "keep_alive_expires_at": usage.expires_at if status.get("status") == "loaded" and not model.pinned else None,
+            "releases": dict(usage.releases),
+        }
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background release failed: %r", task.exception())
+
+
+def _holds(status: dict[str, Any]) -> bool:
+    return status.get("status") in ("loaded", "loading", "unloading")
+
+
+def _footprint(status: dict[str, Any], replicas: int) -> int:
+    estimate = status.get("memory_estimate") or {}
+    return int(estimate.get("need_bytes", 0)) * replicas
