@@ -64,6 +64,7 @@ class ModelServer:
         self.last_used: float | None = None
         self.drain_timeout_s = drain_timeout_s
         self.epoch = 0  # of the last user_config applied
+        self.num_loads = 0  # loads started in this replica (a concurrent /load must not add one)
         self._estimate: MemoryEstimate | None = None
         self._lock: asyncio.Lock | None = None
         if load_on_start:
@@ -108,6 +109,7 @@ class ModelServer:
 
     def _load_sync(self) -> None:
         self.state = ModelStatus.LOADING
+        self.num_loads += 1
         started, rss_before = time.monotonic(), rss_bytes()
         try:
             engine = self.engine_cls(self.config)
@@ -186,6 +188,7 @@ class ModelServer:
             "measured_bytes": self.measured_bytes,
             "gpu_memory": gpu_memory(self.config.device) if self.config.device.startswith("cuda") else None,
             "epoch": self.epoch,
+            "num_loads": self.num_loads,
         }
 
     # --- generation --------------------------------------------------------------------------

@@ -116,22 +116,28 @@ class LifecycleManager:
 
     # --- the memory budget -------------------------------------------------------------------
     async def _make_room(self, model_id: str) -> None:
-        """Before a load: if the device's budget cannot take it, release least-recently-used idle
-        unpinned models; if even releasing all of them would not do, refuse (507) and touch nothing."""
+        """Before a load: release what `plan_room` chose, least recently used first."""
+        for mid, held in await self.plan_room(model_id):
+            logger.info("releasing %s (%.0f MiB) to make room for %s", mid, held / MiB, model_id)
+            await self._do_unload(mid, reason="memory_pressure")
+
+    async def plan_room(self, model_id: str) -> list[tuple[str, int]]:
+        """The idle unpinned models (and bytes they hold) to release so that `model_id` fits its
+        device's budget; raises 507 when even releasing all of them would not do."""
         device = self.models[model_id].memory_device
         budget = self.settings.budget_bytes(device)
         if budget is None:
-            return
+            return []
         peers = [m for m in self.models.values() if m.memory_device == device]
         statuses = dict(zip([m.id for m in peers], await asyncio.gather(*(self._status(m.id) for m in peers))))
         target = statuses[model_id]
         if target.get("status") == "loaded":
-            return
+            return []
         need = _footprint(target, max(1, target.get("replicas") or 1))
         holders = {mid: _footprint(s, s.get("replicas") or 1) for mid, s in statuses.items() if mid != model_id and _holds(s)}
         free = budget - sum(holders.values())
         if need <= free:
-            return
+            return []
         idle = sorted((mid for mid in holders if self._releasable(mid)), key=lambda mid: self.usage[mid].last_used)
         chosen: list[str] = []
         for mid in idle:
@@ -149,9 +155,7 @@ class LifecycleManager:
                 param="model",
                 code="memory_budget_exceeded",
             )
-        for mid in chosen:
-            logger.info("releasing %s (%.0f MiB) to make room for %s", mid, holders[mid] / MiB, model_id)
-            await self._do_unload(mid, reason="memory_pressure")
+        return [(mid, holders[mid]) for mid in chosen]
 
     def _releasable(self, model_id: str) -> bool:
         usage, model = self.usage[model_id], self.models[model_id]
@@ -179,6 +183,7 @@ class LifecycleManager:
                 await chunks.aclose()  # type: ignore[attr-defined]
                 if not self._should_autoload(model_id, exc):
                     raise
+                await self.plan_room(model_id)  # refuse with a real 507 before the stream starts
                 loading = asyncio.ensure_future(self._transition(model_id, "load"))
                 async for progress in self._wait_for_load(model_id, loading):
                     yield progress

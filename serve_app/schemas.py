@@ -287,6 +287,7 @@ class ModelInfo(BaseModel):
     keep_alive_s: float | None = None
     keep_alive_expires_at: float | None = None
     releases: dict[str, int] = Field(default_factory=dict)
+    num_loads: int = 0
 
 
 class ModelInfoList(BaseModel):
