@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -189,6 +190,7 @@ class ModelServer:
             "gpu_memory": gpu_memory(self.config.device) if self.config.device.startswith("cuda") else None,
             "epoch": self.epoch,
             "num_loads": self.num_loads,
+            "pid": os.getpid(),
         }
 
     # --- generation --------------------------------------------------------------------------

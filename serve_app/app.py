@@ -5,91 +5,37 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter
 
-from deployments.errors import ServiceUnavailableError
 from deployments.server import ModelServer
 from serve_app.api import create_api
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, parse_app_settings
-from serve_app.errors import unwrap_error
+from serve_app.lifecycle import LifecycleManager
 from serve_app.loopback import keep_serve_grpc_on_loopback
+from serve_app.ray_client import HandleModelClient, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+logger = logging.getLogger(__name__)
 
 
-def deployment_name(model_id: str) -> str:
-    return f"model-{model_id}"
-
-
-class HandleModelClient:
-    """A `ModelClient` that forwards to a model deployment through its Ray Serve handle."""
-
-    def __init__(self, model_id: str, handle: DeploymentHandle, app_name: str) -> None:
-        self.model_id = model_id
-        self.handle = handle
-        self.app_name = app_name
-
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status") | {"replicas": await self._num_replicas()}
-
-    async def load(self) -> dict[str, Any]:
-        return await self._call("load") | {"replicas": await self._num_replicas()}
-
-    async def unload(self) -> dict[str, Any]:
-        return await self._call("unload") | {"replicas": await self._num_replicas()}
-
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        response = None
-        settled = False  # finished or failed: nothing left to cancel (cancel() would re-raise the failure)
-        try:
-            # .remote() itself raises BackPressureError when the model's queue is full.
-            response = self.handle.options(stream=True).generate.remote(request)
-            async for chunk in response:
-                yield chunk
-            settled = True
-        except BackPressureError as exc:
-            settled = True
-            raise _overloaded(self.model_id, exc) from None
-        except Exception as exc:
-            settled = True
-            raise (unwrap_error(exc) or exc) from None
-        finally:
-            if response is not None and not settled:
-                response.cancel()  # the client left or failed: stop generating for it
-
-    async def _call(self, method: str) -> dict[str, Any]:
-        try:
-            return await getattr(self.handle, method).remote()  # type: ignore[no-any-return]
-        except BackPressureError as exc:
-            raise _overloaded(self.model_id, exc) from None
-        except Exception as exc:
-            raise (unwrap_error(exc) or exc) from None
-
-    async def _num_replicas(self) -> int:
-        """Replicas Ray Serve reports RUNNING for this model's deployment."""
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.app_name)
-        deployment = app.deployments.get(deployment_name(self.model_id)) if app else None
-        if deployment is None:
-            return 0
-        return int(sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
-
-
-def _overloaded(model_id: str, exc: BackPressureError) -> ServiceUnavailableError:
-    retry_after = getattr(exc, "retry_after_s", None) or 1
-    return ServiceUnavailableError(
-        f"model {model_id!r} is at capacity (its queue is full); retry after {retry_after:g}s",
-        headers={"Retry-After": str(max(1, round(retry_after)))},
+def release_counter() -> Callable[[str, str], None]:
+    """`on_release(model, reason)` feeding the per-model release counter Ray exports as a metric
+    (`ray_llm_serve_model_releases_total{model, reason}` on Ray's Prometheus endpoint)."""
+    counter = Counter(
+        "llm_serve_model_releases",
+        description="Model releases (unloads of a loaded model) by reason: manual, idle, memory_pressure, replaced.",
+        tag_keys=("model", "reason"),
     )
+    return lambda model, reason: counter.inc(tags={"model": model, "reason": reason})
 
 
 class Router:
@@ -99,10 +45,12 @@ class Router:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         self.settings: AppSettings = parse_app_settings(settings)
         app_name = serve.get_replica_context().app_name
-        self.registry = ModelRegistry({mid: HandleModelClient(mid, h, app_name) for mid, h in models.items()})
+        timeout = self.settings.load_timeout_s
+        self.registry = ModelRegistry({mid: HandleModelClient(mid, h, app_name, timeout) for mid, h in models.items()})
+        self.lifecycle = LifecycleManager(self.registry, self.settings, on_release=release_counter())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.registry, self.settings)
+        return create_api(self.registry, self.settings, self.lifecycle)
 
 
 RouterDeployment = serve.deployment(
@@ -113,11 +61,19 @@ RouterDeployment = serve.deployment(
 
 
 class ModelReplica(ModelServer):
-    """`ModelServer` as a Serve replica: the same class, plus the loopback shim at construction."""
+    """`ModelServer` as a Serve replica: the loopback shim at construction, the wanted state from
+    `user_config` (Ray calls `reconfigure` right after construction, and on every change), and a
+    `replaced` release counted when Ray stops a replica that still holds its model."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         super().__init__(*args, **kwargs)
+        self._on_release = release_counter()
+
+    def __del__(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            logger.info("released %s (reason: replaced): Ray Serve stopped this replica", self.model_id)
+            self._on_release(self.model_id, "replaced")
 
 
 def model_deployment(model: ModelSettings) -> Any:
@@ -132,9 +88,11 @@ def model_deployment(model: ModelSettings) -> Any:
             "runtime_env": {"env_vars": OFFLINE_ENV},
         },
         "graceful_shutdown_timeout_s": 30,
+        # The wanted state; `reconfigure` applies it on every replica, new ones included.
+        "user_config": {"loaded": model.load_on_start, "epoch": 0},
     }
     if model.autoscaling is not None:
-        options["autoscaling_config"] = model.autoscaling.model_dump()
+        options["autoscaling_config"] = model.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = model.num_replicas
     return serve.deployment(ModelReplica).options(**options)
@@ -144,6 +102,6 @@ def build_app(args: dict[str, Any]) -> Application:
     """Ray Serve application builder: validates the args, then binds models and router."""
     settings = parse_app_settings(args)
     handles = {
-        m.id: model_deployment(m).bind(m.id, m.engine_config(), m.load_on_start) for m in settings.models
+        m.id: model_deployment(m).bind(m.id, m.engine_config(), False) for m in settings.models  # user_config loads
     }
     return RouterDeployment.bind(handles, settings.model_dump())

@@ -34,6 +34,8 @@ class AutoscalingSettings(BaseModel):
     downscale_delay_s: float = Field(600.0, ge=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idle time before the last replica goes.")
+    metrics_interval_s: float | None = Field(None, gt=0, description="How often replicas report load (Ray default 10).")
+    look_back_period_s: float | None = Field(None, gt=0, description="Window the load is averaged over (Ray default 30).")
 
 
 class ModelSettings(BaseModel):

@@ -60,6 +60,7 @@ class LifecycleManager:
             usage.expires_at = None if usage.keep_alive_s is None else now + usage.keep_alive_s
         self._budget_lock = asyncio.Lock()
         self._idle_task: asyncio.Task[None] | None = None
+        self._last_status: dict[str, dict[str, Any]] = {}
 
     # --- transitions -------------------------------------------------------------------------
     async def load(self, model_id: str, keep_alive_s: float | None = None) -> dict[str, Any]:
@@ -274,9 +275,17 @@ class LifecycleManager:
         return await client.status()
 
     async def status(self, model_id: str) -> dict[str, Any]:
-        """The replica's status plus the router's lifecycle view of the model."""
+        """The replica's status plus the router's lifecycle view of the model. A status call counts
+        against the replica's request limit like any call; when the model is at capacity, the last
+        status seen is returned instead of an error (the model is busy, not broken)."""
         self._start_idle_loop()
-        status = await self._status(model_id)
+        try:
+            status = await self._status(model_id)
+            self._last_status[model_id] = status
+        except ServiceUnavailableError as exc:
+            if exc.code != "overloaded" or model_id not in self._last_status:
+                raise
+            status = self._last_status[model_id]
         usage, model = self.usage[model_id], self.models[model_id]
         if status.get("status") in ("loaded", "unloaded"):
             usage.maybe_loaded = status["status"] == "loaded" or usage.maybe_loaded and usage.in_flight > 0

@@ -288,6 +288,7 @@ class ModelInfo(BaseModel):
     keep_alive_expires_at: float | None = None
     releases: dict[str, int] = Field(default_factory=dict)
     num_loads: int = 0
+    pid: int | None = None
 
 
 class ModelInfoList(BaseModel):

