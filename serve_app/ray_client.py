@@ -82,7 +82,10 @@ class HandleModelClient:
 
     # --- the wanted state, through user_config ------------------------------------------------
     async def _apply(self, wanted: dict[str, Any]) -> dict[str, Any]:
-        controller = _get_global_client()._controller
+        client = _get_global_client()
+        if client is None:
+            raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
+        controller = client._controller
         configs: dict[str, ServeApplicationSchema] = await controller.get_app_configs.remote()
         if self.app_name not in configs:
             return await self._call("load" if wanted["loaded"] else "unload", *([] if wanted["loaded"] else [wanted["force"], wanted["reason"]]))
