@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -13,10 +16,17 @@ from serve_app.lifecycle import LifecycleManager
 
 
 def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: LifecycleManager | None = None) -> FastAPI:
-    app = FastAPI(title="llm-serve", version="0.1.0")
+    manager = lifecycle or LifecycleManager(registry, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        manager.start()  # idle release runs from startup, not from the first request
+        yield
+
+    app = FastAPI(title="llm-serve", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry
     app.state.settings = settings
-    app.state.lifecycle = lifecycle or LifecycleManager(registry, settings)
+    app.state.lifecycle = manager
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(openai_routes.router)

@@ -19,9 +19,10 @@ def parse_size(value: int | str) -> int:
     text = value.strip().lower().replace(" ", "")
     number = text.rstrip("kmgib")
     unit = text[len(number) :]
-    if unit not in SIZE_UNITS or not number:
-        raise ValueError(f"{value!r} is not a size (bytes, or e.g. '512MiB', '16GiB')")
-    return int(float(number) * SIZE_UNITS[unit])
+    try:
+        return int(float(number) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"{value!r} is not a size (bytes, or e.g. '512MiB', '16GiB')") from None
 
 
 class AutoscalingSettings(BaseModel):

@@ -252,6 +252,10 @@ class LifecycleManager:
         await self._transition(model_id, "unload", reason="idle")
         return True
 
+    def start(self) -> None:
+        """Start the idle-release loop (also started by the first request or status call)."""
+        self._start_idle_loop()
+
     def _start_idle_loop(self) -> None:
         if self._idle_task is None or self._idle_task.done():
             self._idle_task = asyncio.ensure_future(self._idle_loop())

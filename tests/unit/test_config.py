@@ -63,3 +63,28 @@ def test_errors_survive_pickling_with_their_fields() -> None:
     busy = pickle.loads(pickle.dumps(ServiceUnavailableError("busy")))
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
     assert set(busy.to_dict()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_durations_and_sizes_parse_like_ollama_and_reject_nonsense() -> None:
+    from serve_app.config import parse_size
+    from serve_app.schemas import parse_duration
+
+    assert [parse_duration(v) for v in ("5m", "30s", "1h", "250ms", 0, 12.5, "-1", -1)] == [300, 30, 3600, 0.25, 0, 12.5, None, None]
+    assert parse_size("16GiB") == 16 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("2GB") == 2 * 10**9
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_lifecycle_fields_are_validated_and_named() -> None:
+    base = {"models": [{"id": "m", "source": "/x"}]}
+    settings = parse_app_settings(base)
+    assert settings.models[0].keep_alive_s == 300 and settings.models[0].autoload and not settings.models[0].pinned
+    with pytest.raises(ValueError, match="models.0.keep_alive"):
+        parse_app_settings({"models": [{"id": "m", "source": "/x", "keep_alive": "forever"}]})
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_app_settings(base | {"memory_budget": {"cpu": "much"}})
+    with pytest.raises(ValueError, match="memory_budget"):
+        parse_app_settings(base | {"memory_budget": {"tpu": "1GiB"}})
+    assert parse_app_settings(base | {"memory_budget": {"cpu": "1GiB"}}).budget_bytes("cpu") == 1 << 30
