@@ -126,7 +126,7 @@ async function errorMessage(res) {
 
 // Reads an SSE body, calling onData(dataString) for each event. Handles lines and
 // UTF-8 sequences split across chunks, CRLF, comments and multi-line data fields.
-async function readSSE(body, onData) {
+async function readSSE(body, onData, onComment = () => {}) {
   const reader = body.getReader();
   const decoder = new TextDecoder('utf-8');
   let buffer = '';
@@ -138,7 +138,7 @@ async function readSSE(body, onData) {
   const handleLine = (line) => {
     if (line.endsWith('\r')) line = line.slice(0, -1);
     if (line === '') return dispatch();
-    if (line.startsWith(':')) return false;               // comment / keep-alive
+    if (line.startsWith(':')) { onComment(line.slice(1).trim()); return false; }  // e.g. "loading model X (3 s)"
     const idx = line.indexOf(':');
     const field = idx === -1 ? line : line.slice(0, idx);
     let value = idx === -1 ? '' : line.slice(idx + 1);
@@ -266,7 +266,7 @@ async function send() {
     } else if (!res.body) {
       streamError = 'Response has no body (streaming not supported).';
     } else {
-      await readSSE(res.body, onData);
+      await readSSE(res.body, onData, (note) => { if (note) setStatus(note + '…', 'warn'); });
     }
   } catch (err) {
     if (err?.name === 'AbortError' || controller.signal.aborted) state = 'stopped';
