@@ -44,6 +44,20 @@ def test_load_and_unload_reach_every_replica(serve_url: str) -> None:
     assert {r.json()["status"] for r in again} == {"loaded"} and {r.json()["num_loads"] for r in again} == {2}
 
 
+def test_interleaved_load_unload_from_several_clients_ends_in_the_last_calls_state(serve_url: str) -> None:
+    calls = ["unload", "load", "unload", "load", "unload"]
+
+    def call(i: int) -> int:
+        time.sleep(0.05 * i)  # issued in this order, each before the previous one finished
+        return requests.post(f"{serve_url}/{calls[i]}", json={"model": "tiny-pair"}, timeout=300).status_code
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        assert list(pool.map(call, range(len(calls)))) == [200] * len(calls)
+    states = replica_states(serve_url, "tiny-pair")
+    assert len(states) == 2 and set(states.values()) == {"unloaded"}, states
+    assert requests.post(f"{serve_url}/load", json={"model": "tiny-pair"}, timeout=120).json()["status"] == "loaded"
+
+
 def test_scale_to_zero_back_on_request_and_up_to_max(serve_url: str) -> None:
     model = "tiny-scale"
     wait_for_replicas(serve_url, model, 0, timeout_s=60)  # idle since start: Ray removed the replica
