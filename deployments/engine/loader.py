@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -119,8 +120,12 @@ def describe_quantization(source: ModelSource, dtype: str, quantization: str | N
     directory, gguf_file = source
     dtype = f"{quantization} weights ({dtype} activations)" if quantization else dtype
     if gguf_file is None:
-        config = (directory / "config.json").read_text()
-        return f"checkpoint quantization_config -> {dtype}" if "quantization_config" in config else dtype
+        stored = json.loads((directory / "config.json").read_text()).get("quantization_config")
+        if not stored:
+            return dtype
+        if stored.get("quant_method") == "gptq":  # e.g. `gptq-4bit-g64 -> float32`
+            return f"gptq-{stored.get('bits')}bit-g{stored.get('group_size')} -> {dtype}"
+        return f"checkpoint quantization_config -> {dtype}"
     import gguf  # only GGUF sources need it
 
     field = gguf.GGUFReader(str(directory / gguf_file)).fields.get("general.file_type")
