@@ -20,12 +20,13 @@ def app_args() -> dict:
     return yaml.safe_load(SERVE_YAML.read_text())["applications"][0]["args"]
 
 
-def test_shipped_config_serves_both_embedded_models_on_loopback() -> None:
+def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loopback() -> None:
     config = yaml.safe_load(SERVE_YAML.read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
     settings = parse_app_settings(app_args())
     assert [m.id for m in settings.models] == ["smollm2-135m-instruct", "gemma-3-270m", "smollm2-135m-instruct-gptq"]
-    assert all(m.source.startswith("pkg://") for m in settings.models)
+    assert all(m.source.startswith("pkg://") for m in settings.models[:2])
+    assert settings.models[2].source.startswith("~/.cache/llm-serve/gptq/")  # made by `make serve`
 
 
 @pytest.mark.parametrize(
