@@ -16,6 +16,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import ServiceUnavailableError
+from deployments.memory import replica_allocator_env
 from deployments.server import ModelServer
 from serve_app.api import create_api
 from serve_app.clients import ModelRegistry
@@ -129,7 +130,8 @@ def model_deployment(model: ModelSettings) -> Any:
         "ray_actor_options": {
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
-            "runtime_env": {"env_vars": OFFLINE_ENV},
+            # jemalloc for Python's small objects, or RSS creeps up over load/unload cycles (deployments/memory.py)
+            "runtime_env": {"env_vars": {**OFFLINE_ENV, **replica_allocator_env()}},
         },
         "graceful_shutdown_timeout_s": 30,
     }
