@@ -1,12 +1,30 @@
-"""Measuring what a model really holds: process RSS, and giving freed heap back to the OS."""
+"""Measuring what a model really holds: process RSS, and giving freed heap back to the OS.
+
+Why replicas run with `replica_allocator_env()` (measured with perf/probe_memleak.py, SmolLM2-135M,
+20 load/unload cycles in one process): with CPython's default small-object allocator RSS after
+unload crept up ~2.8 MiB per cycle (+55 MiB after 20) and the growth was exactly pymalloc arenas
+(+50 x 1 MiB). Each load allocates hundreds of thousands of small Python objects; a few hundred of
+them outlive the model (caches such as `re`'s that churn, thread-pool bookkeeping, ...), and one
+survivor keeps its whole 1 MiB arena mapped. No glibc setting touches that (MALLOC_ARENA_MAX=1:
++58 MiB); sending small objects to glibc instead (PYTHONMALLOC=malloc) still left +25 MiB of
+page-level heap fragmentation. Small objects on jemalloc (bundled with Ray) with freed pages purged
+right away: +0.9 MiB after 20 cycles.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
 
 import psutil
+
+JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:false"
+_MALLCTL_ARENAS_ALL = 4096  # jemalloc's "every arena" index for arena.<i>.purge
 
 
 def rss_bytes() -> int:
@@ -14,10 +32,40 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def find_jemalloc() -> str | None:
+    """Ray's bundled jemalloc, else the system's; None if neither is installed."""
+    spec = importlib.util.find_spec("ray")  # located, not imported
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(folder) / "core" / "libjemalloc.so"
+        if bundled.is_file():
+            return str(bundled)
+    return ctypes.util.find_library("jemalloc")  # a soname, which LD_PRELOAD accepts
+
+
+def replica_allocator_env() -> dict[str, str]:
+    """Environment for a model replica's process (it must be set before Python starts): Python's small
+    objects go to jemalloc, which returns freed pages to the OS; empty if jemalloc is not available."""
+    library = find_jemalloc()
+    if library is None:
+        return {}
+    preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
+    return {"PYTHONMALLOC": "malloc", "LD_PRELOAD": preload, "MALLOC_CONF": JEMALLOC_CONF}
+
+
+def _jemalloc_mallctl() -> Any:
+    process = ctypes.CDLL(None)
+    return getattr(process, "mallctl", None)
+
+
 def release_freed_memory() -> None:
-    """Collect garbage, then ask glibc to return free heap pages (big tensors are freed by munmap
+    """Collect garbage, then hand free heap pages back to the OS: jemalloc purges every arena when it
+    is the process's allocator; glibc's malloc_trim otherwise (big tensors are freed by munmap
     already, but many small allocations from loading stay in the heap without this)."""
     gc.collect()
+    mallctl = _jemalloc_mallctl()
+    if mallctl is not None:
+        mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+        return
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name)

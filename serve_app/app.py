@@ -15,6 +15,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
+from deployments.memory import replica_allocator_env
 from deployments.server import ModelServer
 from serve_app.api import create_api
 from serve_app.clients import ModelRegistry
@@ -85,7 +86,8 @@ def model_deployment(model: ModelSettings) -> Any:
         "ray_actor_options": {
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
-            "runtime_env": {"env_vars": OFFLINE_ENV},
+            # jemalloc for Python's small objects, or RSS creeps up over load/unload cycles (deployments/memory.py)
+            "runtime_env": {"env_vars": {**OFFLINE_ENV, **replica_allocator_env()}},
         },
         "graceful_shutdown_timeout_s": 30,
         # The wanted state; `reconfigure` applies it on every replica, new ones included.
