@@ -80,3 +80,9 @@ def gpu_memory(device: str) -> dict[str, int]:
     if not torch.cuda.is_available():
         return {"allocated_bytes": 0, "reserved_bytes": 0}
     return {"allocated_bytes": int(torch.cuda.memory_allocated(device)), "reserved_bytes": int(torch.cuda.memory_reserved(device))}
+
+
+def allocator() -> str:
+    """What serves this process's heap (and, with PYTHONMALLOC=malloc, Python's small objects)."""
+    native = "jemalloc" if _jemalloc_mallctl() is not None else "glibc"
+    return f"{native}, pymalloc" if os.environ.get("PYTHONMALLOC") != "malloc" else native

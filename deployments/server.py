@@ -21,7 +21,7 @@ from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
-from deployments.memory import gpu_memory, release_freed_memory, rss_bytes
+from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class ModelServer:
             "epoch": self.epoch,
             "num_loads": self.num_loads,
             "pid": os.getpid(),
+            "allocator": allocator(),
         }
 
     # --- generation --------------------------------------------------------------------------

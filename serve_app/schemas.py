@@ -289,6 +289,7 @@ class ModelInfo(BaseModel):
     releases: dict[str, int] = Field(default_factory=dict)
     num_loads: int = 0
     pid: int | None = None
+    allocator: str | None = None
 
 
 class ModelInfoList(BaseModel):

@@ -155,6 +155,7 @@ def test_client_disconnect_stops_generation(serve_url: str) -> None:
 def test_unload_drains_frees_memory_and_a_request_autoloads(serve_url: str) -> None:
     loaded = model_status(serve_url, SMOLLM2)
     assert loaded["status"] == "loaded" and loaded["resident_memory_bytes"] > 100e6
+    assert loaded["allocator"] == "jemalloc"  # replicas run Python's small objects on jemalloc (runtime_env)
     body = {"model": SMOLLM2, "prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True}
     with requests.post(f"{serve_url}/infer", params={"stream": "true"}, json=body, stream=True, timeout=120) as r:
         lines = r.iter_lines(decode_unicode=True)
