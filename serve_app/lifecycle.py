@@ -97,6 +97,7 @@ class LifecycleManager:
             status = await self.registry.get(model_id).load()
         usage = self.usage[model_id]
         usage.maybe_loaded = status.get("status") == "loaded"
+        self._last_status[model_id] = status
         self._touch(usage)
         return status
 
@@ -274,9 +275,14 @@ class LifecycleManager:
     # --- status ------------------------------------------------------------------------------
     async def _status(self, model_id: str) -> dict[str, Any]:
         client: ModelClient = self.registry.get(model_id)
-        if self.models[model_id].scales_to_zero and await client.num_replicas() == 0:
-            return {"id": model_id, "status": "unloaded", "replicas": 0}  # asking would start a replica
-        return await client.status()
+        if not self.models[model_id].scales_to_zero:
+            return await client.status()
+        # Never ask a scale-to-zero model's replica: with none it would start one, and any call
+        # counts as traffic to Ray's autoscaler, so polling GET /models would keep it from zero.
+        # Ray's replica count, the router's view and the last status a load returned stand in.
+        replicas = await client.num_replicas()
+        state = "loaded" if replicas and self.usage[model_id].maybe_loaded else "unloaded"
+        return self._last_status.get(model_id, {"id": model_id}) | {"status": state, "replicas": replicas}
 
     async def status(self, model_id: str) -> dict[str, Any]:
         """The replica's status plus the router's lifecycle view of the model. A status call counts
@@ -285,7 +291,8 @@ class LifecycleManager:
         self._start_idle_loop()
         try:
             status = await self._status(model_id)
-            self._last_status[model_id] = status
+            if not self.models[model_id].scales_to_zero:
+                self._last_status[model_id] = status
         except ServiceUnavailableError as exc:
             if exc.code != "overloaded" or model_id not in self._last_status:
                 raise
