@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,23 @@ def load_model_and_tokenizer(
         raise ValueError(f"{directory} has no fast tokenizer; incremental detokenisation needs one")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    _import_quantization_backend(directory)
     network: Any = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=getattr(torch, dtype))
     network.to(device).eval()
     return quantize(network, quantization, device), tokenizer
+
+
+def _import_quantization_backend(directory: Path) -> None:
+    """Import gptqmodel for a GPTQ checkpoint on a thread of its own, before loading. Its first import
+    keeps the importing frame stack alive; imported inside `from_pretrained` (or from any frame above
+    it), that stack holds the first model after unload (measured: 16 of ~300 MiB freed on the first
+    unload). A fresh thread's stack holds nothing of ours."""
+    config = directory / "config.json"
+    stored = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if stored and stored.get("quant_method") == "gptq" and importlib.util.find_spec("gptqmodel") is not None:
+        importer = threading.Thread(target=importlib.import_module, args=("gptqmodel",), name="import-gptqmodel")
+        importer.start()
+        importer.join()
 
 
 def conversion_cache_root() -> Path:

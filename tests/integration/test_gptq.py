@@ -73,3 +73,32 @@ def test_greedy_output_is_sensible_and_stable(engine: LLMEngine, gptq_dir: Path)
     eos = engine.tokenizer.eos_token_id
     until_eos = generated[: generated.index(eos) + 1] if eos in generated else generated
     assert [t for t in until_eos if t != eos] == [t for t in first if t != eos]
+
+
+FIRST_UNLOAD = """
+import asyncio, sys, weakref
+from deployments.engine import EngineConfig
+from deployments.server import ModelServer
+
+async def main():
+    server = ModelServer("gptq", EngineConfig(model=sys.argv[1], max_model_len=128), load_on_start=False)
+    await server.load()
+    model = weakref.ref(server.engine.engine.runner.model)
+    await server.unload()
+    print("alive" if model() is not None else "freed")
+
+asyncio.run(main())
+"""
+
+
+def test_first_gptq_unload_frees_the_model(gptq_dir: Path) -> None:
+    """In a fresh process, where gptqmodel is first imported by the load itself: its import keeps
+    the importing frames alive, which held the first model after unload until the loader imported it
+    on a thread of its own."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", FIRST_UNLOAD, str(gptq_dir)], cwd=root, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "freed"
