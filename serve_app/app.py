@@ -39,11 +39,25 @@ def release_counter() -> Callable[[str, str], None]:
     return lambda model, reason: counter.inc(tags={"model": model, "reason": reason})
 
 
+def log_through_serve() -> None:
+    """Send our packages' INFO logs (loads, releases and their reasons) to the replica's Ray Serve
+    log (the `ray.serve` logger's handlers); otherwise Python's default level drops them."""
+    serve_logger = logging.getLogger("ray.serve")
+    for name in ("serve_app", "deployments"):
+        ours = logging.getLogger(name)
+        ours.setLevel(logging.INFO)
+        for handler in serve_logger.handlers:
+            if handler not in ours.handlers:
+                ours.addHandler(handler)
+        ours.propagate = False
+
+
 class Router:
     """The ingress: builds the FastAPI app over handle-backed model clients at replica start."""
 
     def __init__(self, models: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
+        log_through_serve()
         self.settings: AppSettings = parse_app_settings(settings)
         app_name = serve.get_replica_context().app_name
         timeout = self.settings.load_timeout_s
@@ -68,6 +82,7 @@ class ModelReplica(ModelServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
+        log_through_serve()
         super().__init__(*args, **kwargs)
         self._on_release = release_counter()
 
