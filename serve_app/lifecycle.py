@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.errors import InsufficientMemoryError, ModelNotLoadedError, ServiceUnavailableError
+from deployments.errors import ModelNotLoadedError, ServiceUnavailableError
 from serve_app.clients import ModelClient, ModelRegistry
 from serve_app.config import AppSettings, ModelSettings
+from serve_app.memory_budget import MiB, plan_release
 
 logger = logging.getLogger(__name__)
 Chunk = dict[str, Any]
-MiB = 1 << 20
 
 
 @dataclass
@@ -130,34 +130,10 @@ class LifecycleManager:
         budget = self.settings.budget_bytes(device)
         if budget is None:
             return []
-        peers = [m for m in self.models.values() if m.memory_device == device]
-        statuses = dict(zip([m.id for m in peers], await asyncio.gather(*(self._status(m.id) for m in peers))))
-        target = statuses[model_id]
-        if target.get("status") == "loaded":
-            return []
-        need = _footprint(target, max(1, target.get("replicas") or 1))
-        holders = {mid: _footprint(s, s.get("replicas") or 1) for mid, s in statuses.items() if mid != model_id and _holds(s)}
-        free = budget - sum(holders.values())
-        if need <= free:
-            return []
-        idle = sorted((mid for mid in holders if self._releasable(mid)), key=lambda mid: self.usage[mid].last_used)
-        chosen: list[str] = []
-        for mid in idle:
-            if free >= need:
-                break
-            chosen.append(mid)
-            free += holders[mid]
-        if free < need:
-            kept = sorted(set(holders) - set(idle))
-            raise InsufficientMemoryError(
-                f"loading {model_id!r} needs about {need / MiB:.0f} MiB of {device} memory; the budget is "
-                f"{budget / MiB:.0f} MiB with {sum(holders.values()) / MiB:.0f} MiB held, and releasing every idle "
-                f"unpinned model ({', '.join(idle) or 'none'}) would leave only {free / MiB:.0f} MiB free "
-                f"(pinned or busy: {', '.join(kept) or 'none'})",
-                param="model",
-                code="memory_budget_exceeded",
-            )
-        return [(mid, holders[mid]) for mid in chosen]
+        peers = [m.id for m in self.models.values() if m.memory_device == device]
+        statuses = dict(zip(peers, await asyncio.gather(*(self._status(mid) for mid in peers))))
+        idle = sorted((mid for mid in peers if self._releasable(mid)), key=lambda mid: self.usage[mid].last_used)
+        return plan_release(model_id, device, budget, statuses, idle)
 
     def _releasable(self, model_id: str) -> bool:
         usage, model = self.usage[model_id], self.models[model_id]
@@ -312,12 +288,3 @@ class LifecycleManager:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("background release failed: %r", task.exception())
-
-
-def _holds(status: dict[str, Any]) -> bool:
-    return status.get("status") in ("loaded", "loading", "unloading")
-
-
-def _footprint(status: dict[str, Any], replicas: int) -> int:
-    estimate = status.get("memory_estimate") or {}
-    return int(estimate.get("need_bytes", 0)) * replicas
