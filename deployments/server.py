@@ -34,7 +34,6 @@ class ModelStatus(str, enum.Enum):
     FAILED = "failed"
 
 
-RELEASE_REASONS = ("manual", "idle", "memory_pressure", "replaced")
 DRAIN_POLL_S = 0.05
 
 

@@ -73,12 +73,17 @@ class HandleModelClient:
 
     async def num_replicas(self) -> int:
         """Replicas Ray Serve reports RUNNING for this model's deployment."""
+        return (await self._deployment())[1]
+
+    async def _deployment(self) -> tuple[str, int]:
+        """(deployment status, RUNNING replicas) from one `serve.status()` call."""
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(self.app_name)
         deployment = app.deployments.get(deployment_name(self.model_id)) if app else None
         if deployment is None:
-            return 0
-        return int(sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+            return "MISSING", 0
+        running = sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+        return str(getattr(deployment.status, "value", deployment.status)), int(running)
 
     # --- the wanted state, through user_config ------------------------------------------------
     async def _apply(self, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +92,10 @@ class HandleModelClient:
             raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
         controller = client._controller
         configs: dict[str, ServeApplicationSchema] = await controller.get_app_configs.remote()
-        if self.app_name not in configs:
-            return await self._call("load" if wanted["loaded"] else "unload", *([] if wanted["loaded"] else [wanted["force"], wanted["reason"]]))
+        if self.app_name not in configs:  # deployed with serve.run: one handle call, one replica
+            if wanted["loaded"]:
+                return await self._call("load")
+            return await self._call("unload", wanted["force"], wanted["reason"])
         epoch = time.time_ns()
         configs[self.app_name] = self._with_user_config(configs[self.app_name], wanted | {"epoch": epoch})
         await controller.apply_config.remote(ServeDeploySchema(applications=list(configs.values())))
@@ -107,17 +114,12 @@ class HandleModelClient:
         UPDATING until `reconfigure` returned on every replica)."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            status = await self.status()
-            if int(status.get("epoch") or 0) >= epoch and await self._deployment_status() == "HEALTHY":
-                return status
+            status = await self._call("status")
+            deployment_status, replicas = await self._deployment()
+            if int(status.get("epoch") or 0) >= epoch and deployment_status == "HEALTHY":
+                return status | {"replicas": replicas}
             await asyncio.sleep(POLL_S)
         raise ServiceUnavailableError(f"model {self.model_id!r}: replicas did not apply the change in {self.timeout_s:.0f} s", code="timeout")
-
-    async def _deployment_status(self) -> str:
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.app_name)
-        deployment = app.deployments.get(deployment_name(self.model_id)) if app else None
-        return str(getattr(deployment.status, "value", deployment.status)) if deployment else "MISSING"
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
         try:
