@@ -120,8 +120,11 @@ class ModelServer:
             return
         core = engine.engine
         self.facts = {
-            "architecture": (core.runner.model.config.architectures or [type(core.runner.model).__name__])[0],
+            "architecture": core.runner.architecture,
             "quantization": core.runner.quantization,
+            "weights": core.runner.weights,
+            "weights_reason": core.runner.weights_reason,
+            "implementation": core.runner.facts.get("implementation"),
             "context_length": core.max_model_len,
             "has_chat_template": core.has_chat_template,
             "weights_bytes": core.runner.weights_bytes(),
@@ -173,6 +176,10 @@ class ModelServer:
             "error": self.error,
             "architecture": self.facts.get("architecture"),
             "quantization": self.facts.get("quantization"),
+            "weights": self.facts.get("weights") if engine else None,
+            "weights_reason": self.facts.get("weights_reason") if engine else None,
+            "implementation": self.facts.get("implementation") if engine else None,
+            "kv_cache": engine.engine.stats() if engine else None,
             "context_length": self.facts.get("context_length", self.config.max_model_len),
             "has_chat_template": self.facts.get("has_chat_template") if engine else None,
             "resident_memory_bytes": self.resident_bytes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.engine import EngineConfig
 from serve_app.schemas import parse_duration
@@ -45,12 +45,18 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The model name clients send.")
     source: str = Field(min_length=1, description="Model directory, .gguf file, or pkg://package/file.gguf.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weights: Literal["auto", "int4", "bf16", "fp32"] = Field(
+        "auto", description="Weight format; auto: what measures fastest on the host (reported in /models)."
+    )
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    quantization: Literal["int8"] | None = Field(None, description="int8: int8 Linear weights (torchao).")
     max_model_len: int = Field(2048, ge=16)
-    max_num_seqs: int = Field(8, ge=1, description="Sequences decoded together in one batch.")
-    max_prefill_tokens: int = Field(2048, ge=1)
+    max_num_seqs: int = Field(8, ge=1, description="Sequences run together in one step.")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per step: decodes first, then prompt chunks.")
+    block_size: int = Field(16, ge=1, le=256, description="Token slots per KV-cache block.")
+    kv_cache_bytes: ByteSize | None = Field(
+        None, description="KV cache preallocated per replica ('128MiB'); unset: max_num_seqs full sequences, at most 256 MiB."
+    )
+    enable_prefix_caching: bool = True
     default_max_tokens: int = Field(256, ge=1)
     num_threads: int | None = Field(None, ge=1)
     chat_template: str | None = Field(None, description="Jinja chat template supplied or overriding the model's.")
@@ -97,12 +103,14 @@ class ModelSettings(BaseModel):
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.source,
-            dtype=self.dtype,
+            weights=self.weights,
             device=self.device,
-            quantization=self.quantization,
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs,
-            max_prefill_tokens=self.max_prefill_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size,
+            kv_cache_bytes=int(self.kv_cache_bytes) if self.kv_cache_bytes is not None else None,
+            enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads,
             chat_template=self.chat_template,
             default_max_tokens=self.default_max_tokens,

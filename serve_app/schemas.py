@@ -267,6 +267,10 @@ class ModelInfo(BaseModel):
     error: str | None = None
     architecture: str | None = None
     quantization: str | None = None
+    weights: str | None = None
+    weights_reason: str | None = None
+    implementation: str | None = None
+    kv_cache: dict[str, int] | None = None
     context_length: int | None = None
     replicas: int = 0
     has_chat_template: bool | None = None

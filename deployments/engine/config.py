@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deployments.engine.quantization import QUANTIZATION_METHODS
-
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_CHOICES = ("auto", "int4", "bf16", "fp32")
+DEFAULT_KV_CACHE_CAP_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -15,18 +14,25 @@ class EngineConfig:
 
     model: str
     """A local directory (transformers layout), a `.gguf` file, or `pkg://<package>/<file.gguf>`."""
-    dtype: str = "float32"
-    """Weights and activations dtype; GGUF weights are dequantised to it."""
+    weights: str = "auto"
+    """`int4` (4-bit weights, int8 embeddings, bf16 activations), `bf16`, `fp32` (the reference),
+    or `auto`: what measures fastest on this host at load time (the choice and why are reported)."""
     device: str = "cpu"
     """`cpu`, `cuda` or `cuda:N`."""
-    quantization: str | None = None
-    """`int8`: int8 Linear weights, `dtype` activations (torchao weight-only); None keeps `dtype` weights."""
     max_model_len: int = 2048
     """Longest prompt + completion accepted, in tokens (capped by the model's own limit)."""
     max_num_seqs: int = 8
-    """How many sequences decode together in one batched forward pass; the rest wait."""
-    max_prefill_tokens: int = 2048
-    """Prompt tokens admitted per step, so new arrivals do not stall running streams for long."""
+    """How many sequences run together in one step; the rest wait."""
+    max_num_batched_tokens: int = 512
+    """Tokens per step (one per decoding sequence, then prompt chunks): bounds how long a new
+    prompt can stall the running streams."""
+    block_size: int = 16
+    """Token slots per KV-cache block."""
+    kv_cache_bytes: int | None = None
+    """Bytes preallocated for the paged KV cache; None: room for `max_num_seqs` full-length
+    sequences, capped at 256 MiB (but always at least one full-length sequence)."""
+    enable_prefix_caching: bool = True
+    """Share full KV blocks between requests with the same prefix (chat turns, system prompts)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None uses every core the process may run on (not Ray's OMP_NUM_THREADS)."""
     chat_template: str | None = None
@@ -37,15 +43,23 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a directory, a .gguf file or pkg://package/file")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {SUPPORTED_DTYPES}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
-            raise ValueError(f"quantization={self.quantization!r} is not one of {QUANTIZATION_METHODS} or None")
+        if self.weights not in WEIGHT_CHOICES:
+            raise ValueError(f"weights={self.weights!r} is not one of {WEIGHT_CHOICES}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("max_model_len", "max_num_seqs", "max_prefill_tokens", "default_max_tokens"):
+        names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "default_max_tokens")
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1):
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be a positive integer or None")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads!r} must be a positive integer or None")
+
+    def kv_cache_size(self, bytes_per_token: int) -> int:
+        """Bytes to preallocate for the KV cache, given what one token costs across all layers."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        full = self.max_num_seqs * self.max_model_len * bytes_per_token
+        return max(min(full, DEFAULT_KV_CACHE_CAP_BYTES), self.max_model_len * bytes_per_token)

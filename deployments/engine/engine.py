@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
+from deployments.engine.block_manager import BlockManager
 from deployments.engine.config import EngineConfig
 from deployments.engine.detokenizer import IncrementalDetokenizer
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams, Sequence
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler
-from deployments.engine.scheduler import Scheduler, SchedulerOutput
+from deployments.engine.scheduler import Scheduler
 
 
 class LLMEngine:
@@ -22,7 +21,8 @@ class LLMEngine:
         limit = self.runner.max_position_embeddings
         self.max_model_len = min(config.max_model_len, limit) if limit else config.max_model_len
         self.eos_token_ids = self._find_eos_token_ids()
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, self.eos_token_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
 
@@ -63,6 +63,24 @@ class LLMEngine:
                 f"{len(prompt_token_ids)} prompt tokens + {params.max_tokens} max_tokens = {total} were requested",
                 param="max_tokens",
             )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise InvalidRequestError(
+                f"{len(prompt_token_ids)} prompt tokens + {params.max_tokens} max_tokens = {total} exceed the KV cache "
+                f"of {capacity} tokens (kv_cache_bytes); ask for fewer tokens",
+                param="max_tokens",
+            )
+
+    def stats(self) -> dict[str, int]:
+        """KV-cache use and scheduling counters, for /models and the benchmarks."""
+        bm = self.block_manager
+        return {
+            "block_size": bm.block_size, "num_blocks": bm.num_blocks, "num_used_blocks": bm.num_used_blocks,
+            "num_free_blocks": bm.num_free_blocks, "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions, "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+        }
 
     def warm_up(self) -> None:
         """Run one tiny request: weights loaded from safetensors are memory-mapped and paged in on
@@ -93,24 +111,16 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        logits = self._execute(scheduler_output)
-        sampled = self.sampler(logits, scheduler_output.sequences)
-        self.scheduler.update_from_output(scheduler_output, sampled)
-        return self._process_outputs(scheduler_output.sequences)
-
-    def _execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        parts = []
-        if scheduler_output.decodes:
-            seqs = scheduler_output.decodes
-            parts.append(self.runner.decode([s.request_id for s in seqs], [s.last_token_id for s in seqs]))
-        for seq in scheduler_output.prefills:
-            parts.append(self.runner.prefill(seq.request_id, seq.prompt_token_ids).unsqueeze(0))
-        return torch.cat(parts)
+        logits = self.runner.execute(scheduler_output)
+        sampling = [scheduler_output.seqs[i] for i in scheduler_output.sample_indices]
+        sampled = self.sampler(logits, sampling) if sampling else []
+        updated = self.scheduler.update_from_output(scheduler_output, sampled)
+        return self._process_outputs(updated)
 
     def _process_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         outputs, finished = [], set()
         for seq in seqs:
-            token_id = seq.output_token_ids[-1]
+            token_id = seq.last_token_id
             detokenizer = self.detokenizers[seq.request_id]
             ended_by_eos = seq.finish_reason is FinishReason.STOP  # the scheduler only stops on EOS
             if not ended_by_eos and detokenizer.push(token_id):
@@ -129,14 +139,13 @@ class LLMEngine:
     def _free(self, request_ids: set[str]) -> None:
         if not request_ids:
             return
-        self.runner.free(request_ids)
         for request_id in request_ids:
             self.sampler.free(request_id)
             self.detokenizers.pop(request_id, None)
 
     def _find_eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
-        generation_eos = getattr(self.runner.model.generation_config, "eos_token_id", None)
+        generation_eos = getattr(self.runner.generation_config, "eos_token_id", None)
         for value in (generation_eos, self.tokenizer.eos_token_id):
             if isinstance(value, int):
                 ids.add(value)

@@ -15,8 +15,8 @@ from typing import Any
 from deployments.engine.config import EngineConfig
 from deployments.engine.loader import ModelSource, resolve_model_path
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-QUANTIZED_BYTES_PER_WEIGHT = {"int8": 1}
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int4": 0.625, "auto": 0.625}
+"""Bytes per weight as served: int4 is 4 bits + a bf16 scale and zero per 32 (embeddings int8: ~1)."""
 MIN_OVERHEAD_BYTES = 64 << 20  # tokenizer, activations, allocator slack; measured 150 MiB for SmolLM2
 
 
@@ -37,21 +37,21 @@ class MemoryEstimate:
 
 
 def estimate_memory(config: EngineConfig, source: ModelSource | None = None) -> MemoryEstimate:
-    """Estimate from the checkpoint's tensor headers and shape: weights at the serving dtype (or
-    the quantized width), plus a KV cache for `max_num_seqs` sequences of `max_model_len` tokens."""
+    """Estimate from the checkpoint's tensor headers and shape: weights at the serving format
+    (`auto` is counted as int4, what it picks on CPU hosts with AVX2 or better), plus the KV pool."""
     directory, gguf_file = source or resolve_model_path(config.model)
     if gguf_file is not None:
         num_weights, shape = _gguf_counts(directory / gguf_file)
         stored_bytes = None
     else:
         num_weights, stored_bytes, shape = _checkpoint_counts(directory)
-    dtype_bytes = DTYPE_BYTES[config.dtype]
     if stored_bytes is not None:  # already-quantized checkpoint (e.g. GPTQ): it stays as stored
         weights = stored_bytes
     else:
-        weights = num_weights * QUANTIZED_BYTES_PER_WEIGHT.get(config.quantization or "", dtype_bytes)
+        weights = int(num_weights * WEIGHT_BYTES[config.weights])
     layers, kv_heads, head_dim = shape
-    kv_cache = 2 * layers * kv_heads * head_dim * dtype_bytes * config.max_model_len * config.max_num_seqs
+    kv_dtype_bytes = 4 if config.weights == "fp32" else 2
+    kv_cache = config.kv_cache_size(2 * layers * kv_heads * head_dim * kv_dtype_bytes)
     return MemoryEstimate(weights, kv_cache, max(MIN_OVERHEAD_BYTES, weights // 4))
 
 

@@ -16,7 +16,6 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments.engine.quantization import quantize
 
 PKG_SCHEME = "pkg://"
 ModelSource = tuple[Path, "str | None"]
@@ -53,24 +52,28 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_model_and_tokenizer(
-    source: ModelSource, dtype: str, device: str, chat_template: str | None, quantization: str | None = None
-) -> tuple[Any, Any]:
-    """Load weights and tokenizer from local files only (GGUF weights are dequantised to `dtype`,
-    then quantized again by `quantization` if set). A GGUF source is converted once into the
-    conversion cache and loaded from there afterwards."""
+def checkpoint_directory(source: ModelSource) -> Path:
+    """The transformers checkpoint to read: the directory itself, or a GGUF file's conversion."""
     directory, gguf_file = source
-    if gguf_file is not None:
-        directory = converted_checkpoint(directory / gguf_file, dtype)
+    return converted_checkpoint(directory / gguf_file, "float32") if gguf_file is not None else directory
+
+
+def load_tokenizer(directory: Path, chat_template: str | None) -> Any:
+    """The fast tokenizer of a checkpoint directory (local files only), with an optional template."""
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{directory} has no fast tokenizer; incremental detokenisation needs one")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def load_generic(directory: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """Any transformers causal LM on our paged attention (GPTQ checkpoints import gptqmodel first)."""
+    from deployments.engine.models.hf_generic import HFGenericCausalLM
+
     _import_quantization_backend(directory)
-    network: Any = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=getattr(torch, dtype))
-    network.to(device).eval()
-    return quantize(network, quantization, device), tokenizer
+    return HFGenericCausalLM(directory, dtype, device)
 
 
 def _import_quantization_backend(directory: Path) -> None:
@@ -130,21 +133,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_quantization(source: ModelSource, dtype: str, quantization: str | None = None) -> str:
-    """How the weights are stored at the source and what they run as, e.g. `GGUF MOSTLY_Q4_1 -> int8`."""
+def describe_source(source: ModelSource) -> str:
+    """How the weights are stored at the source, e.g. `GGUF MOSTLY_Q4_1`, `gptq-4bit-g64`, `safetensors`."""
     directory, gguf_file = source
-    dtype = f"{quantization} weights ({dtype} activations)" if quantization else dtype
     if gguf_file is None:
         stored = json.loads((directory / "config.json").read_text()).get("quantization_config")
         if not stored:
-            return dtype
-        if stored.get("quant_method") == "gptq":  # e.g. `gptq-4bit-g64 -> float32`
-            return f"gptq-{stored.get('bits')}bit-g{stored.get('group_size')} -> {dtype}"
-        return f"checkpoint quantization_config -> {dtype}"
+            return "safetensors"
+        if stored.get("quant_method") == "gptq":  # e.g. `gptq-4bit-g64`
+            return f"gptq-{stored.get('bits')}bit-g{stored.get('group_size')}"
+        return f"{stored.get('quant_method', 'quantized')} checkpoint"
     import gguf  # only GGUF sources need it
 
     field = gguf.GGUFReader(str(directory / gguf_file)).fields.get("general.file_type")
     if field is None:
-        return f"GGUF -> {dtype}"
+        return "GGUF"
     file_type = int(field.parts[field.data[0]][0])
-    return f"GGUF {gguf.LlamaFileType(file_type).name} -> {dtype}"
+    return f"GGUF {gguf.LlamaFileType(file_type).name}"

@@ -18,6 +18,7 @@ class FinishReason(str, enum.Enum):
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PREEMPTED = "preempted"
     FINISHED = "finished"
 
 
@@ -79,35 +80,62 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class Sequence:
-    """One request's running state: its tokens so far and where it stands."""
+    """One request's running state: its tokens so far, how many are in the KV cache, its blocks.
+
+    `token_ids` is the prompt followed by the output so far. `num_computed_tokens` of them have
+    their keys and values in the cache (a prompt is computed in chunks; a preempted sequence goes
+    back to 0 and is recomputed). `block_table` lists the KV-cache blocks holding them, in order.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache at admission (not recomputed)."""
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    """Leading blocks of `block_table` already registered in the prefix cache."""
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prompt_tokens + self.num_output_tokens
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
 
     def finish(self, reason: FinishReason) -> None:
         self.status = SequenceStatus.FINISHED

@@ -1,73 +1,121 @@
-"""The model runner: the only torch-heavy part. Loads the model, prefills, decodes a batch."""
+"""The model runner: the torch-heavy part. Loads the model, preallocates the paged KV cache once,
+turns a `SchedulerOutput` into one flat batch (input ids, positions, slot mapping, block tables),
+runs it, and returns the logits of the sequences that sample."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import GenerationConfig
 
 from deployments.engine.config import EngineConfig
-from deployments.engine.kv_cache import KVCacheManager
-from deployments.engine.loader import describe_quantization, load_model_and_tokenizer, resolve_model_path
+from deployments.engine.layers.attention import build_metadata
+from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
+from deployments.engine.models import build_model, is_native
+from deployments.engine.scheduler import SchedulerOutput
+from deployments.engine.weights.select import choose_weights
 
 
 class ModelRunner:
-    """Runs forward passes over one model; owns the weights and the batched KV cache."""
+    """Runs packed forward passes over one model; owns the weights and the KV-cache tensors."""
 
     def __init__(self, config: EngineConfig) -> None:
         if config.device == "cpu":
             # Ray sets OMP_NUM_THREADS from the actor's num_cpus (1 for a fraction), which halves
-            # decode speed here (measured: 180 vs 83 ms per step at 10 streams). Default to every
-            # core this process may run on; `num_threads` in the config partitions cores instead.
+            # decode speed; default to every core this process may run on.
             torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
+        self.config = config
         self.device = torch.device(config.device)
-        source = resolve_model_path(config.model)  # once: for a pkg:// source this may assemble and hash the file
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            source, config.dtype, config.device, config.chat_template, config.quantization
+        source = resolve_model_path(config.model)
+        directory = checkpoint_directory(source)
+        self.tokenizer = load_tokenizer(directory, config.chat_template)
+        self.generation_config = _generation_config(directory)
+        native = is_native(directory)
+        self.max_position_embeddings = _max_positions(directory)
+        max_positions = min(config.max_model_len, self.max_position_embeddings or config.max_model_len)
+        self.weights, self.weights_reason = choose_weights(config.weights, config.device, native, directory, config.max_num_seqs)
+        self.facts: dict[str, Any] = {"source_format": describe_source(source), "weights": self.weights, "weights_reason": self.weights_reason}
+        if native:
+            int4 = _gguf_int4(source) if self.weights == "int4" else None
+            built = build_model(directory, self.weights, self.device, max_positions, int4)
+            self.model, self.architecture, self.act_dtype = built.model, built.architecture, built.act_dtype
+            self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized}
+        else:
+            self.act_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+            self.model = load_generic(directory, self.act_dtype, self.device)
+            self.architecture = (self.model.hf.config.architectures or [type(self.model.hf).__name__])[0]
+            self.facts |= {"implementation": "transformers"}
+        self.quantization = f"{self.facts['source_format']} -> {self.weights}"
+        self._allocate_kv_cache()
+
+    def _allocate_kv_cache(self) -> None:
+        """One tensor [layers, 2, slots, kv_heads, head_dim], allocated once and never reshaped."""
+        model, cfg = self.model, self.config
+        num_layers = len(model.layers) if hasattr(model, "layers") else int(model.config.num_hidden_layers)
+        bytes_per_token = num_layers * 2 * model.num_kv_heads * model.head_dim * torch.finfo(self.act_dtype).bits // 8
+        self.block_size = cfg.block_size
+        self.num_blocks = max(1, cfg.kv_cache_size(bytes_per_token) // (bytes_per_token * cfg.block_size))
+        shape = (num_layers, 2, self.num_blocks * cfg.block_size, model.num_kv_heads, model.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.device)
+        self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
+        model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(num_layers)], cfg.block_size)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        """Run every scheduled token as one flat batch; logits [num sampling seqs, vocab] in the
+        order of `scheduler_output.sample_indices`."""
+        seqs, counts = scheduler_output.seqs, scheduler_output.num_new_tokens
+        order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)  # decodes first
+        input_ids: list[int] = []
+        positions: list[list[int]] = []
+        for i in order:
+            start = seqs[i].num_computed_tokens
+            input_ids.extend(seqs[i].token_ids[start : start + counts[i]])
+            positions.append(list(range(start, start + counts[i])))
+        meta = build_metadata(
+            positions, [seqs[i].block_table for i in order], self.block_size, self.model.sliding_window, self.device
         )
-        self.quantization = describe_quantization(source, config.dtype, config.quantization)
-        self.kv_cache = KVCacheManager(self.device)
-
-    @property
-    def max_position_embeddings(self) -> int | None:
-        text_config = self.model.config.get_text_config(decoder=True)
-        return getattr(text_config, "max_position_embeddings", None)
-
-    @torch.inference_mode()
-    def prefill(self, request_id: str, token_ids: list[int]) -> torch.Tensor:
-        """Run one prompt alone, merge its cache into the batch, return its last-position logits."""
-        cache = DynamicCache()
-        input_ids = torch.tensor([token_ids], device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.kv_cache.allocate(request_id, cache)
-        return out.logits[0, -1]
-
-    @torch.inference_mode()
-    def decode(self, request_ids: list[str], last_token_ids: list[int]) -> torch.Tensor:
-        """One token for every row of the batch; returns logits [len(request_ids), vocab]."""
-        if request_ids != self.kv_cache.request_ids:
-            raise RuntimeError("decode batch order does not match the KV cache rows")
-        input_ids = torch.tensor(last_token_ids, device=self.device).unsqueeze(1)
-        out = self.model(input_ids=input_ids, use_cache=True, **self.kv_cache.decode_inputs())
-        return out.logits[:, -1]
-
-    def free(self, request_ids: set[str]) -> None:
-        self.kv_cache.free(request_ids)
+        flat_positions = torch.tensor([p for pos in positions for p in pos], device=self.device)
+        ids = torch.tensor(input_ids, device=self.device)
+        hidden = self.model(ids, flat_positions, meta)
+        ends, offset = {}, 0
+        for i, pos in zip(order, positions):
+            offset += len(pos)
+            ends[i] = offset - 1
+        rows = torch.tensor([ends[i] for i in scheduler_output.sample_indices], dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
 
     def weights_bytes(self) -> int:
-        """Bytes of parameters and buffers, counting quantized tensor subclasses by their parts."""
+        """Bytes of parameters and buffers (packed int4/int8 weights by their real storage)."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(_nbytes(t) for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Drop every reference to the weights and the cache so they can be freed."""
-        self.kv_cache.release()
-        del self.model, self.tokenizer
+        self.model.bind_kv_cache([], self.block_size)
+        del self.model, self.tokenizer, self.kv_cache
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    if hasattr(t, "__tensor_flatten__"):  # e.g. torchao's int8 weights: int8 data + fp32 scales
-        names, _ = t.__tensor_flatten__()
-        return sum(_nbytes(getattr(t, name)) for name in names)
-    return t.numel() * t.element_size()
+def _generation_config(directory: Any) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(str(directory), local_files_only=True)
+    except OSError:
+        return None
+
+
+def _max_positions(directory: Any) -> int | None:
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(str(directory), local_files_only=True).get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None)
+
+
+def _gguf_int4(source: tuple[Any, str | None]) -> dict[str, Any] | None:
+    directory, gguf_file = source
+    if gguf_file is None:
+        return None
+    from deployments.engine.weights.gguf import read_int4_weights
+
+    return read_int4_weights(directory / gguf_file)

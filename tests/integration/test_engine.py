@@ -7,6 +7,7 @@ requests arriving together and staggered, with more requests than batch slots.
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ PROMPTS = [
 NEW_TOKENS = 24
 
 
+@functools.lru_cache(maxsize=None)
 def reference(model_dir: Path) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -55,17 +57,37 @@ def run_engine(engine: LLMEngine, arrive_every: int | None) -> list[list[int]]:
     return [tokens[str(i)] for i in range(len(PROMPTS))]
 
 
+SCENARIOS = {
+    "plain": {},
+    "chunked": {"max_num_batched_tokens": 5},  # prompts prefilled in chunks beside running decodes
+    "preempting": {"kv_cache_bytes": 12 * 4 * 512, "block_size": 4},  # 12 blocks: sequences must be preempted
+}
+
+
+def fp32_engine(model_dir: Path, **overrides: object) -> LLMEngine:
+    settings: dict[str, object] = {"model": str(model_dir), "weights": "fp32", "max_num_seqs": 3}
+    return LLMEngine(EngineConfig(**(settings | overrides)))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("arrive_every", [None, 3], ids=["together", "staggered"])
-def test_greedy_equals_generate(family: str, arrive_every: int | None, tiny_model_dir: Path, tiny_gemma_dir: Path) -> None:
+def test_greedy_equals_generate(family: str, scenario: str, arrive_every: int | None, tiny_model_dir: Path, tiny_gemma_dir: Path) -> None:
     model_dir = tiny_model_dir if family == "llama" else tiny_gemma_dir  # gemma3: sliding-window layers
-    engine = LLMEngine(EngineConfig(model=str(model_dir), max_num_seqs=3))  # 5 prompts: some must wait
-    assert run_engine(engine, arrive_every) == reference(model_dir)
-    assert engine.runner.kv_cache.num_rows == 0  # every finished row was freed
+    engine = fp32_engine(model_dir, **SCENARIOS[scenario])  # 5 prompts, 3 slots: some must wait
+    expected = reference(model_dir)
+    assert run_engine(engine, arrive_every) == expected
+    assert engine.block_manager.num_used_blocks == 0  # every finished sequence's blocks were freed
+    if scenario == "preempting":
+        assert engine.scheduler.num_preemptions > 0
+    # The same prompts again: their full prompt blocks come from the prefix cache, same tokens.
+    hits_before = engine.block_manager.num_prefix_hits
+    assert run_engine(engine, arrive_every) == expected
+    assert engine.block_manager.num_prefix_hits > hits_before
 
 
 def test_stop_strings_seeds_and_text(tiny_model_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir)))
+    engine = fp32_engine(tiny_model_dir)
     prompt = engine.encode("The quick")
 
     def text_of(request_id: str, params: SamplingParams) -> tuple[str, FinishReason | None]:
@@ -111,7 +133,7 @@ async def test_async_engine_streams_concurrently_and_aborts_on_early_exit(tiny_m
         if not engine.engine.has_unfinished():
             break
         await asyncio.sleep(0.01)
-    assert not engine.engine.has_unfinished() and engine.engine.runner.kv_cache.num_rows == 0
+    assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_blocks == 0
     engine.shutdown()
 
 

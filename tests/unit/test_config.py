@@ -33,7 +33,7 @@ def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loo
     ("mutate", "field"),
     [
         (lambda a: a["models"][0].update(max_num_seqs=0), "models.0.max_num_seqs"),
-        (lambda a: a["models"][1].update(dtype="float8"), "models.1.dtype"),
+        (lambda a: a["models"][1].update(weights="int3"), "models.1.weights"),
         (lambda a: a["models"][0].update(device="cuda", num_gpus=0), "num_gpus"),
         (lambda a: a["models"][0].update(colour="blue"), "models.0.colour"),
         (lambda a: a["models"][1].update(id=a["models"][0]["id"]), "unique"),
@@ -50,8 +50,8 @@ def test_bad_config_names_the_bad_field(mutate, field: str) -> None:  # type: ig
 def test_engine_config_and_sampling_params_reject_bad_values_by_name() -> None:
     with pytest.raises(ValueError, match="max_model_len=0"):
         EngineConfig(model="x", max_model_len=0)
-    with pytest.raises(ValueError, match="dtype='int3'"):
-        EngineConfig(model="x", dtype="int3")
+    with pytest.raises(ValueError, match="weights=.int3."):
+        EngineConfig(model="x", weights="int3")
     with pytest.raises(InvalidRequestError, match="top_p") as info:
         SamplingParams(top_p=0.0)
     assert info.value.param == "top_p"

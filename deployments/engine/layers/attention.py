@@ -1,0 +1,147 @@
+"""Paged attention over a flat batch, in plain torch.
+
+Every layer's KV cache is one preallocated tensor of `num_blocks * block_size` token slots; a
+step's new keys and values are written into their slots (`slot_mapping`) and each sequence reads
+its context back through its block table. Sequences with one new token (decodes) are attended
+together in one batched matmul over their gathered blocks; each prompt chunk is attended alone
+with SDPA, with a causal mask offset by the tokens already cached (chunked prefill, prefix hits).
+The metadata is built once per step by the runner and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence with several new tokens: rows [start, end) of the flat batch."""
+
+    start: int
+    end: int
+    slots: torch.Tensor
+    """Cache slots of its whole context (cached prefix + this chunk), in order."""
+    mask: torch.Tensor | None
+    """[q, ctx] bool, True = attend; None when plain causal (no cached context before the chunk)."""
+    sliding_mask: torch.Tensor | None = None
+    """The same with the sliding window applied; None when the window does not cut anything."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each of them attends to."""
+
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int = 0
+    """The first `num_decode_tokens` rows of the batch are decodes (one token per sequence)."""
+    decode_block_ids: torch.Tensor | None = None
+    """[num_decodes * max_blocks] block ids, each row padded to max_blocks."""
+    decode_mask: torch.Tensor | None = None
+    """[num_decodes, 1, 1, max_blocks * block_size] bool, True = attend."""
+    decode_sliding_mask: torch.Tensor | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def build_metadata(
+    positions: list[list[int]], block_tables: list[list[int]], block_size: int, sliding_window: int | None, device: torch.device
+) -> AttentionMetadata:
+    """`positions[i]` are the positions of sequence i's new tokens (decodes first, one each)."""
+    slots: list[int] = []
+    for pos, table in zip(positions, block_tables):
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    decodes = [i for i, pos in enumerate(positions) if len(pos) == 1]
+    if decodes and decodes != list(range(len(decodes))):
+        raise ValueError("decodes must come first in the batch")
+    if decodes:
+        _decode_metadata(meta, [positions[i][0] for i in decodes], [block_tables[i] for i in decodes], block_size, sliding_window, device)
+    start = len(decodes)
+    for pos, table in zip(positions[len(decodes) :], block_tables[len(decodes) :]):
+        meta.prefills.append(_prefill_chunk(start, pos, table, block_size, sliding_window, device))
+        start += len(pos)
+    return meta
+
+
+def _decode_metadata(
+    meta: AttentionMetadata, last: list[int], tables: list[list[int]], block_size: int, window: int | None, device: torch.device
+) -> None:
+    max_blocks = max(p // block_size + 1 for p in last)
+    padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
+    meta.num_decode_tokens = len(last)
+    meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=device).view(-1)
+    cols = torch.arange(max_blocks * block_size, device=device)
+    pos = torch.tensor(last, device=device).unsqueeze(1)
+    meta.decode_mask = (cols <= pos).view(len(last), 1, 1, -1)
+    if window is not None and max(last) >= window:
+        meta.decode_sliding_mask = ((cols <= pos) & (cols > pos - window)).view(len(last), 1, 1, -1)
+
+
+def _prefill_chunk(
+    start: int, pos: list[int], table: list[int], block_size: int, window: int | None, device: torch.device
+) -> PrefillChunk:
+    ctx = pos[-1] + 1
+    ctx_slots = torch.arange(ctx, device=device)
+    blocks = torch.tensor(table, dtype=torch.long, device=device)
+    slots = blocks[ctx_slots // block_size] * block_size + ctx_slots % block_size
+    q_pos = torch.tensor(pos, device=device).unsqueeze(1)
+    causal = ctx_slots <= q_pos
+    mask = None if ctx == len(pos) else causal
+    sliding = None
+    if window is not None and ctx > window:
+        sliding = causal & (ctx_slots > q_pos - window)
+    return PrefillChunk(start, start + len(pos), slots, mask, sliding)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    block_size: int,
+    sliding: bool = False,
+) -> torch.Tensor:
+    """q [T, heads, d], k/v [T, kv_heads, d]; caches [slots, kv_heads, d]. Returns [T, heads, d]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    n = meta.num_decode_tokens
+    if n:
+        mask = meta.decode_sliding_mask if sliding and meta.decode_sliding_mask is not None else meta.decode_mask
+        assert meta.decode_block_ids is not None and mask is not None
+        out[:n] = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
+    for chunk in meta.prefills:
+        mask = chunk.sliding_mask if sliding and chunk.sliding_mask is not None else chunk.mask
+        kc = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        vc = v_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=num_heads != kc.shape[1]
+        )
+        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+    del head_dim
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, mask: torch.Tensor, scale: float, block_size: int
+) -> torch.Tensor:
+    """One query per sequence against its gathered blocks, grouped-query heads in one matmul."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    kc = k_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
+    vc = v_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
+    kc = kc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, kvh, L, d]
+    vc = vc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+    qg = q.view(n, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * scale  # [n, kvh, group, L]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, vc).reshape(n, num_heads, head_dim)

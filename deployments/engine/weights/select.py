@@ -1,0 +1,61 @@
+"""Which weight format a model is served in: as configured, or (`auto`) what measures fastest here.
+
+`auto` on CPU times one fused MLP projection of the model's own shape in int4, bf16 and fp32, at
+one row (a single stream) and at `max_num_seqs` rows (a full batch), and picks the lowest total.
+The int4 kernel (`_weight_int4pack_mm_for_cpu`) is vectorised for AVX2/AVX-512 with bf16
+activations; bf16 matmuls use oneDNN (AMX where present). CUDA serves bf16.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+FORMATS = ("int4", "bf16", "fp32")
+
+
+def choose_weights(requested: str, device: str, native: bool, directory: Path, max_num_seqs: int) -> tuple[str, str]:
+    """(format, why). Non-native models (the generic adapter) run fp32 or bf16 only."""
+    capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else device
+    if not native:
+        if requested == "int4":
+            return "bf16", "int4 needs our native model code; this architecture runs through transformers in bf16"
+        if requested == "auto":
+            return ("bf16", "CUDA") if device != "cpu" else ("fp32", "generic transformers adapter on CPU: fp32")
+        return requested, "configured"
+    if requested != "auto":
+        return requested, "configured"
+    if device != "cpu":
+        return "bf16", f"auto on {device}: bf16"
+    times = _measure(directory, max_num_seqs)
+    best = min(times, key=lambda f: times[f])
+    detail = ", ".join(f"{f} {times[f] * 1e3:.2f} ms" for f in FORMATS if f in times)
+    return best, f"auto on {capability}: fastest MLP projection at batch 1 + batch {max_num_seqs}: {detail}"
+
+
+def _measure(directory: Path, max_num_seqs: int, repeats: int = 5) -> dict[str, float]:
+    from deployments.engine.layers.linear import Linear
+
+    text = AutoConfig.from_pretrained(str(directory), local_files_only=True).get_text_config(decoder=True)
+    hidden, inter = int(text.hidden_size), int(text.intermediate_size)
+    weight = torch.randn(2 * inter, hidden) * 0.02
+    times: dict[str, float] = {}
+    for fmt in FORMATS:
+        if fmt == "int4" and (hidden % 32 or torch.backends.cpu.get_cpu_capability() in ("NO AVX", "DEFAULT")):
+            continue
+        layer = Linear.from_float(weight, None, fmt)
+        dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        total = 0.0
+        for rows in (1, max_num_seqs):
+            x = torch.randn(rows, hidden, dtype=dtype)
+            with torch.inference_mode():
+                layer(x)
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    layer(x)
+            total += (time.perf_counter() - start) / repeats
+        times[fmt] = total
+    return times
