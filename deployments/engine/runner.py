@@ -87,6 +87,19 @@ class ModelRunner:
         rows = torch.tensor([ends[i] for i in scheduler_output.sample_indices], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] at every position of one sequence (teacher forcing), through the same
+        paged path; it writes blocks 0.. of the cache, so the engine must be idle (LLMEngine.score)."""
+        n = len(token_ids)
+        num_blocks = -(-n // self.block_size)
+        if num_blocks > self.num_blocks:
+            raise ValueError(f"{n} tokens do not fit the KV cache ({self.num_blocks} blocks of {self.block_size})")
+        meta = build_metadata([list(range(n))], [list(range(num_blocks))], self.block_size, self.model.sliding_window, self.device)
+        positions = torch.arange(n, device=self.device)
+        hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
+        return self.model.compute_logits(hidden)
+
     def weights_bytes(self) -> int:
         """Bytes of parameters and buffers (packed int4/int8 weights by their real storage)."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())

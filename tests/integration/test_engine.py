@@ -86,6 +86,14 @@ def test_greedy_equals_generate(family: str, scenario: str, arrive_every: int | 
     assert engine.block_manager.num_prefix_hits > hits_before
 
 
+@pytest.mark.parametrize("arrive_every", [None, 3], ids=["together", "staggered"])
+def test_generic_adapter_serves_a_non_native_architecture(arrive_every: int | None, tiny_qwen3_dir: Path) -> None:
+    engine = fp32_engine(tiny_qwen3_dir, kv_cache_bytes=12 * 4 * 512, block_size=4)
+    assert engine.runner.facts["implementation"] == "transformers"
+    assert run_engine(engine, arrive_every) == reference(tiny_qwen3_dir)
+    assert engine.scheduler.num_preemptions > 0 or arrive_every is not None
+
+
 def test_stop_strings_seeds_and_text(tiny_model_dir: Path) -> None:
     engine = fp32_engine(tiny_model_dir)
     prompt = engine.encode("The quick")

@@ -50,12 +50,12 @@ def greedy(engine: LLMEngine, prompts: list[str]) -> list[list[int]]:
 def test_linear_layers_are_gptqmodel_quant_layers(engine: LLMEngine) -> None:
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
-    layers = engine.runner.model.model.layers
+    layers = engine.runner.model.hf.model.layers  # the generic adapter: transformers modules, our paged attention
     projections = [m for layer in layers for m in (*layer.self_attn.children(), *layer.mlp.children())
                    if hasattr(m, "in_features")]
     assert len(projections) == 7 * len(layers)
     assert all(isinstance(m, BaseQuantLinear) for m in projections), {type(m).__name__ for m in projections}
-    assert engine.runner.quantization == "gptq-4bit-g64 -> float32"
+    assert engine.runner.quantization == "gptq-4bit-g64 -> fp32" and engine.runner.facts["implementation"] == "transformers"
     assert engine.runner.weights_bytes() < 200 * 2**20
 
 

@@ -51,7 +51,7 @@ def test_penalties_push_away_from_seen_tokens() -> None:
     sampler = Sampler({EOS})
     logits = torch.tensor([[0.0, 2.0, 1.9, 0.0]])
     s = make("r", temperature=0.0, presence_penalty=1.0)
-    s.output_token_ids.append(1)
+    s.append_token(1)
     assert sampler(logits, [s]) == [2]
     rep = make("rep", temperature=0.0, repetition_penalty=2.0)  # prompt [1, 2]: both halved
     assert sampler(torch.tensor([[0.0, 2.0, 1.9, 1.5]]), [rep]) == [3]

@@ -11,13 +11,8 @@ from transformers import AutoConfig
 
 from deployments.engine.weights.store import SafetensorsReader, WeightStore
 
-NATIVE_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",
-}
+NATIVE_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+"""transformers `model_type` -> our model code (GGUF conversions carry no `architectures`)."""
 
 
 @dataclass
@@ -35,8 +30,7 @@ class BuiltModel:
 
 def is_native(directory: Path) -> bool:
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    arch = (config.architectures or [""])[0]
-    return arch in NATIVE_ARCHITECTURES and getattr(config, "quantization_config", None) is None
+    return config.model_type in NATIVE_MODEL_TYPES and getattr(config, "quantization_config", None) is None
 
 
 def build_model(
@@ -44,8 +38,7 @@ def build_model(
 ) -> BuiltModel:
     """Our model code over the checkpoint's tensors (read one at a time) in format `fmt`."""
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    arch = (config.architectures or [""])[0]
-    family = NATIVE_ARCHITECTURES[arch]
+    family = NATIVE_MODEL_TYPES[config.model_type]
     text = config.get_text_config(decoder=True)
     store = WeightStore(_strip_language_model(SafetensorsReader(directory)), fmt, device, int4)
     model: torch.nn.Module
@@ -62,6 +55,7 @@ def build_model(
 
         model = LlamaForCausalLM(store, text, LlamaRotaryEmbedding(text), max_positions)
     model.eval()
+    arch = (config.architectures or [type(model).__name__])[0]
     return BuiltModel(model, arch, "native", store.act_dtype, store.num_exact_int4, store.num_requantized)
 
 

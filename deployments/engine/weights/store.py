@@ -21,6 +21,7 @@ from deployments.engine.layers.norm import RMSNorm
 WEIGHT_FORMATS = ("int4", "bf16", "fp32")
 INT4_GROUP_SIZE = 32
 HEAD_FORMAT = {"int4": "int8", "bf16": "bf16", "fp32": "fp32"}
+TIED_ALIASES = {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
 
 
 class SafetensorsReader(Mapping[str, torch.Tensor]):
@@ -66,6 +67,8 @@ class WeightStore:
         self._embedding: Embedding | None = None
 
     def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors and name in TIED_ALIASES:  # safetensors keeps one of two tied tensors
+            name = TIED_ALIASES[name]
         return self.tensors[name].float()
 
     def linear(self, prefixes: list[str]) -> Linear:

@@ -1,0 +1,29 @@
+"""The quality gate: int4 and bf16 weights against fp32, on the real shipped models, through our
+engine (teacher-forced greedy agreement >= 97%, perplexity rise <= 2%; see perf/quality.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from perf.quality import GATE_AGREEMENT, GATE_PERPLEXITY_RISE, MODELS, measure
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma"])
+def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return measure(MODELS[request.param])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_weights_format_passes_the_quality_gate(figures: dict[str, Any], fmt: str) -> None:
+    f = figures["formats"][fmt]
+    assert f["greedy_agreement"] >= GATE_AGREEMENT, f
+    assert f["perplexity_rise"] <= GATE_PERPLEXITY_RISE, f
+
+
+def test_int4_serves_the_shipped_4bit_blocks_as_they_are(figures: dict[str, Any]) -> None:
+    facts = figures["formats"]["int4"]["facts"]
+    assert facts["implementation"] == "native" and facts["weights"] == "int4"
+    if "Q4_1" in facts["source_format"]:  # SmolLM2: every projection is Q4_1 in the GGUF
+        assert facts["int4_exact_from_gguf"] == 210 and facts["int4_requantized"] == 0
