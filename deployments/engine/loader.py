@@ -143,10 +143,6 @@ def describe_source(source: ModelSource) -> str:
         if stored.get("quant_method") == "gptq":  # e.g. `gptq-4bit-g64`
             return f"gptq-{stored.get('bits')}bit-g{stored.get('group_size')}"
         return f"{stored.get('quant_method', 'quantized')} checkpoint"
-    import gguf  # only GGUF sources need it
+    from deployments.engine.weights.int4_cache import gguf_file_type
 
-    field = gguf.GGUFReader(str(directory / gguf_file)).fields.get("general.file_type")
-    if field is None:
-        return "GGUF"
-    file_type = int(field.parts[field.data[0]][0])
-    return f"GGUF {gguf.LlamaFileType(file_type).name}"
+    return gguf_file_type(directory / gguf_file, checkpoint_directory(source))

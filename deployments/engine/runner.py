@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.layers.attention import build_metadata
 from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
-from deployments.engine.models import build_model, is_native
+from deployments.engine.models import build_model, is_native, load_config
 from deployments.engine.scheduler import SchedulerOutput
 from deployments.engine.weights.select import choose_weights
 
@@ -32,14 +32,15 @@ class ModelRunner:
         directory = checkpoint_directory(source)
         self.tokenizer = load_tokenizer(directory, config.chat_template)
         self.generation_config = _generation_config(directory)
-        native = is_native(directory)
-        self.max_position_embeddings = _max_positions(directory)
+        hf_config = load_config(directory)
+        native = is_native(hf_config)
+        self.max_position_embeddings = getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
         max_positions = min(config.max_model_len, self.max_position_embeddings or config.max_model_len)
-        self.weights, self.weights_reason = choose_weights(config.weights, config.device, native, directory, config.max_num_seqs)
+        self.weights, self.weights_reason = choose_weights(config.weights, config.device, native, hf_config, config.max_num_seqs)
         self.facts: dict[str, Any] = {"source_format": describe_source(source), "weights": self.weights, "weights_reason": self.weights_reason}
         if native:
-            int4 = _gguf_int4(source) if self.weights == "int4" else None
-            built = build_model(directory, self.weights, self.device, max_positions, int4)
+            int4 = _gguf_int4(source, directory, hf_config) if self.weights == "int4" else None
+            built = build_model(directory, hf_config, self.weights, self.device, max_positions, int4)
             self.model, self.architecture, self.act_dtype = built.model, built.architecture, built.act_dtype
             self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized}
         else:
@@ -118,17 +119,10 @@ def _generation_config(directory: Any) -> GenerationConfig | None:
         return None
 
 
-def _max_positions(directory: Any) -> int | None:
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(str(directory), local_files_only=True).get_text_config(decoder=True)
-    return getattr(text, "max_position_embeddings", None)
-
-
-def _gguf_int4(source: tuple[Any, str | None]) -> dict[str, Any] | None:
+def _gguf_int4(source: tuple[Any, str | None], cache_dir: Any, hf_config: Any) -> dict[str, Any] | None:
     directory, gguf_file = source
     if gguf_file is None:
         return None
-    from deployments.engine.weights.gguf import read_int4_weights
+    from deployments.engine.weights.int4_cache import cached_int4_weights
 
-    return read_int4_weights(directory / gguf_file)
+    return cached_int4_weights(directory / gguf_file, cache_dir, hf_config)

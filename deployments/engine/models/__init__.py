@@ -28,16 +28,19 @@ class BuiltModel:
     num_requantized: int = 0
 
 
-def is_native(directory: Path) -> bool:
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+def load_config(directory: Path) -> Any:
+    """The checkpoint's transformers config (read once per load and passed around)."""
+    return AutoConfig.from_pretrained(str(directory), local_files_only=True)
+
+
+def is_native(config: Any) -> bool:
     return config.model_type in NATIVE_MODEL_TYPES and getattr(config, "quantization_config", None) is None
 
 
 def build_model(
-    directory: Path, fmt: str, device: torch.device, max_positions: int, int4: dict[str, Any] | None = None
+    directory: Path, config: Any, fmt: str, device: torch.device, max_positions: int, int4: dict[str, Any] | None = None
 ) -> BuiltModel:
     """Our model code over the checkpoint's tensors (read one at a time) in format `fmt`."""
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     family = NATIVE_MODEL_TYPES[config.model_type]
     text = config.get_text_config(decoder=True)
     store = WeightStore(_strip_language_model(SafetensorsReader(directory)), fmt, device, int4)

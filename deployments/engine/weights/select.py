@@ -9,15 +9,14 @@ activations; bf16 matmuls use oneDNN (AMX where present). CUDA serves bf16.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from typing import Any
 
 FORMATS = ("int4", "bf16", "fp32")
 
 
-def choose_weights(requested: str, device: str, native: bool, directory: Path, max_num_seqs: int) -> tuple[str, str]:
+def choose_weights(requested: str, device: str, native: bool, config: Any, max_num_seqs: int) -> tuple[str, str]:
     """(format, why). Non-native models (the generic adapter) run fp32 or bf16 only."""
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else device
     if not native:
@@ -30,16 +29,16 @@ def choose_weights(requested: str, device: str, native: bool, directory: Path, m
         return requested, "configured"
     if device != "cpu":
         return "bf16", f"auto on {device}: bf16"
-    times = _measure(directory, max_num_seqs)
+    times = _measure(config, max_num_seqs)
     best = min(times, key=lambda f: times[f])
     detail = ", ".join(f"{f} {times[f] * 1e3:.2f} ms" for f in FORMATS if f in times)
     return best, f"auto on {capability}: fastest MLP projection at batch 1 + batch {max_num_seqs}: {detail}"
 
 
-def _measure(directory: Path, max_num_seqs: int, repeats: int = 5) -> dict[str, float]:
+def _measure(config: Any, max_num_seqs: int, repeats: int = 5) -> dict[str, float]:
     from deployments.engine.layers.linear import Linear
 
-    text = AutoConfig.from_pretrained(str(directory), local_files_only=True).get_text_config(decoder=True)
+    text = config.get_text_config(decoder=True)
     hidden, inter = int(text.hidden_size), int(text.intermediate_size)
     weight = torch.randn(2 * inter, hidden) * 0.02
     times: dict[str, float] = {}
