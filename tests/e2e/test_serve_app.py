@@ -35,7 +35,10 @@ def test_health_models_and_openai_model_list(serve_url: str) -> None:
     assert requests.get(f"{serve_url}/readyz", timeout=30).status_code == 200
     models = {m["id"]: m for m in requests.get(f"{serve_url}/models", timeout=30).json()["data"]}
     assert models[SMOLLM2]["status"] == "loaded" and models[SMOLLM2]["replicas"] == 1
-    assert models[SMOLLM2]["quantization"].startswith("GGUF") and models[SMOLLM2]["resident_memory_bytes"] > 100e6
+    smollm2 = models[SMOLLM2]
+    assert smollm2["quantization"].startswith("GGUF") and smollm2["resident_memory_bytes"] > 50e6
+    assert smollm2["weights"] in ("int4", "bf16", "fp32") and smollm2["weights_reason"]  # auto: what it picked, why
+    assert smollm2["implementation"] == "native" and smollm2["kv_cache"]["num_blocks"] > 0
     assert models["tiny-base"]["status"] == "unloaded"
     listed = OpenAI(base_url=f"{serve_url}/v1", api_key="none").models.list()
     assert sorted(m.id for m in listed.data) == sorted(models)

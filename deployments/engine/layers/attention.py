@@ -109,13 +109,17 @@ def paged_attention(
     """q [T, heads, d], k/v [T, kv_heads, d]; caches [slots, kv_heads, d]. Returns [T, heads, d]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    out = torch.empty_like(q)
+    num_heads = q.shape[1]
     n = meta.num_decode_tokens
     if n:
         mask = meta.decode_sliding_mask if sliding and meta.decode_sliding_mask is not None else meta.decode_mask
         assert meta.decode_block_ids is not None and mask is not None
-        out[:n] = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
+        decoded = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
+        if not meta.prefills:  # a decode-only step: no output buffer to fill
+            return decoded
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if n:
+        out[:n] = decoded
     for chunk in meta.prefills:
         mask = chunk.sliding_mask if sliding and chunk.sliding_mask is not None else chunk.mask
         kc = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
@@ -125,7 +129,6 @@ def paged_attention(
             qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=num_heads != kc.shape[1]
         )
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
-    del head_dim
     return out
 
 
@@ -136,6 +139,7 @@ def _decode_attention(
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
+    q = q.contiguous()  # a view into the fused qkv output
     kc = k_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
     vc = v_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
     kc = kc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, kvh, L, d]

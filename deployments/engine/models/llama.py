@@ -28,25 +28,22 @@ class Attention(torch.nn.Module):
         names = [f"{prefix}.{p}_proj" for p in ("q", "k", "v")]
         self.qkv_proj = store.linear(names)
         self.o_proj = store.linear([f"{prefix}.o_proj"])
-        self.q_norm = self.k_norm = None
-        if qk_norm_offset is not None:
-            self.q_norm = store.norm(f"{prefix}.q_norm", cfg.rms_norm_eps, qk_norm_offset)
-            self.k_norm = store.norm(f"{prefix}.k_norm", cfg.rms_norm_eps, qk_norm_offset)
+        self.qk_norm = None
+        if qk_norm_offset is not None:  # q and k norms as one norm over [heads + kv_heads, head_dim]
+            self.qk_norm = store.head_norm([f"{prefix}.q_norm", f"{prefix}.k_norm"], [self.num_heads, self.num_kv_heads], cfg.rms_norm_eps, qk_norm_offset)
         self.k_cache = self.v_cache = torch.empty(0)
         self.block_size = 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        t, h, kvh = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        qk = qkv[:, : h + kvh]
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads together: one pass
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh :]
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.block_size, self.sliding)
-        return self.o_proj(out.view(t, q_size))
+        return self.o_proj(out.view(t, h * self.head_dim))
 
 
 class MLP(torch.nn.Module):

@@ -89,6 +89,12 @@ class WeightStore:
     def norm(self, name: str, eps: float, offset: float = 0.0) -> RMSNorm:
         return RMSNorm(self.get(f"{name}.weight"), eps, offset, self.act_dtype).to(self.device)
 
+    def head_norm(self, names: list[str], num_heads: list[int], eps: float, offset: float = 0.0) -> RMSNorm:
+        """One RMSNorm over [sum(num_heads), head_dim] whose weight rows are each name's per-head
+        weight repeated for its heads (e.g. Gemma's q_norm for the q heads, k_norm for the k heads)."""
+        rows = [self.get(f"{n}.weight").expand(count, -1) for n, count in zip(names, num_heads)]
+        return RMSNorm(torch.cat(rows), eps, offset, self.act_dtype).to(self.device)
+
     def embedding(self, name: str) -> Embedding:
         self._embedding = Embedding(self.get(f"{name}.weight"), HEAD_FORMAT[self.fmt], self.act_dtype).to(self.device)
         return self._embedding
