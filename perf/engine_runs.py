@@ -1,22 +1,30 @@
-"""The workloads `bench_engine.py` times: our engine (fp32 and int8) and transformers' baselines
-(naive `generate` one by one, static left-padded `generate`, continuous batching `generate_batch`)."""
+"""The workloads `bench_engine.py` times: our engine in each weight format (`ours-fp32`, `ours-bf16`,
+`ours-int4`) and transformers' baselines on their own fp32 model from the same checkpoint (naive
+`generate` one by one, static left-padded `generate`, continuous batching `generate_batch`)."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams
 
 Ids = list[list[int]]
+WEIGHT_VARIANTS = {"ours-fp32": "fp32", "ours-bf16": "bf16", "ours-int4": "int4"}
+"""Our engine, one variant per weight format (`EngineConfig.weights`)."""
+BASELINES = ("naive", "static", "cb")
+"""transformers on its own model (loaded once by `load_reference`)."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx")
+OURS_NOTE = {"ttft_note": "from add_request (a request is added when a slot is free)"}
 NOTES = {
-    "ours": {"ttft_note": "from add_request (a request is added when a slot is free)"},
+    **{name: dict(OURS_NOTE) for name in WEIGHT_VARIANTS},
     "naive": {"ttft_note": "from t=0 (all submitted at once); TPOT measured per token with a streamer"},
     "static": {"ttft_note": "first batched step from t=0; TPOT = (last - first step) / (L - 1)"},
     "cb": {"call": "model.generate_batch(inputs=prompt_ids, generation_config=GenerationConfig(do_sample=False, "
@@ -26,24 +34,59 @@ NOTES = {
 }
 
 
+def cpu_features() -> dict[str, Any]:
+    """torch's CPU kernel level and the CPU flags the fast int4/bf16 kernels key on (`amx`: any amx_* flag)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    present = {name: name in flags for name in CPU_FLAGS if name != "amx"}
+    present["amx"] = any(f.startswith("amx") for f in flags)
+    return {"torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()), "cpu_flag_present": present}
+
+
 @dataclass
 class Bench:
-    """The loaded engine (whose model and tokenizer the baselines reuse) and per-variant notes."""
+    """What a variant runs on: our engine (ours-*) or transformers' reference model (baselines),
+    whichever is loaded, plus the tokenizer, the workload's concurrency and per-variant notes."""
 
-    engine: LLMEngine
     concurrency: int
     device: torch.device
+    tokenizer: Any
+    engine: LLMEngine | None = None
+    reference: Any = None
     notes: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: dict(v) for k, v in NOTES.items()})
     cb_config: ContinuousBatchingConfig | None = None
-    int8_engine: LLMEngine | None = None
 
     @property
     def model(self) -> Any:
-        return self.engine.runner.model
+        if self.reference is None:
+            raise RuntimeError("no transformers reference model is loaded")
+        return self.reference
 
     def generation_config(self, output_len: int) -> GenerationConfig:
-        pad = self.engine.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id
         return GenerationConfig(do_sample=False, max_new_tokens=output_len, eos_token_id=-1, pad_token_id=pad)
+
+
+def load_engine(model: str, weights: str, device: str, concurrency: int, threads: int | None) -> LLMEngine:
+    """Our engine on `model` in one weight format, sized for `concurrency` streams."""
+    return LLMEngine(EngineConfig(model=model, weights=weights, device=device, max_num_seqs=concurrency,
+                                  num_threads=threads))
+
+
+def load_reference(directory: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """transformers' own model from the checkpoint directory (for a GGUF: the engine's cached conversion)."""
+    model: Any = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def engine_facts(engine: LLMEngine) -> dict[str, Any]:
+    """What the engine serves: weight format and why, source format, bytes, KV cache."""
+    runner = engine.runner
+    return {"weights": runner.weights, "weights_reason": runner.weights_reason, "quantization": runner.quantization,
+            "weights_bytes": runner.weights_bytes(), "facts": runner.facts, "config": dict(engine.config.__dict__)}
 
 
 @dataclass
@@ -76,6 +119,8 @@ def tpot(first: float, last: float, num_tokens: int) -> float:
 
 def run_ours(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
     engine, params = bench.engine, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    if engine is None:
+        raise RuntimeError("no engine is loaded")
     pending = list(range(len(prompt_ids)))
     tokens: Ids = [[] for _ in prompt_ids]
     added: dict[int, float] = {}
@@ -117,7 +162,7 @@ def run_naive(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
 
 @torch.inference_mode()
 def run_static(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
-    tokenizer, timer = bench.engine.tokenizer, TokenTimer()
+    tokenizer, timer = bench.tokenizer, TokenTimer()
     tokenizer.padding_side = "left"
     start = time.perf_counter()
     batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(bench.device)
@@ -156,11 +201,3 @@ def run_cb(bench: Bench, prompt_ids: Ids, output_len: int, warmup: bool = False)
     ttft = [o.timestamps[0] - start for o in outs]
     tpots = [tpot(o.timestamps[0], o.timestamps[-1], len(o.timestamps)) for o in outs]
     return RunResult(wall, ttft, tpots, [list(o.generated_tokens) for o in outs])
-
-
-def run_int8(bench: Bench, prompt_ids: Ids, output_len: int) -> RunResult:
-    """Our engine on the same model with int8 weights (loaded once, on first use)."""
-    if bench.int8_engine is None:
-        config = bench.engine.config
-        bench.int8_engine = LLMEngine(EngineConfig(**{**config.__dict__, "quantization": "int8"}))
-    return run_ours(Bench(bench.int8_engine, bench.concurrency, bench.device), prompt_ids, output_len)

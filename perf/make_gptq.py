@@ -1,4 +1,5 @@
-"""Make a GPTQ 4-bit checkpoint of the shipped SmolLM2 and compare resident memory: fp32, int8, GPTQ.
+"""Make a GPTQ 4-bit checkpoint of the shipped SmolLM2 and compare resident memory: our engine's weight
+formats (fp32, bf16, int4) and the GPTQ checkpoint (through the engine's generic transformers adapter).
 
     pip install -c requirements/constraints.txt -e '.[gptq]'
     python -m perf.make_gptq --out /tmp/smollm2-gptq          # writes perf/results/gptq.json
@@ -101,14 +102,14 @@ import json, sys, time
 import torch
 from deployments.memory import release_freed_memory, rss_bytes
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams
-model, quantization, threads, import_gptq = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4] == "1"
+model, weights, threads, import_gptq = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 before_import = rss_bytes()
 if import_gptq:
     import gptqmodel  # transformers imports it while loading a GPTQ checkpoint: counted apart from the weights
 release_freed_memory()
 before = rss_bytes()
 started = time.perf_counter()
-engine = LLMEngine(EngineConfig(model=model, quantization=quantization, num_threads=threads))
+engine = LLMEngine(EngineConfig(model=model, weights=weights, num_threads=threads))
 load_s = time.perf_counter() - started
 release_freed_memory()
 loaded = rss_bytes()
@@ -123,25 +124,28 @@ while engine.has_unfinished():
         text, tokens = text + out.text, tokens + len(out.new_token_ids)
 decode_s = time.perf_counter() - started
 release_freed_memory()
+network = engine.runner.model  # our model code, or the generic adapter around a transformers model (.hf)
+down_proj = (network.hf.model if hasattr(network, "hf") else network).layers[0].mlp.down_proj
 print(json.dumps({
     "load_s": round(load_s, 2),
     "import_gptqmodel_rss_mib": round((before - before_import) / 2**20, 1) if import_gptq else None,
     "rss_after_load_mib": round((loaded - before) / 2**20, 1),
     "rss_after_generate_mib": round((rss_bytes() - before) / 2**20, 1),
     "weights_bytes": engine.runner.weights_bytes(), "quantization": engine.runner.quantization,
-    "linear_class": type(engine.runner.model.model.layers[0].mlp.down_proj).__name__,
+    "weights": engine.runner.weights, "weights_reason": engine.runner.weights_reason, "facts": engine.runner.facts,
+    "linear_class": type(down_proj).__name__ + (f" ({down_proj.fmt})" if hasattr(down_proj, "fmt") else ""),
     "tok_per_s": round(tokens / decode_s, 1), "text": text,
 }))
 """
 
 
-def measure(model: str, quantization: str | None, threads: int, import_gptq: bool) -> dict[str, Any]:
-    """Load `model` with the real engine in a fresh process; its RSS growth, speed and output."""
+def measure(model: str, weights: str, threads: int, import_gptq: bool) -> dict[str, Any]:
+    """Load `model` with the real engine (`EngineConfig.weights`) in a fresh process; its RSS growth, speed, output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", _MEASURE, model, quantization or "", str(threads), "1" if import_gptq else "0"],
+    out = subprocess.run([sys.executable, "-c", _MEASURE, model, weights, str(threads), "1" if import_gptq else "0"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"measuring {model} ({quantization}) failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"measuring {model} (weights={weights}) failed:\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -151,7 +155,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="calibration sentences")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while measuring decode")
-    parser.add_argument("--no-int8", action="store_true", help="skip the torchao int8 variant")
+    parser.add_argument("--formats", default="fp32,bf16,int4",
+                        help="our engine's weight formats to measure on the fp32 checkpoint, besides GPTQ")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--checkpoint-only", action="store_true",
                         help="make the checkpoint if --out has none (make serve does this), measure nothing")
@@ -169,14 +174,14 @@ def main() -> None:
     import torch
     import transformers
 
+    from perf.engine_runs import cpu_features
+
     made = make_gptq_checkpoint(args.out, samples=args.samples, group_size=args.group_size)
     fp32_dir = made["source"]
-    variants = {"fp32": measure(fp32_dir, None, args.threads, False)}
-    if not args.no_int8:
-        variants["int8"] = measure(fp32_dir, "int8", args.threads, False)
-    variants["gptq"] = measure(str(args.out), None, args.threads, True)
+    variants = {fmt: measure(fp32_dir, fmt, args.threads, False) for fmt in args.formats.split(",") if fmt}
+    variants["gptq"] = measure(str(args.out), "auto", args.threads, True)  # the generic adapter: fp32 on CPU
     result = {
-        "machine": machine(),
+        "machine": {**machine(), **cpu_features()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "gptqmodel": gptqmodel.__version__, "optimum": optimum.version.__version__},
         "gptq": {**made, "checkpoint": str(args.out)},

@@ -8,6 +8,8 @@ table. Variants are environment variables and/or in-process knobs:
                              step loop all run on one long-lived thread reused across engines
   --mallopt NAME=VALUE       glibc mallopt at start (arena_max, mmap_threshold, trim_threshold)
   --interop N                torch.set_num_interop_threads(N)
+  --weights FORMAT           the engine's weight format (default fp32; auto re-times the formats at
+                             every load and may pick another one from cycle to cycle, moving RSS)
 Run: python perf/probe_memleak.py --matrix [--cycles 20]
 """
 
@@ -144,7 +146,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.interop:
         torch.set_num_interop_threads(args.interop)
     kwargs = {"engine_cls": shared_engine_cls()} if args.engine == "shared" else {}
-    server = ModelServer("smollm2", EngineConfig(model=SOURCE, max_model_len=512), load_on_start=False, **kwargs)
+    config = EngineConfig(model=SOURCE, max_model_len=512, weights=args.weights)
+    server = ModelServer("smollm2", config, load_on_start=False, **kwargs)
     await cycle(server)  # settle: imports, first-use caches
     base = snapshot()
     rows = []
@@ -169,6 +172,7 @@ def child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(rows))
 
 
+from deployments.engine.config import WEIGHT_CHOICES  # noqa: E402
 from deployments.memory import JEMALLOC_CONF, find_jemalloc, replica_allocator_env  # noqa: E402
 
 JEMALLOC, REPLICA_ENV = find_jemalloc() or "", replica_allocator_env()
@@ -191,17 +195,24 @@ VARIANTS: list[tuple[str, list[str], dict[str, str]]] = [
 
 
 def matrix(args: argparse.Namespace) -> None:
+    from perf.engine_runs import cpu_features
+
+    cpu = cpu_features()
+    print(f"weights={args.weights}; torch CPU capability {cpu['torch_cpu_capability']}, "
+          f"flags {cpu['cpu_flag_present']}")
     print("| variant | RSS after cycle 1 (MiB) | after cycle 10 | after cycle 20 | after last cycle | max | "
           "threads | pymalloc arenas | heap in use | heap free |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, extra, env in VARIANTS:
         if args.only and not any(s in name for s in args.only):
             continue
-        cmd = [sys.executable, __file__, "--json", "--cycles", str(args.cycles), *extra]  # a later --cycles wins
+        cmd = [sys.executable, __file__, "--json", "--weights", args.weights,
+               "--cycles", str(args.cycles), *extra]  # a later --cycles wins
         out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout
         rows = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
         last = rows[-1]
-        print(f"| {name} | {rows[0]['rss'] / MiB:+.1f} | {rows[9]['rss'] / MiB:+.1f} | {rows[19]['rss'] / MiB:+.1f} | "
+        tenth, twentieth = rows[min(10, len(rows)) - 1], rows[min(20, len(rows)) - 1]  # short runs: the last
+        print(f"| {name} | {rows[0]['rss'] / MiB:+.1f} | {tenth['rss'] / MiB:+.1f} | {twentieth['rss'] / MiB:+.1f} | "
               f"{last['rss'] / MiB:+.1f} (#{len(rows)}) | {max(r['rss'] for r in rows) / MiB:+.1f} | {last['os_threads']:+d} | "
               f"{last['py_arenas']:+d} | {last['in_use'] / MiB:+.1f} | {last['free'] / MiB:+.1f} |", flush=True)
 
@@ -213,6 +224,7 @@ def main() -> None:
     p.add_argument("--mallopt", action="append", default=[])
     p.add_argument("--interop", type=int, default=0)
     p.add_argument("--purge", action="store_true", help="re.purge() at every unload")
+    p.add_argument("--weights", default="fp32", choices=WEIGHT_CHOICES)
     p.add_argument("--matrix", action="store_true")
     p.add_argument("--only", action="append", default=[], help="with --matrix: variants whose name contains this")
     p.add_argument("--json", action="store_true")

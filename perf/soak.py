@@ -22,18 +22,24 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from perf.common import machine  # noqa: E402
+from perf.engine_runs import cpu_features  # noqa: E402
 
 MiB = 1 << 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-async def replica_rss(client: httpx.AsyncClient, model: str) -> int:
+async def model_entry(client: httpx.AsyncClient, model: str) -> dict[str, Any]:
+    """The model's entry in GET /models (status, weights, quantization, process_rss_bytes, ...)."""
     response = await client.get("/models")
     response.raise_for_status()
     entry = next((m for m in response.json()["data"] if m["id"] == model), None)
     if entry is None or entry.get("process_rss_bytes") is None:
         raise SystemExit(f"GET /models has no process_rss_bytes for model {model!r}")
-    return int(entry["process_rss_bytes"])
+    return dict(entry)
+
+
+async def replica_rss(client: httpx.AsyncClient, model: str) -> int:
+    return int((await model_entry(client, model))["process_rss_bytes"])
 
 
 async def stream_completion(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) -> int:
@@ -63,7 +69,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     ys: list[int] = []
     done, started = 0, time.perf_counter()
     async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout_s) as client:
-        rss_before = await replica_rss(client, args.model)
+        served = await model_entry(client, args.model)
+        rss_before = int(served["process_rss_bytes"])
         while done < args.requests:
             batch = range(done, min(done + args.concurrency, args.requests))
             await asyncio.gather(*(stream_completion(client, args.model, i, args.max_tokens) for i in batch))
@@ -73,8 +80,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 ys.append(await replica_rss(client, args.model))
                 print(f"[soak] {done:5d} requests: RSS {ys[-1] / MiB:.1f} MiB", file=sys.stderr, flush=True)
     fit = slope(xs, ys) if len(xs) > 1 else 0.0
-    return {"environment": machine(), "base_url": args.base_url, "model": args.model, "requests": args.requests,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "warm_up": args.warm_up,
+    return {"environment": {**machine(), **cpu_features()}, "base_url": args.base_url, "model": args.model,
+            "served": {k: served.get(k) for k in ("weights", "weights_reason", "quantization", "implementation")},
+            "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+            "warm_up": args.warm_up,
             "duration_s": round(time.perf_counter() - started, 2), "rss_before_bytes": rss_before,
             "series": [{"requests": x, "rss_bytes": y} for x, y in zip(xs, ys)],
             "slope_bytes_per_request": fit, "slope_mib_per_1000_requests": fit * 1000 / MiB,

@@ -36,7 +36,7 @@ def check_endpoints(url: str, model: dict) -> None:
     print(f"  {mid}: /infer {whole['text']!r} (stream identical), /v1/completions {comp['choices'][0]['text']!r}")
     chat = {"model": mid, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 24, "temperature": 0}
     r = requests.post(f"{url}/v1/chat/completions", json=chat, timeout=120)
-    if model["has_chat_template"]:
+    if models(url)[mid]["has_chat_template"]:  # known once loaded (the /infer above loads a lazy model)
         print(f"  {mid}: /v1/chat/completions {r.json()['choices'][0]['message']['content']!r}")
     else:
         print(f"  {mid}: /v1/chat/completions -> {r.status_code} {r.json()['error']['message']!r}")
@@ -70,8 +70,11 @@ def check_concurrent_streams(url: str, mid: str, n: int) -> None:
 def check_unload_load(url: str, mid: str) -> None:
     before = models(url)[mid]
     after = requests.post(f"{url}/unload", json={"model": mid}, timeout=300).json()
+    kv = before.get("kv_cache") or {}
     print(f"  {mid}: loaded resident={before['resident_memory_bytes'] / 2**20:.0f} MiB "
-          f"(weights {before['weights_bytes'] / 2**20:.0f} MiB), replica RSS {before['process_rss_bytes'] / 2**20:.0f} MiB")
+          f"(weights {before['weights_bytes'] / 2**20:.0f} MiB, {before.get('quantization')}; KV cache "
+          f"{kv.get('kv_cache_bytes', 0) / 2**20:.0f} MiB in {kv.get('num_blocks')} blocks of {kv.get('block_size')}), "
+          f"replica RSS {before['process_rss_bytes'] / 2**20:.0f} MiB")
     print(f"  {mid}: after unload status={after['status']} resident={after['resident_memory_bytes']} "
           f"replica RSS {after['process_rss_bytes'] / 2**20:.0f} MiB")
     t = time.monotonic()
@@ -87,6 +90,9 @@ def main() -> int:
     args = parser.parse_args()
     listed = models(args.url)
     print("models:", {k: (m["status"], m["resident_memory_bytes"]) for k, m in listed.items()})
+    for mid, m in listed.items():
+        print(f"  {mid}: weights {m.get('weights')} ({m.get('weights_reason')}), {m.get('quantization')}, "
+              f"{m.get('implementation')}")
     for model in listed.values():
         check_endpoints(args.url, model)
     for mid in listed:
