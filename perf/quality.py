@@ -39,6 +39,14 @@ PROMPTS = [
     "The best way to learn a new programming language is",
     "Photosynthesis is the process by which",
     "def fibonacci(n):",
+    "The three primary colours are",
+    "Here is a recipe for a simple tomato soup:",
+    "In 1969, the first humans to walk on the Moon",
+    "A good night's sleep helps the body because",
+    "Translate to French: The cat sleeps on the warm windowsill.",
+    "The main difference between a virus and a bacterium is",
+    "Dear hiring manager, I am writing to apply for",
+    "To compute the area of a circle, you",
 ]
 PERPLEXITY_TEXT = (
     "The water cycle describes how water evaporates from the surface of the earth, rises into the "

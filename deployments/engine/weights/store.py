@@ -2,8 +2,9 @@
 
 Tensors are read one at a time from safetensors (the plain checkpoint, or the GGUF conversion
 cache) and turned into their serving format at once, so a load never holds the whole fp32 model.
-For `int4`, 4-bit GGUF tensors (Q4_0/Q4_1/Q4_K) are taken from the GGUF blocks exactly; any other
-weight is quantized group-wise. Embeddings and the LM head are int8 (per row) in the int4 format.
+For `int4`, 4-bit GGUF tensors (Q4_0/Q4_1/Q4_K) are taken from the GGUF blocks exactly; other GGUF
+tensors are served in bf16, and a plain checkpoint's are quantized group-wise. In the int4 and bf16
+formats the embedding table and LM head are one 8-bit table with exact rescoring (layers/vocab.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from safetensors import safe_open
 
 from deployments.engine.layers.linear import Embedding, Int4Weight, Linear
 from deployments.engine.layers.norm import RMSNorm
+from deployments.engine.layers.vocab import VocabHead, VocabTable
 
 WEIGHT_FORMATS = ("int4", "bf16", "fp32")
 INT4_GROUP_SIZE = 32
-HEAD_FORMAT = {"int4": "int8", "bf16": "bf16", "fp32": "fp32"}
 TIED_ALIASES = {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
 
 
@@ -61,7 +62,14 @@ class WeightStore:
             raise ValueError(f"weights={fmt!r} is not one of {WEIGHT_FORMATS}")
         self.tensors, self.fmt, self.device = tensors, fmt, device
         self.int4 = dict(int4 or {})
-        self.act_dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        # The residual stream, norms, rotary and attention stay fp32 in every format: bf16/int4/int8
+        # matmuls cast their input to bf16 (their kernels' dtype) and hand back fp32. A bf16
+        # residual stream cost SmolLM2 5 points of greedy agreement with fp32 (perf/README.md).
+        self.act_dtype = torch.float32
+        # From a GGUF, only its 4-bit tensors are served in int4 (exactly as stored); its 5/6/8-bit
+        # tensors are served in bf16 rather than re-quantized to 4 bits (Gemma 3: perplexity +13.7%).
+        # A plain checkpoint asked for int4 is quantized group-wise.
+        self.requantize = int4 is None
         self.num_exact_int4 = 0  # linears taken from 4-bit GGUF blocks as they are
         self.num_requantized = 0  # linears quantized group-wise here
         self._embedding: Embedding | None = None
@@ -95,8 +103,12 @@ class WeightStore:
         rows = [self.get(f"{n}.weight").expand(count, -1) for n, count in zip(names, num_heads)]
         return RMSNorm(torch.cat(rows), eps, offset, self.act_dtype).to(self.device)
 
-    def embedding(self, name: str) -> Embedding:
-        self._embedding = Embedding(self.get(f"{name}.weight"), HEAD_FORMAT[self.fmt], self.act_dtype).to(self.device)
+    def embedding(self, name: str) -> torch.nn.Module:
+        weight = self.get(f"{name}.weight")
+        if self.fmt == "fp32" or weight.shape[1] % 32:
+            self._embedding = Embedding(weight, "fp32" if self.fmt == "fp32" else "bf16", self.act_dtype).to(self.device)
+        else:
+            self._embedding = VocabTable(weight).to(self.device)
         return self._embedding
 
     def lm_head(self, name: str, embedding_name: str, tied: bool) -> torch.nn.Module:
@@ -104,9 +116,15 @@ class WeightStore:
         if tied or f"{name}.weight" not in self.tensors:
             if self._embedding is None:
                 self.embedding(embedding_name)
-            assert self._embedding is not None
-            return self._embedding.as_linear()
-        return Linear.from_float(self.get(f"{name}.weight"), None, HEAD_FORMAT[self.fmt]).to(self.device)
+            table = self._embedding
+            if isinstance(table, VocabTable):
+                return VocabHead(table)
+            assert isinstance(table, Embedding)
+            return table.as_linear()
+        weight = self.get(f"{name}.weight")
+        if self.fmt == "fp32" or weight.shape[1] % 32:
+            return Linear.from_float(weight, None, "fp32" if self.fmt == "fp32" else "bf16").to(self.device)
+        return VocabHead(VocabTable(weight).to(self.device), owned=True)
 
     def _bias_or_zeros(self, prefix: str) -> torch.Tensor:
         name = f"{prefix}.bias"
@@ -115,8 +133,9 @@ class WeightStore:
         return torch.zeros(self.tensors[f"{prefix}.weight"].shape[0])
 
     def _can_int4(self, name: str) -> bool:
-        in_features = self.int4[name].q.shape[1] if name in self.int4 else self.tensors[name].shape[1]
-        return in_features % INT4_GROUP_SIZE == 0
+        if name in self.int4:
+            return True
+        return self.requantize and self.tensors[name].shape[1] % INT4_GROUP_SIZE == 0
 
     def _int4_part(self, name: str) -> Int4Weight:
         if name in self.int4:
