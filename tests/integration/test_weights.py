@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from transformers import AutoConfig
 
 from deployments.engine.layers.linear import Embedding, Int4Weight, Linear
 from deployments.engine.loader import converted_checkpoint, resolve_model_path
+from deployments.engine.weights import gguf as gguf_weights
 from deployments.engine.weights.gguf import gguf_file_type, gguf_quant_types, read_int4_weights
 
 GGUF_FILES = {
@@ -39,8 +42,9 @@ def test_int4_gguf_tensors_equal_transformers_dequantized(gguf_model: tuple[str,
             expected = reference.get_tensor(name)
             assert weight.q.dtype == torch.uint8 and int(weight.q.max()) <= 15 and weight.group_size == 32
             # fp16 rounding at most (in practice bit-identical; includes Llama's Q/K row permutation)
-            error = float((weight.dequantize() - expected).abs().max())
-            assert error <= float(expected.abs().max()) * 2**-11, name
+            actual = weight.dequantize()
+            if not torch.equal(actual, expected):
+                assert float((actual - expected).abs().max()) <= float(expected.abs().max()) * 2**-11, name
 
 
 def test_quant_types_report_every_stored_type(gguf_model: tuple[str, Path, Path, Any]) -> None:
@@ -51,6 +55,28 @@ def test_quant_types_report_every_stored_type(gguf_model: tuple[str, Path, Path,
         assert counts[ggml_type] == count
     assert "model.layers.0.self_attn.q_proj.weight" in types and "model.embed_tokens.weight" in types
     assert gguf_file_type(path) == ("GGUF MOSTLY_Q4_1" if "Q4_1" in source else "GGUF MOSTLY_Q4_K_M")
+
+
+def test_q4_0_and_q4_1_blocks_decode_exactly_through_both_readers(tmp_path: Path) -> None:
+    """Q4_0 is in neither shipped file: write a tiny GGUF with gguf-py's own quantizer and compare
+    against its dequantizer, through transformers' header parser and the `gguf.GGUFReader` fallback."""
+    w = np.random.default_rng(0).standard_normal((48, 128)).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
+        writer.add_tensor(f"blk.0.{qtype.name}.weight", gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fast = gguf_weights.read_tensor_table(tmp_path / "tiny.gguf")
+    slow = gguf_weights._read_with_gguf_reader(tmp_path / "tiny.gguf")
+    assert fast[0] == slow[0] == "llama" and [t.shape for t in fast[1]] == [t.shape for t in slow[1]] == [(48, 128)] * 2
+    for tensor, same in zip(fast[1], slow[1]):
+        assert np.array_equal(np.asarray(tensor.data), np.asarray(same.data))
+        expected = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data).reshape(48, -1), tensor.ggml_type))
+        error = float((gguf_weights.decode_int4(tensor).dequantize() - expected).abs().max())
+        limit = 0.0 if tensor.ggml_type.name == "Q4_0" else float(expected.abs().max()) * 2**-20  # Q4_1: fp32 op order
+        assert error <= limit
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
