@@ -36,8 +36,12 @@ class ModelRunner:
         native = is_native(hf_config)
         self.max_position_embeddings = getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
         max_positions = min(config.max_model_len, self.max_position_embeddings or config.max_model_len)
-        self.weights, self.weights_reason = choose_weights(config.weights, config.device, native, hf_config, config.max_num_seqs)
-        self.facts: dict[str, Any] = {"source_format": describe_source(source), "weights": self.weights, "weights_reason": self.weights_reason}
+        source_format = describe_source(source)
+        stored_4bit = source[1] is not None and "Q4" in source_format
+        self.weights, self.weights_reason = choose_weights(
+            config.weights, config.device, native, hf_config, config.max_num_seqs, stored_4bit
+        )
+        self.facts: dict[str, Any] = {"source_format": source_format, "weights": self.weights, "weights_reason": self.weights_reason}
         if native:
             int4 = _gguf_int4(source, directory, hf_config) if self.weights == "int4" else None
             built = build_model(directory, hf_config, self.weights, self.device, max_positions, int4)

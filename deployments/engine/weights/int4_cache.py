@@ -1,8 +1,8 @@
 """The 4-bit GGUF tensors, decoded once and kept beside the conversion cache.
 
-Decoding needs gguf's reader, which parses the whole file's metadata (the tokenizer's vocabulary
-and merges: ~10 s for SmolLM2 here); the decoded codes, scales and zeros are written to
-`int4-g32.safetensors` in the model's conversion-cache folder, so a reload reads them directly.
+Decoding reads and unpacks every 4-bit block (about 1 s for SmolLM2); the decoded codes, scales
+and zeros are written to `int4-g32.safetensors` in the model's conversion-cache folder, so a reload
+reads them directly (0.2 s).
 The GGUF's file type is kept there too (`gguf_meta.json`) for `/models`.
 """
 
@@ -50,10 +50,9 @@ def gguf_file_type(gguf_path: Path, cache_dir: Path | None) -> str:
     meta = cache_dir / META_FILE if cache_dir is not None else None
     if meta is not None and meta.is_file():
         return str(json.loads(meta.read_text())["source_format"])
-    import gguf
+    from deployments.engine.weights.gguf import gguf_file_type as read_file_type
 
-    field = gguf.GGUFReader(str(gguf_path)).fields.get("general.file_type")
-    described = "GGUF" if field is None else f"GGUF {gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name}"
+    described = read_file_type(gguf_path)
     if meta is not None:
         meta.write_text(json.dumps({"source_format": described}))
     return described

@@ -16,8 +16,12 @@ from typing import Any
 FORMATS = ("int4", "bf16", "fp32")
 
 
-def choose_weights(requested: str, device: str, native: bool, config: Any, max_num_seqs: int) -> tuple[str, str]:
-    """(format, why). Non-native models (the generic adapter) run fp32 or bf16 only."""
+def choose_weights(
+    requested: str, device: str, native: bool, config: Any, max_num_seqs: int, stored_4bit: bool = True
+) -> tuple[str, str]:
+    """(format, why). Non-native models (the generic adapter) run fp32 or bf16 only. `auto` only
+    considers int4 when the source stores 4-bit weights (served exactly as stored: no quality loss);
+    a plain checkpoint would be re-quantized, so `auto` picks between bf16 and fp32 for it."""
     capability = torch.backends.cpu.get_cpu_capability() if device == "cpu" else device
     if not native:
         if requested == "int4":
@@ -29,20 +33,20 @@ def choose_weights(requested: str, device: str, native: bool, config: Any, max_n
         return requested, "configured"
     if device != "cpu":
         return "bf16", f"auto on {device}: bf16"
-    times = _measure(config, max_num_seqs)
+    times = _measure(config, max_num_seqs, FORMATS if stored_4bit else ("bf16", "fp32"))
     best = min(times, key=lambda f: times[f])
     detail = ", ".join(f"{f} {times[f] * 1e3:.2f} ms" for f in FORMATS if f in times)
     return best, f"auto on {capability}: fastest MLP projection at batch 1 + batch {max_num_seqs}: {detail}"
 
 
-def _measure(config: Any, max_num_seqs: int, repeats: int = 5) -> dict[str, float]:
+def _measure(config: Any, max_num_seqs: int, formats: tuple[str, ...], repeats: int = 15) -> dict[str, float]:
     from deployments.engine.layers.linear import Linear
 
     text = config.get_text_config(decoder=True)
     hidden, inter = int(text.hidden_size), int(text.intermediate_size)
     weight = torch.randn(2 * inter, hidden) * 0.02
     times: dict[str, float] = {}
-    for fmt in FORMATS:
+    for fmt in formats:
         if fmt == "int4" and (hidden % 32 or torch.backends.cpu.get_cpu_capability() in ("NO AVX", "DEFAULT")):
             continue
         layer = Linear.from_float(weight, None, fmt)
@@ -52,9 +56,11 @@ def _measure(config: Any, max_num_seqs: int, repeats: int = 5) -> dict[str, floa
             x = torch.randn(rows, hidden, dtype=dtype)
             with torch.inference_mode():
                 layer(x)
-                start = time.perf_counter()
+                samples = []
                 for _ in range(repeats):
+                    start = time.perf_counter()
                     layer(x)
-            total += (time.perf_counter() - start) / repeats
+                    samples.append(time.perf_counter() - start)
+            total += min(samples)  # the least disturbed run: another process's burst must not decide
         times[fmt] = total
     return times
