@@ -47,7 +47,7 @@ typecheck: install
 test-fast: install
 	$(PY) -m pytest tests/unit tests/integration
 
-# make bench: the standard performance set (about 10 minutes here); JSON + PNG under perf/results.
+# make bench: the standard performance set (about 10 minutes here, plus 7 for bench_peer); JSON + PNG under perf/results.
 bench: $(VENV)/.perf-installed
 	$(PY) perf/bench_engine.py --name bench_engine
 	$(PY) perf/quality.py

@@ -358,12 +358,15 @@ def write_plot(results: dict[str, Any], concs: list[str], path: Path) -> None:
                                                     ("TTFT p50 (ms)", lambda p: p["ttft_ms"]["p50"])]):
             for i, system in enumerate(done):
                 pts = runs[system]["points"]
-                ax.bar([x + i * width for x in range(len(concs))], [get(pts[c]) if c in pts else 0 for c in concs],
-                       width, label=system)
+                bars = ax.bar([x + i * width for x in range(len(concs))], [get(pts[c]) if c in pts else 0
+                              for c in concs], width, label=system, color=f"C{list(RUNNERS).index(system)}")
+                for bar, c in zip(bars, concs):  # hatched: other processes took CPU during that point
+                    bar.set_hatch("//" if pts.get(c, {}).get("other_processes_cores", 0) > 0.2 else "")
             ax.set(xticks=[x + (len(done) - 1) * width / 2 for x in range(len(concs))], yscale="log",
                    xticklabels=[f"c={c}" for c in concs], ylabel=ylabel, title=f"{model}: {ylabel}")
         if done:
             axes[0, col].legend(fontsize=8)
+    fig.suptitle("hatched: other processes took > 0.2 cores during that point", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
