@@ -4,9 +4,10 @@ per-row int8 copy to rank the vocabulary, whose best candidates are then rescore
 Why: the head decides the argmax. On SmolLM2 an int8 per-row or bf16 head (input rounded to bf16)
 moved greedy agreement with fp32 from 98% to 95-97%, under our 97% gate, while an fp32 head costs
 12 ms per step at batch 1 (113 MB read). So the full vocabulary is ranked by a per-row int8
-copy (`_weight_int8pack_mm`: 28 MB for SmolLM2) and the top `num_rescored` candidates of every row
-are scored again in fp32 from the exact table. A 4-bit ranking copy was faster but its tail logits
-raised perplexity 3% (quality.py); int8's tail keeps it within 0.6%. Greedy picks the fp32 argmax whenever it is among the
+copy (`_weight_int8pack_mm`: 28 MB for SmolLM2; bf16 for large vocabularies, see LARGE_VOCAB) and the
+top `num_rescored` candidates of every row are scored again in fp32 from the exact table. A 4-bit
+ranking copy was faster but its tail logits raised perplexity 3.1% (2.2% rescoring the top 128);
+int8's and bf16's tails keep it within 0.6% (perf/quality.py). Greedy picks the fp32 argmax whenever it is among the
 candidates; sampling sees exact logits for the likely tokens.
 
 The exact table is int8 codes with one fp32 scale per 32 values (absmax): a GGUF Q8_0 embedding
@@ -21,6 +22,10 @@ import torch
 from deployments.engine.layers.linear import Linear
 
 GROUP = 32
+LARGE_VOCAB = 65536
+"""Above this many rows the ranking copy is bf16: the int8 kernel's cost grows with every row of the
+batch (Gemma 3's 262k-row head: 92 ms per step at 10 streams with int8 ranking, 59 ms with bf16;
+perf/README.md); below it int8 keeps small models lean (SmolLM2: RSS/file 1.49 with int8, 1.77 with bf16)."""
 
 
 def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +48,8 @@ class VocabTable(torch.nn.Module):
         codes, scales = quantize_groups(weight)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
-        self.rank = Linear.from_float(weight, None, "int8")  # ranks the vocabulary; the tail stays as ranked
+        self.rank_fmt = "int8" if weight.shape[0] <= LARGE_VOCAB else "bf16"
+        self.rank = Linear.from_float(weight, None, self.rank_fmt)  # ranks the vocabulary; the tail stays as ranked
         self.num_rescored = min(num_rescored, weight.shape[0])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
