@@ -57,7 +57,7 @@ def _cuda_allocated() -> int:
 
 async def _run_cycles(cycles: int) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    server = ModelServer("smollm2", EngineConfig(model=SMOLLM2, max_model_len=512, device=device), load_on_start=False)
+    server = ModelServer("smollm2", EngineConfig(model=SMOLLM2, weights="int4", max_model_len=512, device=device), load_on_start=False)
     await _cycle(server)  # settling: imports, first-use caches, the conversion-cache lookup
     baseline = {"rss": rss_bytes(), "cuda": _cuda_allocated()}
     return {"baseline": baseline, "device": device, "cycles": [await _cycle(server) for _ in range(cycles)]}
