@@ -54,15 +54,25 @@ class AsyncLLMEngine:
     """Drives an `LLMEngine` from a background thread and streams its outputs to coroutines."""
 
     def __init__(self, config: EngineConfig, engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
-        self.engine = engine_factory(config)
-        self.engine.warm_up()  # before the loop thread owns the engine
         self._inbox: queue.SimpleQueue[tuple[str, tuple]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wakeup = threading.Event()
         self._stopped = False
         self._ids = itertools.count()
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._config, self._engine_factory = config, engine_factory
+        self.engine: LLMEngine
+        # The loop thread builds the engine and runs every step: all torch work stays on one thread,
+        # so the process has one OpenMP thread pool. A second pool (load on one thread, steps on
+        # another) makes libgomp count more threads than cores and stop spinning between parallel
+        # regions: SmolLM2 int4 went from 16 to 27 ms per single-stream step (perf/README.md).
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
 
     @property
     def num_requests(self) -> int:
@@ -108,7 +118,20 @@ class AsyncLLMEngine:
         self._inbox.put((command, args))
         self._wakeup.set()
 
+    def _build(self) -> bool:
+        try:
+            self.engine = self._engine_factory(self._config)
+            self.engine.warm_up()  # weights paged in before traffic
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
+            self._load_error = exc
+            return False
+        finally:
+            self._ready.set()
+        return True
+
     def _run(self) -> None:
+        if not self._build():
+            return
         try:
             while not self._stopped:
                 self._drain_inbox()
