@@ -28,6 +28,7 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.config = config
         self.device = torch.device(config.device)
+        self.model: Any  # our native model or the generic adapter: same interface (models/)
         source = resolve_model_path(config.model)
         directory = checkpoint_directory(source)
         self.tokenizer = load_tokenizer(directory, config.chat_template)
@@ -61,7 +62,7 @@ class ModelRunner:
         num_layers = len(model.layers) if hasattr(model, "layers") else int(model.config.num_hidden_layers)
         bytes_per_token = num_layers * 2 * model.num_kv_heads * model.head_dim * torch.finfo(self.act_dtype).bits // 8
         self.block_size = cfg.block_size
-        self.num_blocks = max(1, cfg.kv_cache_size(bytes_per_token) // (bytes_per_token * cfg.block_size))
+        self.num_blocks = max(1, int(cfg.kv_cache_size(int(bytes_per_token)) // (bytes_per_token * cfg.block_size)))
         shape = (num_layers, 2, self.num_blocks * cfg.block_size, model.num_kv_heads, model.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.device)
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()

@@ -41,6 +41,9 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class VocabTable(torch.nn.Module):
     """Embedding lookups and the (tied or untied) LM head over one 8-bit table."""
 
+    codes: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, num_rescored: int = 16) -> None:
         super().__init__()
         if weight.shape[1] % GROUP:

@@ -23,9 +23,10 @@ class Gemma3DecoderLayer(torch.nn.Module):
         scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.self_attn = Attention(store, f"{prefix}.self_attn", cfg, head_dim, scale, self.is_sliding, GEMMA_NORM_OFFSET)
         self.mlp = MLP(store, f"{prefix}.mlp", cfg.hidden_activation)
-        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-        for name in norms:
-            setattr(self, name, store.norm(f"{prefix}.{name}", eps, GEMMA_NORM_OFFSET))
+        self.input_layernorm = store.norm(f"{prefix}.input_layernorm", eps, GEMMA_NORM_OFFSET)
+        self.post_attention_layernorm = store.norm(f"{prefix}.post_attention_layernorm", eps, GEMMA_NORM_OFFSET)
+        self.pre_feedforward_layernorm = store.norm(f"{prefix}.pre_feedforward_layernorm", eps, GEMMA_NORM_OFFSET)
+        self.post_feedforward_layernorm = store.norm(f"{prefix}.post_feedforward_layernorm", eps, GEMMA_NORM_OFFSET)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta))

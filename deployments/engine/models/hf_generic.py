@@ -58,10 +58,12 @@ class HFGenericCausalLM(torch.nn.Module):
 
     def __init__(self, directory: Path, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.hf = AutoModelForCausalLM.from_pretrained(
+        hf: Any = AutoModelForCausalLM.from_pretrained(
             str(directory), local_files_only=True, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
         )
-        self.hf.to(device).eval()
+        hf.to(device)
+        hf.eval()
+        self.hf = hf
         self.config = self.hf.config.get_text_config(decoder=True)
         self.act_dtype = dtype
         layer_types = getattr(self.config, "layer_types", None) or []

@@ -100,8 +100,8 @@ class CausalLM(torch.nn.Module):
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> None:
         """Give each layer its slice of the runner's preallocated cache (views, no copies)."""
         for layer, (k, v) in zip(self.layers, caches):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
-            layer.self_attn.block_size = block_size
+            attn: Any = layer.self_attn
+            attn.k_cache, attn.v_cache, attn.block_size = k, v, block_size
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden)).float()
@@ -120,7 +120,8 @@ class LlamaForCausalLM(CausalLM):
         window = getattr(cfg, "sliding_window", None)
         self.sliding_window = window if window and getattr(cfg, "use_sliding_window", True) else None
         for layer in self.layers:
-            layer.self_attn.sliding = self.sliding_window is not None
+            attn: Any = layer.self_attn
+            attn.sliding = self.sliding_window is not None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

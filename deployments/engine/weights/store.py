@@ -72,7 +72,7 @@ class WeightStore:
         self.requantize = int4 is None
         self.num_exact_int4 = 0  # linears taken from 4-bit GGUF blocks as they are
         self.num_requantized = 0  # linears quantized group-wise here
-        self._embedding: Embedding | None = None
+        self._embedding: torch.nn.Module | None = None
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors and name in TIED_ALIASES:  # safetensors keeps one of two tied tensors
