@@ -233,7 +233,7 @@ async def engine_stream(engine: Any, prompt: str, output_len: int) -> Record:
 def run_ours_inproc(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
     from deployments.engine import AsyncLLMEngine, EngineConfig
 
-    engine = AsyncLLMEngine(EngineConfig(model=MODELS[model][1], max_num_seqs=args.max_num_seqs))
+    engine = AsyncLLMEngine(EngineConfig(model=MODELS[model][1], max_num_seqs=args.max_num_seqs, num_threads=args.num_threads))
     config = getattr(engine.engine, "config", None)  # whatever fields the engine in the tree has
     try:
         points = asyncio.run(measure(lambda p, n: engine_stream(engine, p, n), plan, args.output_len))
@@ -256,7 +256,7 @@ def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str,
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])})
-        serve.run(build_app({"models": [{"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs,
+        serve.run(build_app({"models": [{"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads,
                                          "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
         if not wait_http(f"{url}/readyz"):
             raise RuntimeError("the Ray Serve app did not become ready")
@@ -383,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=16, help="our engine's batch limit (as config/serve.yaml)")
     p.add_argument("--port", type=int, default=8000, help="our Ray Serve HTTP port (another free one if taken)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=None, help="our engine's torch threads (default: every core)")
     p.add_argument("--wait-idle-s", type=float, default=120.0, help="before each system, wait up to this for "
                    "other processes' CPU load to go (it is recorded either way)")
     p.add_argument("--llama-server", type=Path, default=REPO_ROOT.parent / "shared/peers/llama-server/run")
