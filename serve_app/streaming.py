@@ -22,8 +22,14 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Characters Python's str.splitlines() (and so requests' iter_lines and many SSE clients) treat as
+# line breaks, which json.dumps(ensure_ascii=False) leaves raw inside strings: escape them, so a
+# token like U+2028 or U+0085 never splits an event.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def sse_event(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
 async def open_stream(chunks: AsyncIterator[Chunk]) -> tuple[Chunk, AsyncIterator[Chunk]]:
