@@ -119,6 +119,7 @@ class ModelServer:
             release_freed_memory()
             return
         core = engine.engine
+        release_freed_memory()  # the load's transient buffers (fp32 tensors read, packing) go back first
         self.facts = {
             "architecture": core.runner.architecture,
             "quantization": core.runner.quantization,
