@@ -133,8 +133,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_source(source: ModelSource) -> str:
-    """How the weights are stored at the source, e.g. `GGUF MOSTLY_Q4_1`, `gptq-4bit-g64`, `safetensors`."""
+def describe_source(source: ModelSource, checkpoint: Path) -> str:
+    """How the weights are stored at the source, e.g. `GGUF MOSTLY_Q4_1`, `gptq-4bit-g64`, `safetensors`.
+    `checkpoint` is `checkpoint_directory(source)`, passed in: for a GGUF, finding it hashes the file."""
     directory, gguf_file = source
     if gguf_file is None:
         stored = json.loads((directory / "config.json").read_text()).get("quantization_config")
@@ -145,4 +146,4 @@ def describe_source(source: ModelSource) -> str:
         return f"{stored.get('quant_method', 'quantized')} checkpoint"
     from deployments.engine.weights.int4_cache import gguf_file_type
 
-    return gguf_file_type(directory / gguf_file, checkpoint_directory(source))
+    return gguf_file_type(directory / gguf_file, checkpoint)

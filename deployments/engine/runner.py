@@ -37,7 +37,7 @@ class ModelRunner:
         native = is_native(hf_config)
         self.max_position_embeddings = getattr(hf_config.get_text_config(decoder=True), "max_position_embeddings", None)
         max_positions = min(config.max_model_len, self.max_position_embeddings or config.max_model_len)
-        source_format = describe_source(source)
+        source_format = describe_source(source, directory)
         stored_4bit = source[1] is not None and "Q4" in source_format
         self.weights, self.weights_reason = choose_weights(
             config.weights, config.device, native, hf_config, config.max_num_seqs, stored_4bit
