@@ -15,6 +15,7 @@ class APIError(Exception):
 
     status_code = 500
     error_type = "internal_error"
+    default_code: str | None = None
 
     def __init__(
         self,
@@ -26,7 +27,7 @@ class APIError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
         self.headers = headers or {}
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -59,19 +60,47 @@ class PayloadTooLargeError(APIError):
 
 
 class ServiceUnavailableError(APIError):
-    """Over capacity or in a transition; always says when to retry."""
+    """Over capacity or in a transition; always says when to retry (`Retry-After`, 1 s unless the
+    raiser computed one)."""
 
     status_code = 503
     error_type = "service_unavailable_error"
+    default_code = "service_unavailable"
 
     def __init__(
         self,
         message: str,
         param: str | None = None,
-        code: str | None = "overloaded",
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, param, code, {"Retry-After": "1", **(headers or {})})
+
+
+class OverloadedError(ServiceUnavailableError):
+    """The model's replicas and queue are full (`max_ongoing_requests` + `max_queued_requests`)."""
+
+    default_code = "overloaded"
+
+
+class ModelLoadingError(ServiceUnavailableError):
+    """The model is loading on this replica; a request for it may wait for the load instead."""
+
+    default_code = "model_loading"
+
+
+class ModelUnloadingError(ServiceUnavailableError):
+    """The model is unloading (or was unloaded under a running request)."""
+
+    default_code = "model_unloading"
+
+
+class DeadlineExceededError(APIError):
+    """The request's `timeout` (or the server's default) ran out while it queued or ran (504)."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "deadline_exceeded"
 
 
 class InsufficientMemoryError(APIError):

@@ -20,7 +20,7 @@ from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
-from deployments.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
+from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
 
 logger = logging.getLogger(__name__)
@@ -230,15 +230,17 @@ class ModelServer:
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         except EngineDeadError as exc:
-            raise ServiceUnavailableError(f"model {self.model_id!r}: {exc}", code="model_unloaded") from None
+            raise ModelUnloadingError(f"model {self.model_id!r}: {exc}", code="model_unloaded") from None
         finally:
             self.last_used = time.time()
 
     def _require_loaded(self) -> AsyncLLMEngine:
         if self.engine is not None and self.state is ModelStatus.LOADED:
             return self.engine
-        if self.state in (ModelStatus.LOADING, ModelStatus.UNLOADING):
-            raise ServiceUnavailableError(f"model {self.model_id!r} is {self.state.value}", code="model_" + self.state.value)
+        if self.state is ModelStatus.LOADING:
+            raise ModelLoadingError(f"model {self.model_id!r} is loading")
+        if self.state is ModelStatus.UNLOADING:
+            raise ModelUnloadingError(f"model {self.model_id!r} is unloading")
         detail = f" (last load failed: {self.error})" if self.error else ""
         raise ModelNotLoadedError(
             f"model {self.model_id!r} is {self.state.value}{detail}; POST /load to load it", param="model", code="model_not_loaded"

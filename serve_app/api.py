@@ -20,8 +20,9 @@ def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: Lifecy
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        manager.start()  # idle release runs from startup, not from the first request
+        await manager.start()  # shared records restored, idle release running from startup
         yield
+        await manager.stop()  # no background release outlives the app
 
     app = FastAPI(title="llm-serve", version="0.1.0", lifespan=lifespan)
     app.state.registry = registry

@@ -22,7 +22,7 @@ from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, parse_app_settings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.loopback import keep_serve_grpc_on_loopback
-from serve_app.ray_client import HandleModelClient, deployment_name
+from serve_app.ray_client import ActorRecordStore, HandleModelClient, control_plane, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 logger = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ def log_through_serve() -> None:
         ours.propagate = False
 
 
+def capacity(model: ModelSettings) -> int:
+    """Requests the model's replicas run or queue at most (what an overloaded request waits behind)."""
+    replicas = model.autoscaling.max_replicas if model.autoscaling is not None else model.num_replicas
+    return replicas * model.max_ongoing_requests + max(model.max_queued_requests, 0)
+
+
 class Router:
     """The ingress: builds the FastAPI app over handle-backed model clients at replica start."""
 
@@ -61,8 +67,11 @@ class Router:
         self.settings: AppSettings = parse_app_settings(settings)
         app_name = serve.get_replica_context().app_name
         timeout = self.settings.load_timeout_s
-        self.registry = ModelRegistry({mid: HandleModelClient(mid, h, app_name, timeout) for mid, h in models.items()})
-        self.lifecycle = LifecycleManager(self.registry, self.settings, on_release=release_counter())
+        control = control_plane(app_name)  # one per app: the config's one writer, the shared records
+        self.registry = ModelRegistry({
+            m.id: HandleModelClient(m.id, models[m.id], app_name, timeout, control, capacity=capacity(m)) for m in self.settings.models
+        })
+        self.lifecycle = LifecycleManager(self.registry, self.settings, on_release=release_counter(), store=ActorRecordStore(control))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.registry, self.settings, self.lifecycle)

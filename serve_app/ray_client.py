@@ -5,23 +5,32 @@ handle call cannot (it picks one): they set the deployment's `user_config` in th
 deployed config, and Ray Serve calls `reconfigure` on each replica, and on every replica it starts
 later. An app deployed from Python (`serve.run`) has no deployed config; there they fall back to
 one handle call (one replica), which is exact for the usual single replica.
+
+The application's config has one writer: a named actor per application (`ControlPlane`), which
+also keeps the lifecycle records (serve_app.control_store) where a restarted or second router
+replica finds them. Changes of different models, from any router replica, are applied one after
+the other, each on the config the previous one wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from deployments.errors import ServiceUnavailableError
+from deployments.errors import OverloadedError, ServiceUnavailableError
+from serve_app.control_store import ControlStore, ModelRecord
 from serve_app.errors import unwrap_error
 
 logger = logging.getLogger(__name__)
@@ -35,11 +44,22 @@ def deployment_name(model_id: str) -> str:
 class HandleModelClient:
     """Forwards to a model deployment: generation by handle, load/unload by `user_config`."""
 
-    def __init__(self, model_id: str, handle: DeploymentHandle, app_name: str, timeout_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        handle: DeploymentHandle,
+        app_name: str,
+        timeout_s: float = 900.0,
+        control: Any = None,
+        capacity: int = 0,
+    ) -> None:
         self.model_id = model_id
         self.handle = handle
         self.app_name = app_name
         self.timeout_s = timeout_s
+        self.control = control  # the ControlPlane actor handle; None: write the config directly
+        self.capacity = capacity  # requests its replicas run or queue (for Retry-After)
+        self.service_rate = ServiceRate()
 
     async def status(self) -> dict[str, Any]:
         return await self._call("status") | {"replicas": await self.num_replicas()}
@@ -61,9 +81,10 @@ class HandleModelClient:
             async for chunk in response:
                 yield chunk
             settled = True
-        except BackPressureError as exc:
+            self.service_rate.record(time.monotonic())
+        except BackPressureError:
             settled = True
-            raise _overloaded(self.model_id, exc) from None
+            raise self._overloaded() from None
         except Exception as exc:
             settled = True
             raise (unwrap_error(exc) or exc) from None
@@ -87,27 +108,18 @@ class HandleModelClient:
 
     # --- the wanted state, through user_config ------------------------------------------------
     async def _apply(self, wanted: dict[str, Any]) -> dict[str, Any]:
-        client = _get_global_client()
-        if client is None:
-            raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
-        controller = client._controller
-        configs: dict[str, ServeApplicationSchema] = await controller.get_app_configs.remote()
-        if self.app_name not in configs:  # deployed with serve.run: one handle call, one replica
+        epoch = time.time_ns()
+        user_config = wanted | {"epoch": epoch}
+        name = deployment_name(self.model_id)
+        if self.control is not None:
+            applied = await self.control.set_user_config.remote(self.app_name, name, user_config)
+        else:
+            applied = await asyncio.to_thread(write_user_config, self.app_name, name, user_config)
+        if not applied:  # deployed with serve.run: one handle call, one replica
             if wanted["loaded"]:
                 return await self._call("load")
             return await self._call("unload", wanted["force"], wanted["reason"])
-        epoch = time.time_ns()
-        configs[self.app_name] = self._with_user_config(configs[self.app_name], wanted | {"epoch": epoch})
-        await controller.apply_config.remote(ServeDeploySchema(applications=list(configs.values())))
         return await self._wait_applied(epoch)
-
-    def _with_user_config(self, app: ServeApplicationSchema, user_config: dict[str, Any]) -> ServeApplicationSchema:
-        name = deployment_name(self.model_id)
-        data = app.model_dump(exclude_unset=True)
-        deployments = [d for d in data.get("deployments", []) if d["name"] != name]
-        current = next((d for d in data.get("deployments", []) if d["name"] == name), {"name": name})
-        deployments.append(current | {"user_config": user_config})
-        return ServeApplicationSchema.model_validate(data | {"deployments": deployments})
 
     async def _wait_applied(self, epoch: int) -> dict[str, Any]:
         """Until a replica reports this epoch and the deployment is HEALTHY again (Ray keeps it
@@ -124,15 +136,89 @@ class HandleModelClient:
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
         try:
             return await getattr(self.handle, method).remote(*args)  # type: ignore[no-any-return]
-        except BackPressureError as exc:
-            raise _overloaded(self.model_id, exc) from None
+        except BackPressureError:
+            raise self._overloaded() from None
         except Exception as exc:
             raise (unwrap_error(exc) or exc) from None
 
+    def _overloaded(self) -> OverloadedError:
+        """503 with the time the requests ahead should take to drain, at the measured rate."""
+        retry_after = self.service_rate.seconds_for(self.capacity)
+        return OverloadedError(
+            f"model {self.model_id!r} is at capacity (its queue is full); retry after {retry_after}s",
+            headers={"Retry-After": str(retry_after)},
+        )
 
-def _overloaded(model_id: str, exc: BackPressureError) -> ServiceUnavailableError:
-    retry_after = getattr(exc, "retry_after_s", None) or 1
-    return ServiceUnavailableError(
-        f"model {model_id!r} is at capacity (its queue is full); retry after {retry_after:g}s",
-        headers={"Retry-After": str(max(1, round(retry_after)))},
+
+class ServiceRate:
+    """Requests completed per second over the last `window_s` (at most `max_samples` of them)."""
+
+    def __init__(self, window_s: float = 60.0, max_samples: int = 256) -> None:
+        self.window_s = window_s
+        self.done: deque[float] = deque(maxlen=max_samples)
+
+    def record(self, now: float) -> None:
+        self.done.append(now)
+
+    def per_second(self, now: float) -> float | None:
+        recent = [t for t in self.done if now - t <= self.window_s]
+        if len(recent) < 2:
+            return None
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+
+    def seconds_for(self, queued: int, now: float | None = None, unknown_s: int = 5, max_s: int = 120) -> int:
+        """Whole seconds for `queued` requests to complete; `unknown_s` before any rate is measured."""
+        rate = self.per_second(time.monotonic() if now is None else now)
+        if rate is None:
+            return unknown_s
+        return int(min(max_s, max(1, math.ceil(max(queued, 1) / rate))))
+
+
+def write_user_config(app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
+    """Set one deployment's `user_config` in the application's deployed config (read, change,
+    write). False if the app has no deployed config (it was deployed with `serve.run`). Callers
+    must not run this concurrently: `ControlPlane` is its one writer."""
+    client = _get_global_client()
+    if client is None:
+        raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
+    configs: dict[str, ServeApplicationSchema] = ray.get(client._controller.get_app_configs.remote())
+    if app_name not in configs:
+        return False
+    data = configs[app_name].model_dump(exclude_unset=True)
+    deployments = [d for d in data.get("deployments", []) if d["name"] != deployment]
+    current = next((d for d in data.get("deployments", []) if d["name"] == deployment), {"name": deployment})
+    deployments.append(current | {"user_config": user_config})
+    configs[app_name] = ServeApplicationSchema.model_validate(data | {"deployments": deployments})
+    ray.get(client._controller.apply_config.remote(ServeDeploySchema(applications=list(configs.values()))))
+    return True
+
+
+class ControlPlane(ControlStore):
+    """A named actor per application (methods run one at a time): the one writer of the app's
+    config, and the lifecycle records that outlive any router replica."""
+
+    def set_user_config(self, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
+        return write_user_config(app_name, deployment, user_config)
+
+
+def control_plane(app_name: str) -> Any:
+    """The application's `ControlPlane` actor, created by the first router replica that asks.
+    Detached, so it outlives a router replica; it ends with the Ray cluster."""
+    actor = ray.remote(ControlPlane).options(
+        name=f"llm-serve-control-plane:{app_name}", namespace="serve", lifetime="detached",
+        get_if_exists=True, num_cpus=0, max_restarts=-1,
     )
+    return actor.remote()
+
+
+class ActorRecordStore:
+    """A `RecordStore` (serve_app.control_store) in the `ControlPlane` actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
+        return await self.actor.restore.remote(defaults)  # type: ignore[no-any-return]
+
+    def save(self, model_id: str, record: ModelRecord) -> None:
+        self.actor.save.remote(model_id, record.copy())  # calls from one caller run in order

@@ -1,0 +1,77 @@
+"""The lifecycle state that must outlive a router replica: per model, its keep-alive clock, whether
+it is believed loaded, and why it was released.
+
+A router replica holds a working copy and writes every change through to a `RecordStore`. With
+Ray the store is one named actor per application (serve_app.ray_client.ActorRecordStore), so a
+restarted router, or a second router replica, finds the same clocks; without Ray (tests, one
+process) it is `LocalRecordStore`. Requests in flight and pending transitions stay per replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class ModelRecord:
+    """One model's shared lifecycle state (picklable; crosses the Ray boundary as is)."""
+
+    keep_alive_s: float | None = None  # None: forever
+    last_used: float = 0.0
+    expires_at: float | None = None
+    maybe_loaded: bool = False
+    releases: dict[str, int] = field(default_factory=dict)
+
+    def touch(self, now: float) -> None:
+        """A use at `now`: the keep-alive clock starts again."""
+        self.last_used = now
+        self.expires_at = None if self.keep_alive_s is None else now + self.keep_alive_s
+
+    def copy(self) -> "ModelRecord":
+        return dataclasses.replace(self, releases=dict(self.releases))
+
+
+class ControlStore:
+    """Records by model id. Plain Python: the Ray actor in serve_app.ray_client subclasses it."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ModelRecord] = {}
+
+    def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
+        """The stored records; a model seen for the first time starts from its default."""
+        for model_id, record in defaults.items():
+            self.records.setdefault(model_id, record)
+        return {model_id: self.records[model_id] for model_id in defaults}
+
+    def save(self, model_id: str, record: ModelRecord) -> None:
+        """Store a router's change. `last_used` never goes back: two routers may touch one model,
+        and the later use decides when its keep-alive runs out."""
+        old = self.records.get(model_id)
+        if old is not None and old.last_used > record.last_used and old.keep_alive_s == record.keep_alive_s:
+            record = dataclasses.replace(record, last_used=old.last_used, expires_at=old.expires_at)
+        self.records[model_id] = record
+
+
+class RecordStore(Protocol):
+    """Where a router replica reads and writes the shared records."""
+
+    async def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]: ...
+
+    def save(self, model_id: str, record: ModelRecord) -> None:
+        """Write through, without waiting: saves from one router arrive in order."""
+        ...
+
+
+class LocalRecordStore:
+    """A `RecordStore` in this process; several managers sharing one stand in for router replicas."""
+
+    def __init__(self, store: ControlStore | None = None) -> None:
+        self.store = store or ControlStore()
+
+    async def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
+        return {k: v.copy() for k, v in self.store.restore(defaults).items()}
+
+    def save(self, model_id: str, record: ModelRecord) -> None:
+        self.store.save(model_id, record.copy())
