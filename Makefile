@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install serve test test-fast typecheck bench clean
+.PHONY: install serve test test-fast typecheck browser-deps bench clean
 
 install: $(STAMP)
 
@@ -38,8 +38,15 @@ serve: install $(GPTQ_DIR)/config.json
 $(GPTQ_DIR)/config.json: | $(STAMP)
 	$(PY) -m perf.make_gptq --checkpoint-only --out $(GPTQ_DIR)
 
-test: install typecheck
+test: install typecheck browser-deps
 	$(PY) -m pytest tests
+
+# tests/browser drive Debian's Chromium through Playwright (which never downloads a browser here);
+# without root and without chromium they are skipped, saying why.
+browser-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: chromium is not installed (apt-get install chromium needs root): tests/browser will be skipped"
 
 typecheck: install
 	$(VENV)/bin/mypy deployments/engine serve_app/schemas.py

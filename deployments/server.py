@@ -1,6 +1,6 @@
 """The model server: an ordinary class (Ray Serve decorates it in serve_app.app) owning one engine.
 
-It turns wire requests (plain dicts) into engine requests and engine outputs into chunk dicts,
+It turns wire requests (deployments.protocol) into engine requests and engine outputs into chunks,
 loads and unloads the engine, and measures what the loaded model holds. Tests build it with no Ray.
 """
 
@@ -21,7 +21,9 @@ from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
+from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus, Usage
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
+from deployments.metrics import ReplicaMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +69,12 @@ class ModelServer:
         self.num_loads = 0  # loads started in this replica (a concurrent /load must not add one)
         self._estimate: MemoryEstimate | None = None
         self._lock: asyncio.Lock | None = None
+        self.metrics = ReplicaMetrics(self)  # exported through Ray; no-ops without it
         if load_on_start:
             self._load_sync()
 
     # --- lifecycle ---------------------------------------------------------------------------
-    async def load(self) -> dict[str, Any]:
+    async def load(self) -> ReplicaStatus:
         """Load the model if it is not loaded; concurrent calls share one load."""
         async with self._transition_lock():
             if self.state is not ModelStatus.LOADED:
@@ -79,7 +82,7 @@ class ModelServer:
                 await asyncio.to_thread(self._load_sync)
         return self.status()
 
-    async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+    async def unload(self, force: bool = False, reason: str = "manual") -> ReplicaStatus:
         """Stop serving and free the weights. New requests get 503 from now on; requests in flight
         finish first (drain, up to `drain_timeout_s`) unless `force`, which ends them at once with
         an error event."""
@@ -135,6 +138,7 @@ class ModelServer:
         if self.config.device.startswith("cuda"):
             self.resident_bytes = gpu_memory(self.config.device)["allocated_bytes"]
         self.measured_bytes = self.resident_bytes
+        self.metrics.loaded(self.facts["load_time_s"])
         self.engine, self.state, self.error = engine, ModelStatus.LOADED, None
         logger.info("loaded %s in %.1fs, %d resident bytes", self.model_id, self.facts["load_time_s"], self.resident_bytes)
 
@@ -149,6 +153,7 @@ class ModelServer:
     def _transition_lock(self) -> asyncio.Lock:
         if self._lock is None:  # created lazily: it must belong to the serving event loop
             self._lock = asyncio.Lock()
+            self.metrics.watch()  # the gauges' sampler, on the same loop
         return self._lock
 
     def estimate(self) -> MemoryEstimate:
@@ -164,14 +169,14 @@ class ModelServer:
         base = self.measured_bytes if self.measured_bytes is not None else estimate.weights_bytes + estimate.overhead_bytes
         return base + estimate.kv_cache_bytes
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ReplicaStatus:
         engine = self.engine
         try:
             estimate: dict[str, int] | None = self.estimate().to_dict() | {"need_bytes": self.memory_need()}
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("cannot estimate %s's memory: %s", self.model_id, exc)
             estimate = None
-        return {
+        return ReplicaStatus(**{
             "id": self.model_id,
             "status": self.state.value,
             "error": self.error,
@@ -199,40 +204,35 @@ class ModelServer:
             "num_loads": self.num_loads,
             "pid": os.getpid(),
             "allocator": allocator(),
-        }
+        })
 
     # --- generation --------------------------------------------------------------------------
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream chunk dicts `{text, token_ids, finish_reason, usage}`; the last has a finish_reason.
-
-        `request` is `{"prompt": str} or {"messages": [...]}` plus `"params"` (SamplingParams fields,
-        `max_tokens` may be None). Bad requests raise before the first chunk.
-        """
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Stream `Chunk`s; the last has a finish_reason and usage. Bad requests raise before the
+        first chunk."""
         engine = self._require_loaded()
         self.last_used = time.time()
+        timer = self.metrics.request(request)
         try:
-            prompt_ids = engine.engine.encode(request.get("prompt"), request.get("messages"))
-            fields = dict(request.get("params") or {})
+            prompt_ids = engine.engine.encode(request.prompt, request.messages)
+            fields = dict(request.params)
             fields["stop"] = tuple(fields.get("stop") or ())
             fields["max_tokens"] = engine.engine.resolve_max_tokens(len(prompt_ids), fields.get("max_tokens"))
             params = SamplingParams(**fields)
-            request_id = str(request.get("request_id") or engine.next_request_id())
-            async for out in engine.generate(request_id, prompt_ids, params):
-                chunk: dict[str, Any] = {"text": out.text, "token_ids": out.new_token_ids, "finish_reason": None}
-                if out.finished:
-                    chunk["finish_reason"] = out.finish_reason.value if out.finish_reason else None
-                    chunk["usage"] = {
-                        "prompt_tokens": out.num_prompt_tokens,
-                        "completion_tokens": out.num_output_tokens,
-                        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-                    }
-                yield chunk
+            async for out in engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params):
+                timer.output(out)
+                if not out.finished:
+                    yield Chunk(out.text, out.new_token_ids)
+                    continue
+                reason = out.finish_reason.value if out.finish_reason else None
+                yield Chunk(out.text, out.new_token_ids, reason, Usage(out.num_prompt_tokens, out.num_output_tokens))
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         except EngineDeadError as exc:
             raise ModelUnloadingError(f"model {self.model_id!r}: {exc}", code="model_unloaded") from None
         finally:
             self.last_used = time.time()
+            timer.finish()
 
     def _require_loaded(self) -> AsyncLLMEngine:
         if self.engine is not None and self.state is ModelStatus.LOADED:

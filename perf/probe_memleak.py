@@ -124,7 +124,7 @@ def shared_engine_cls() -> Any:
 
 async def cycle(server: Any) -> None:
     await server.load()
-    request = {"prompt": "Hello, how are you?", "params": {"max_tokens": 8, "temperature": 0.0}}
+    request = GenerateRequest("probe", {"max_tokens": 8, "temperature": 0.0}, prompt="Hello, how are you?")
     async for _ in server.generate(request):
         pass
     await server.unload()
@@ -172,6 +172,7 @@ def child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(rows))
 
 
+from deployments.protocol import GenerateRequest  # noqa: E402
 from deployments.engine.config import WEIGHT_CHOICES  # noqa: E402
 from deployments.memory import JEMALLOC_CONF, find_jemalloc, replica_allocator_env  # noqa: E402
 

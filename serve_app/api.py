@@ -11,8 +11,10 @@ from fastapi.staticfiles import StaticFiles
 from serve_app import openai_routes, routes
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
-from serve_app.errors import BodySizeLimit, install_error_handlers
+from serve_app.errors import BodySizeLimit, StrictJSONBody, install_error_handlers
 from serve_app.lifecycle import LifecycleManager
+from serve_app.metrics import install_metrics
+from serve_app.security import install_security
 
 
 def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: LifecycleManager | None = None) -> FastAPI:
@@ -32,5 +34,8 @@ def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: Lifecy
     app.include_router(routes.router)
     app.include_router(openai_routes.router)
     app.mount("/ui", StaticFiles(directory=routes.UI_DIR), name="ui")
+    app.add_middleware(StrictJSONBody)  # inside BodySizeLimit: the bodies it reads are bounded
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_metrics(app, [m.id for m in settings.models], settings.max_request_bytes)  # around the routes and body limits
+    install_security(app, settings)  # API keys, CORS, Host allowlist, access log: around the rest
     return app

@@ -6,14 +6,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter
 
 from deployments.memory import replica_allocator_env
 from deployments.server import ModelServer
@@ -22,21 +20,11 @@ from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, parse_app_settings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.loopback import keep_serve_grpc_on_loopback
+from serve_app.metrics import release_counter
 from serve_app.ray_client import ActorRecordStore, HandleModelClient, control_plane, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 logger = logging.getLogger(__name__)
-
-
-def release_counter() -> Callable[[str, str], None]:
-    """`on_release(model, reason)` feeding the per-model release counter Ray exports as a metric
-    (`ray_llm_serve_model_releases_total{model, reason}` on Ray's Prometheus endpoint)."""
-    counter = Counter(
-        "llm_serve_model_releases",
-        description="Model releases (unloads of a loaded model) by reason: manual, idle, memory_pressure, replaced.",
-        tag_keys=("model", "reason"),
-    )
-    return lambda model, reason: counter.inc(tags={"model": model, "reason": reason})
 
 
 def log_through_serve() -> None:

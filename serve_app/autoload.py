@@ -1,5 +1,5 @@
 """A request for a model that is not loaded: join a load under way, or start one, streaming
-`{"progress": ...}` chunks (SSE comments) while it waits; then the model's own chunks."""
+`LoadProgress` items (SSE comments) while it waits; then the model's own chunks."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from deployments.errors import ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
+from deployments.protocol import Chunk, GenerateRequest, LoadProgress
 from serve_app.clients import ModelClient
 
 if TYPE_CHECKING:
     from serve_app.lifecycle import LifecycleManager
 
-Chunk = dict[str, Any]
+Item = Chunk | LoadProgress
 
 
 async def stream_with_autoload(
-    manager: "LifecycleManager", model_id: str, client: ModelClient, request: dict[str, Any]
-) -> AsyncIterator[Chunk]:
+    manager: "LifecycleManager", model_id: str, client: ModelClient, request: GenerateRequest
+) -> AsyncIterator[Item]:
     usage = manager.usage[model_id]
     if usage.transitions.pending("unload") is not None:
         raise ModelUnloadingError(f"model {model_id!r} is unloading; retry once it is loaded")
@@ -45,10 +46,10 @@ async def stream_with_autoload(
         yield chunk
 
 
-async def wait_for_load(manager: "LifecycleManager", model_id: str, task: asyncio.Future[dict[str, Any]]) -> AsyncIterator[Chunk]:
+async def wait_for_load(manager: "LifecycleManager", model_id: str, task: asyncio.Future[dict[str, Any]]) -> AsyncIterator[LoadProgress]:
     started = time.monotonic()
     while True:
-        yield {"progress": f"loading model {model_id} ({time.monotonic() - started:.0f} s)"}
+        yield LoadProgress(f"loading model {model_id} ({time.monotonic() - started:.0f} s)")
         done, _ = await asyncio.wait({task}, timeout=manager.settings.load_progress_interval_s)
         if done:
             break

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from deployments.errors import NotFoundError
+from deployments.protocol import Chunk, GenerateRequest
 from deployments.server import ModelServer
 
 
@@ -30,7 +31,7 @@ class ModelClient(Protocol):
         """Replicas running now (0 for a model scaled to zero)."""
         ...
 
-    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]: ...
 
 
 class InProcessModelClient:
@@ -41,18 +42,18 @@ class InProcessModelClient:
         self.model_id = server.model_id
 
     async def status(self) -> dict[str, Any]:
-        return self.server.status() | {"replicas": 1}
+        return self.server.status().to_dict() | {"replicas": 1}
 
     async def load(self) -> dict[str, Any]:
-        return await self.server.load() | {"replicas": 1}
+        return (await self.server.load()).to_dict() | {"replicas": 1}
 
     async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
-        return await self.server.unload(force=force, reason=reason) | {"replicas": 1}
+        return (await self.server.unload(force=force, reason=reason)).to_dict() | {"replicas": 1}
 
     async def num_replicas(self) -> int:
         return 1
 
-    def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         return self.server.generate(request)
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from deployments.engine import EngineConfig
-from serve_app.schemas import parse_duration
+from serve_app.schemas import MODEL_ID_PATTERN, parse_duration
+
+MIN_API_KEY_LENGTH = 16
+HOST_PATTERN = r"^(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[?[0-9a-f:.]+\]?)$"
+ORIGIN_PATTERN = r"^(\*|https?://[A-Za-z0-9.\-\[\]:]+)$"
 
 SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -43,7 +48,7 @@ class ModelSettings(BaseModel):
     """One served model: where its weights are, how it runs, and how much load it accepts."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The model name clients send.")
+    id: str = Field(pattern=MODEL_ID_PATTERN, description="The model name clients send.")
     source: str = Field(min_length=1, description="Model directory, .gguf file, or pkg://package/file.gguf.")
     weights: Literal["auto", "int4", "bf16", "fp32"] = Field(
         "auto", description="Weight format; auto: what measures fastest on the host (reported in /models)."
@@ -131,6 +136,43 @@ class AppSettings(BaseModel):
     idle_check_interval_s: float = Field(1.0, gt=0, description="How often idle models are looked for.")
     load_progress_interval_s: float = Field(2.0, gt=0, description="SSE comment interval while a request waits for a load.")
     load_timeout_s: float = Field(900.0, gt=0, description="How long /load waits for every replica.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Default deadline of a generation request (queued and running); a request's `timeout` overrides it.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer keys (also $LLM_SERVE_API_KEY, comma-separated): when any key is set, every route "
+        "but /healthz and the chat page's files needs `Authorization: Bearer <key>`.",
+    )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys that alone may POST /load and /unload (also $LLM_SERVE_ADMIN_API_KEY); valid everywhere.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names answered besides localhost, 127.0.0.1 and [::1] (any port): a name, "
+        "an IP, '*.example.com', or '*' for any (turns the DNS-rebinding guard off).",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the API cross-origin (e.g. 'https://app.example.com', or '*'); "
+        "none by default: the chat page is same-origin.",
+    )
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _key_shape(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            check_api_key(key.get_secret_value())
+        return keys
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        return [_checked(h.strip().lower(), HOST_PATTERN, "a host name, an IP, '*.domain' or '*'") for h in hosts]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        return [_checked(o.strip().rstrip("/"), ORIGIN_PATTERN, "'*' or scheme://host[:port]") for o in origins]
 
     @field_validator("memory_budget")
     @classmethod
@@ -156,6 +198,18 @@ class AppSettings(BaseModel):
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {duplicates}")
         return self
+
+
+def check_api_key(key: str) -> None:
+    """Refuse a guessable or unsendable key; the message never shows the key."""
+    if len(key) < MIN_API_KEY_LENGTH or not (key.isascii() and key.isprintable()) or " " in key:
+        raise ValueError(f"an API key must be at least {MIN_API_KEY_LENGTH} printable ASCII characters without spaces")
+
+
+def _checked(value: str, pattern: str, what: str) -> str:
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"{value!r} is not {what}")
+    return value
 
 
 def parse_app_settings(args: dict[str, Any]) -> AppSettings:

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.errors import OverloadedError
+from deployments.errors import DeadlineExceededError, OverloadedError
+from deployments.protocol import Chunk, GenerateRequest, LoadProgress
 from serve_app.autoload import stream_with_autoload
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings
@@ -29,7 +30,7 @@ from serve_app.memory_budget import MiB, plan_release
 from serve_app.transitions import TransitionQueue
 
 logger = logging.getLogger(__name__)
-Chunk = dict[str, Any]
+Item = Chunk | LoadProgress
 
 
 @dataclass
@@ -165,17 +166,31 @@ class LifecycleManager:
         return not model.pinned and usage.in_flight == 0 and not usage.transitions.busy
 
     # --- requests ----------------------------------------------------------------------------
-    async def generate(self, model_id: str, request: dict[str, Any], keep_alive_s: float | None = None) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, model_id: str, request: GenerateRequest, keep_alive_s: float | None = None, timeout_s: float | None = None
+    ) -> AsyncIterator[Item]:
         """The model's chunks, loading it first if it is unloaded and may autoload; while it loads,
-        chunks `{"progress": message}` are yielded (SSE comments). Errors before any chunk raise."""
+        `LoadProgress` items are yielded (SSE comments). Errors before any chunk raise.
+        Past the deadline (`timeout_s`, else the server default), waiting or generating, the
+        request is cancelled down to the engine and `DeadlineExceededError` is raised."""
         client = self.registry.get(model_id)
         usage = self.usage[model_id]
         await self.start()
+        timeout_s = timeout_s or self.settings.request_timeout_s
+        deadline = time.monotonic() + timeout_s
         usage.in_flight += 1
+        chunks = stream_with_autoload(self, model_id, client, request)
         try:
-            async for chunk in stream_with_autoload(self, model_id, client, request):
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:  # wait_for cancelled the stream: the replica aborts it
+                    raise DeadlineExceededError(f"the request ran past its deadline of {timeout_s:g} s", param="timeout") from None
                 yield chunk
         finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
             usage.in_flight -= 1
             if keep_alive_s is not None:
                 usage.record.keep_alive_s = None if keep_alive_s == float("inf") else keep_alive_s

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from deployments.protocol import Chunk, GenerateRequest
 from serve_app.clients import ModelRegistry
 from serve_app.lifecycle import LifecycleManager
 from serve_app.routes import get_lifecycle, get_registry
@@ -25,7 +26,7 @@ from serve_app.schemas import (
     ModelCard,
     ModelList,
 )
-from serve_app.streaming import Chunk, collect, open_stream, sse_response
+from serve_app.streaming import collect, open_stream, sse_response
 
 router = APIRouter(prefix="/v1")
 
@@ -39,8 +40,8 @@ async def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelL
 @router.post("/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    wire = {"request_id": request_id, "prompt": body.prompt, "params": body.engine_params()}
-    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
+    wire = GenerateRequest(request_id, body.engine_params(), prompt=str(body.prompt))  # one prompt: the schema made it a str
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     echo = body.prompt if body.echo else ""
 
     def response(text: str, finish_reason: str | None, usage: dict[str, int] | None) -> CompletionResponse:
@@ -51,12 +52,12 @@ async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Dep
         state = {"echo": echo}
 
         def to_events(chunk: Chunk) -> list[dict[str, Any]]:
-            text, state["echo"] = state["echo"] + chunk["text"], ""
+            text, state["echo"] = state["echo"] + chunk.text, ""
             events = []
-            if text or chunk.get("finish_reason"):
-                events.append(response(text, chunk.get("finish_reason"), None).model_dump())
-            if chunk.get("finish_reason") and body.include_usage:
-                events.append(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk["usage"]).model_dump())
+            if text or chunk.finish_reason:
+                events.append(response(text, chunk.finish_reason, None).model_dump())
+            if chunk.finish_reason and body.include_usage and chunk.usage:
+                events.append(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump())  # type: ignore[arg-type]
             return events
 
         return sse_response(first, rest, to_events)
@@ -68,8 +69,8 @@ async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Dep
 async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    wire = {"request_id": request_id, "messages": messages, "params": body.engine_params()}
-    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
+    wire = GenerateRequest(request_id, body.engine_params(), messages=messages)
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if body.stream:
         state = {"sent_role": False}
 
@@ -82,12 +83,12 @@ async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleMana
             if not state["sent_role"]:
                 state["sent_role"] = True
                 events.append(chunk_event(ChatDelta(role="assistant", content="")))
-            if chunk["text"]:
-                events.append(chunk_event(ChatDelta(content=chunk["text"])))
-            if chunk.get("finish_reason"):
-                events.append(chunk_event(ChatDelta(), chunk["finish_reason"]))
-                if body.include_usage:
-                    events.append(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk["usage"]).model_dump())
+            if chunk.text:
+                events.append(chunk_event(ChatDelta(content=chunk.text)))
+            if chunk.finish_reason:
+                events.append(chunk_event(ChatDelta(), chunk.finish_reason))
+                if body.include_usage and chunk.usage:
+                    events.append(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump())  # type: ignore[arg-type]
             return events
 
         return sse_response(first, rest, to_events)

@@ -24,11 +24,13 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
+from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus
 from deployments.errors import OverloadedError, ServiceUnavailableError
 from serve_app.control_store import ControlStore, ModelRecord
 from serve_app.errors import unwrap_error
@@ -72,12 +74,13 @@ class HandleModelClient:
             return {"id": self.model_id, "status": "unloaded", "replicas": 0}
         return await self._apply({"loaded": False, "force": force, "reason": reason})
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         response = None
         settled = False  # finished or failed: nothing left to cancel (cancel() would re-raise the failure)
         try:
             # .remote() itself raises BackPressureError when the model's queue is full.
-            response = self.handle.options(stream=True).generate.remote(request)
+            # Stamped: the replica measures the time the request waited in Ray Serve's queue from it.
+            response = self.handle.options(stream=True).generate.remote(request.stamped(time.time()))
             async for chunk in response:
                 yield chunk
             settled = True
@@ -85,6 +88,12 @@ class HandleModelClient:
         except BackPressureError:
             settled = True
             raise self._overloaded() from None
+        except (RayActorError, ActorUnavailableError):  # the replica died (killed, crashed, OOM)
+            settled = True
+            raise ServiceUnavailableError(
+                f"model {self.model_id!r}: its replica stopped while serving this request; Ray Serve restarts it, retry",
+                code="replica_died",
+            ) from None
         except Exception as exc:
             settled = True
             raise (unwrap_error(exc) or exc) from None
@@ -135,7 +144,8 @@ class HandleModelClient:
 
     async def _call(self, method: str, *args: Any) -> dict[str, Any]:
         try:
-            return await getattr(self.handle, method).remote(*args)  # type: ignore[no-any-return]
+            status: ReplicaStatus = await getattr(self.handle, method).remote(*args)
+            return status.to_dict()
         except BackPressureError:
             raise self._overloaded() from None
         except Exception as exc:

@@ -10,11 +10,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from deployments.protocol import Chunk, GenerateRequest
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList, UnloadRequest
-from serve_app.streaming import Chunk, collect, open_stream, sse_response
+from serve_app.streaming import collect, open_stream, sse_response
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 router = APIRouter()
@@ -87,19 +88,16 @@ async def unload(body: UnloadRequest, lifecycle: LifecycleManager = Depends(get_
 @router.post("/infer", response_model=InferResponse)
 async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id = f"infer-{uuid.uuid4().hex}"
-    wire: dict[str, Any] = {"request_id": request_id, "params": body.engine_params()}
-    if body.messages is not None:
-        wire["messages"] = [{"role": m.role, "content": m.text()} for m in body.messages]
-    else:
-        wire["prompt"] = body.prompt
-    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s()))
+    messages = None if body.messages is None else [{"role": m.role, "content": m.text()} for m in body.messages]
+    wire = GenerateRequest(request_id, body.engine_params(), prompt=None if messages is not None else body.prompt, messages=messages)
+    first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if stream:
 
         def to_events(chunk: Chunk) -> list[dict[str, Any]]:
-            event: dict[str, Any] = {"id": request_id, "model": body.model, "text": chunk["text"]}
-            if chunk.get("finish_reason"):
-                return [event | {"finish_reason": chunk["finish_reason"], "usage": chunk["usage"]}]
-            return [event] if chunk["text"] else []
+            event: dict[str, Any] = {"id": request_id, "model": body.model, "text": chunk.text}
+            if chunk.finish_reason:
+                return [event | {"finish_reason": chunk.finish_reason, "usage": chunk.usage.to_dict() if chunk.usage else None}]
+            return [event] if chunk.text else []
 
         return sse_response(first, rest, to_events)
     result = await collect(first, rest)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_STRINGS = 8
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+"""A model id: never a path (no '/', no NUL), and what clients send is checked against it first."""
+MAX_TOKENS_LIMIT = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+UNSUPPORTED_BUT_HARMLESS: dict[str, tuple[Any, ...]] = {"best_of": (1,), "response_format": ({"type": "text"},)}
+"""Values of unsupported OpenAI fields that ask for nothing we lack (besides null, false, 0, [] and {})."""
+REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False)
+"""Request bodies: JSON types as documented (no "0.5" for a number, no true for an integer), finite numbers."""
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -24,17 +33,32 @@ def parse_duration(value: float | int | str | None) -> float | None:
             raise ValueError(f"{value!r} is not a duration (seconds, or e.g. '30s', '5m', '1h')") from None
     else:
         seconds = float(value)
+    if math.isnan(seconds):
+        raise ValueError(f"{value!r} is not a duration")
     return None if seconds < 0 else seconds
 
 
 class TextPart(BaseModel):
+    model_config = REQUEST_CONFIG
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = REQUEST_CONFIG
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] = Field(description="Text, or a non-empty list of text parts.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("content must not be an empty list")
+            others = [str(p.get("type"))[:32] for p in value if isinstance(p, dict) and p.get("type") != "text"]
+            if others:
+                raise ValueError(f"only text content parts are supported, not {others[:4]}")
+        return value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -43,6 +67,7 @@ class ChatMessage(BaseModel):
 class KeepAliveField(BaseModel):
     """Ollama's `keep_alive`: how long the model stays loaded after this request."""
 
+    model_config = REQUEST_CONFIG
     keep_alive: float | str | None = Field(None, description="Seconds or '30s'/'5m'/'1h'; 0: unload after this; -1: forever.")
 
     @field_validator("keep_alive")
@@ -59,21 +84,28 @@ class KeepAliveField(BaseModel):
         return float("inf") if seconds is None else seconds
 
 
-class SamplingFields(KeepAliveField):
+class TimeoutField(BaseModel):
+    """A per-request deadline: queued or running work past it ends with a 504 (or, once streaming,
+    an error event); without it, the server's `request_timeout_s` applies."""
+
+    timeout: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False, description="Seconds this request may take in all.")
+
+
+class SamplingFields(KeepAliveField, TimeoutField):
     """Sampling settings shared by /infer and /v1/*; out-of-range values are a 400."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    model_config = REQUEST_CONFIG | ConfigDict(extra="ignore")
+    model: str = Field(pattern=MODEL_ID_PATTERN, description="A configured model id.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="-1, 0 or null: no top-k cut.")
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS_LIMIT, description="-1, 0 or null: no top-k cut.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS is suppressed until this many tokens.")
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="vLLM extension: EOS is suppressed until this many tokens.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS (fixed lengths).")
 
     @model_validator(mode="after")
@@ -107,12 +139,27 @@ class SamplingFields(KeepAliveField):
 
 
 class OpenAIFields(SamplingFields):
-    """What /v1/completions and /v1/chat/completions add: n, streaming options, user."""
+    """What /v1/completions and /v1/chat/completions add: n, streaming options, user; OpenAI
+    features this server does not have are refused (400) rather than silently ignored."""
 
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logprobs: bool | int | None = Field(None, description="Not supported: null, false or 0 only.")
+    top_logprobs: int | None = Field(None, description="Not supported: null or 0 only.")
+    best_of: int | None = Field(None, description="Not supported beyond 1.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: null or {} only.")
+    suffix: str | None = Field(None, description="Not supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: null or [] only.")
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"}.')
+
+    @field_validator("logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "best_of", "response_format")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if not value or value in UNSUPPORTED_BUT_HARMLESS.get(info.field_name or "", ()):
+            return value
+        raise ValueError(f"{info.field_name} is not supported by this server")
 
     @property
     def include_usage(self) -> bool:
@@ -120,11 +167,14 @@ class OpenAIFields(SamplingFields):
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class InferRequest(SamplingFields):
-    """POST /infer: a prompt or chat messages, plus sampling settings."""
+    """POST /infer: a prompt or chat messages, plus sampling settings; an unknown field is a 400."""
+
+    model_config = REQUEST_CONFIG | ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -138,7 +188,7 @@ class InferRequest(SamplingFields):
 
 class CompletionRequest(OpenAIFields):
     prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
     echo: bool = False
 
     @field_validator("prompt")
@@ -155,7 +205,7 @@ class CompletionRequest(OpenAIFields):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
     def engine_params(self) -> dict[str, Any]:
         params = super().engine_params()
@@ -165,11 +215,13 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 class LoadRequest(KeepAliveField):
-    model: str = Field(min_length=1)
+    model_config = REQUEST_CONFIG | ConfigDict(extra="forbid")
+    model: str = Field(pattern=MODEL_ID_PATTERN, description="A configured model id.")
 
 
 class UnloadRequest(BaseModel):
-    model: str = Field(min_length=1)
+    model_config = REQUEST_CONFIG | ConfigDict(extra="forbid")
+    model: str = Field(pattern=MODEL_ID_PATTERN, description="A configured model id.")
     force: bool = Field(False, description="End requests in flight at once (an error event) instead of draining them.")
 
 

@@ -15,9 +15,10 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from deployments.errors import APIError
+from deployments.protocol import Chunk, LoadProgress
 from serve_app.errors import unwrap_error
 
-Chunk = dict[str, Any]
+Item = Chunk | LoadProgress
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -32,7 +33,7 @@ def sse_event(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
-async def open_stream(chunks: AsyncIterator[Chunk]) -> tuple[Chunk, AsyncIterator[Chunk]]:
+async def open_stream(chunks: AsyncIterator[Item]) -> tuple[Item, AsyncIterator[Item]]:
     """Wait for the first chunk: errors raised before it propagate (and become HTTP errors)."""
     try:
         first = await chunks.__anext__()
@@ -42,20 +43,20 @@ async def open_stream(chunks: AsyncIterator[Chunk]) -> tuple[Chunk, AsyncIterato
     return first, chunks
 
 
-async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
     yield first
     async for chunk in rest:
         yield chunk
 
 
-def sse_response(first: Chunk, rest: AsyncIterator[Chunk], to_events: Callable[[Chunk], Iterable[Any]]) -> StreamingResponse:
+def sse_response(first: Item, rest: AsyncIterator[Item], to_events: Callable[[Chunk], Iterable[Any]]) -> StreamingResponse:
     """Stream `to_events(chunk)` for every chunk as SSE; a client that leaves cancels generation."""
 
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in _chain(first, rest):
-                if "progress" in chunk:  # waiting for a load: a comment keeps the client informed
-                    yield f": {chunk['progress']}\n\n"
+                if isinstance(chunk, LoadProgress):  # waiting for a load: a comment keeps the client informed
+                    yield f": {chunk.message}\n\n"
                     continue
                 for event in to_events(chunk):
                     yield sse_event(event)
@@ -80,16 +81,16 @@ class Completion:
     usage: dict[str, int] = field(default_factory=dict)
 
 
-async def collect(first: Chunk, rest: AsyncIterator[Chunk]) -> Completion:
+async def collect(first: Item, rest: AsyncIterator[Item]) -> Completion:
     result = Completion()
     try:
         async for chunk in _chain(first, rest):
-            if "progress" in chunk:
+            if isinstance(chunk, LoadProgress):
                 continue
-            result.text += chunk["text"]
-            if chunk.get("finish_reason"):
-                result.finish_reason = chunk["finish_reason"]
-                result.usage = chunk.get("usage") or {}
+            result.text += chunk.text
+            if chunk.finish_reason:
+                result.finish_reason = chunk.finish_reason
+                result.usage = chunk.usage.to_dict() if chunk.usage else {}
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
     return result

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from deployments.engine.request import RequestOutput, SamplingParams
+from deployments.engine.request import InvalidRequestError, RequestOutput, SamplingParams
 
 
 class EngineDeadError(RuntimeError):
@@ -88,6 +88,8 @@ class AsyncLLMEngine:
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         self.engine.validate(prompt_token_ids, params)  # raise before anything is queued
+        if request_id in self._streams:  # two streams under one id would take each other's tokens
+            raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._send("add", request_id, prompt_token_ids, params)

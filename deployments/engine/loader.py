@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 PKG_SCHEME = "pkg://"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Weight files in Python's pickle format: loading one can run any code it carries, so none is read."""
 ModelSource = tuple[Path, "str | None"]
 """(directory, GGUF file name or None), as `resolve_model_path` finds it."""
 
@@ -49,7 +51,21 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
         return path.parent, path.name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a model directory with config.json")
+    refuse_pickle_only(path)
     return path, None
+
+
+def refuse_pickle_only(directory: Path) -> None:
+    """A checkpoint directory must hold its weights as safetensors; pickle files are never loaded."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"{directory} holds its weights only as pickle files ({', '.join(pickled[:3])}), which are refused "
+            "because unpickling can run arbitrary code; give the model as safetensors or GGUF"
+        )
+    raise FileNotFoundError(f"{directory} has no safetensors weights")
 
 
 def checkpoint_directory(source: ModelSource) -> Path:

@@ -48,6 +48,7 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
     from ray.serve.schema import ServeDeploySchema
 
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # set in tests/conftest.py before ray is imported
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the agent in 1 s, not 10 (test_metrics)
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -42,7 +42,7 @@ async def client(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[htt
     servers = [ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models]
     registry = ModelRegistry({s.model_id: InProcessModelClient(s) for s in servers})
     transport = httpx.ASGITransport(app=create_api(registry, settings))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
         yield http
     for server in servers:
         await server.unload()

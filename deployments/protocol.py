@@ -1,0 +1,95 @@
+"""The wire between the router and the model replicas: typed, picklable, no Ray or FastAPI import.
+
+A request goes down as a `GenerateRequest`; chunks come back as `Chunk` (the last one has a
+`finish_reason` and `Usage`); `ReplicaStatus` answers status/load/unload. Errors are the classes in
+deployments.errors, matched with `isinstance`. The router adds `LoadProgress` items of its own while
+a model autoloads (they never cross the wire). Each rule (sampling ranges, durations, byte sizes)
+lives in one place: sampling in deployments.engine.request.SamplingParams, durations and sizes in
+serve_app.config / serve_app.schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: a prompt or chat messages, and SamplingParams fields (`max_tokens` may be None)."""
+
+    request_id: str = ""  # empty: the replica names it
+    params: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    sent_at: float | None = None  # wall clock when the router handed it to Ray Serve (queue time)
+
+    def stamped(self, sent_at: float) -> "GenerateRequest":
+        return dataclasses.replace(self, sent_at=sent_at)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text (and its token ids) of one request; the last chunk has `finish_reason` and `usage`."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """Router-side: the model is loading for this request (rendered as an SSE comment)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """What a model replica reports about itself (GET /models shows it, plus the router's view)."""
+
+    id: str
+    status: str
+    error: str | None = None
+    architecture: str | None = None
+    quantization: str | None = None
+    weights: str | None = None
+    weights_reason: str | None = None
+    implementation: str | None = None
+    kv_cache: dict[str, int] | None = None
+    context_length: int | None = None
+    has_chat_template: bool | None = None
+    resident_memory_bytes: int = 0
+    weights_bytes: int = 0
+    process_rss_bytes: int = 0
+    load_time_s: float | None = None
+    last_used: float | None = None
+    num_running_requests: int = 0
+    max_num_seqs: int | None = None
+    num_threads: int | None = None
+    device: str | None = None
+    memory_estimate: dict[str, int] | None = None
+    measured_bytes: int | None = None
+    gpu_memory: dict[str, int] | None = None
+    epoch: int = 0
+    num_loads: int = 0
+    pid: int | None = None
+    allocator: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,120 @@
+"""Faults on the real Ray Serve app: a client that leaves frees its slot within a second (running or
+queued), and a model replica killed mid-stream ends the stream with an error event and `[DONE]`,
+comes back loaded, and no other model notices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+from tests.e2e.conftest import SMOLLM2
+from tests.e2e.test_serve_app import model_status
+
+
+def running(url: str) -> int:
+    return int(model_status(url, SMOLLM2)["num_running_requests"])
+
+
+def seconds_until(condition: Callable[[], bool], within_s: float) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within_s, f"not within {within_s} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def open_stream(url: str, max_tokens: int = 1500) -> requests.Response:
+    body = {"model": SMOLLM2, "prompt": "Tell me a long story.", "max_tokens": max_tokens, "min_tokens": max_tokens,
+            "ignore_eos": True, "stream": True}
+    response = requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120)
+    assert response.status_code == 200
+    return response
+
+
+def test_a_client_that_leaves_frees_its_slot_within_a_second(serve_url: str) -> None:
+    assert running(serve_url) == 0
+    response = open_stream(serve_url)
+    lines = response.iter_lines()
+    for _ in range(3):
+        next(lines)  # streaming
+    assert running(serve_url) == 1
+    response.close()  # mid-stream
+    assert seconds_until(lambda: running(serve_url) == 0, within_s=1.0) < 1.0
+
+    # Waiting in the engine's queue: SMOLLM2 runs 16 sequences at once, the 17th waits (its
+    # response has not started, so these are raw connections that are simply closed).
+    connections = [raw_stream(serve_url) for _ in range(17)]
+    try:
+        seconds_until(lambda: running(serve_url) == 17, within_s=30)
+        connections.pop().close()
+        assert seconds_until(lambda: running(serve_url) == 16, within_s=1.0) < 1.0
+    finally:
+        for connection in connections:
+            connection.close()
+    seconds_until(lambda: running(serve_url) == 0, within_s=5)
+
+
+def raw_stream(url: str) -> socket.socket:
+    """A streamed completion request sent on a bare connection that is never read."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": SMOLLM2, "prompt": "Tell me a long story.", "max_tokens": 1500, "min_tokens": 1500,
+                       "ignore_eos": True, "stream": True}).encode()
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    connection.sendall(head.encode() + body)
+    return connection
+
+
+def events_of(response: requests.Response, on_event: Callable[[int], None]) -> list[object]:
+    events: list[object] = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+            on_event(len(events))
+    return events
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_comes_back(serve_url: str) -> None:
+    before = model_status(serve_url, SMOLLM2)
+    assert before["status"] == "loaded"
+    killed = threading.Event()
+
+    def kill_at_fifth_event(n: int) -> None:
+        if n == 5 and not killed.is_set():
+            os.kill(before["pid"], signal.SIGKILL)
+            killed.set()
+
+    other_codes: list[int] = []
+
+    def other_model_traffic() -> None:  # another model, all through the kill and the restart
+        while not done.is_set():
+            r = requests.post(f"{serve_url}/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 4}, timeout=60)
+            other_codes.append(r.status_code)
+            time.sleep(0.1)
+
+    done = threading.Event()
+    other = threading.Thread(target=other_model_traffic)
+    other.start()
+    try:
+        start = time.monotonic()
+        events = events_of(open_stream(serve_url, max_tokens=600), kill_at_fifth_event)
+        assert killed.is_set() and time.monotonic() - start < 60  # ended, never hung
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]  # type: ignore[index]
+        assert error["code"] == "replica_died" and "Traceback" not in error["message"]
+        seconds_until(lambda: model_status(serve_url, SMOLLM2).get("pid") not in (None, before["pid"]), within_s=180)
+        seconds_until(lambda: model_status(serve_url, SMOLLM2)["status"] == "loaded", within_s=180)
+    finally:
+        done.set()
+        other.join()
+    assert other_codes and set(other_codes) == {200}
+    r = requests.post(f"{serve_url}/v1/completions", json={"model": SMOLLM2, "prompt": "Hello", "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5

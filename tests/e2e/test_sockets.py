@@ -1,0 +1,64 @@
+"""Every socket the service's processes listen on is on loopback, unless the config says otherwise.
+
+The service's processes: this test process and all its descendants (GCS, raylet, dashboard agent,
+the Serve controller, proxy and replicas, which Ray starts as workers), plus any process whose
+command line names this Ray session (in case one was re-parented)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+
+ray = pytest.importorskip("ray")
+
+
+def service_processes() -> dict[int, str]:
+    """pid -> a readable name (Ray workers set their title, e.g. `ray::ServeReplica:llm:router`)."""
+    session_dir = ray._private.worker.global_worker.node.get_session_dir_path()
+    me = psutil.Process()
+    ours = {me, *me.children(recursive=True)}
+    for process in psutil.process_iter(["cmdline"]):
+        if session_dir in " ".join(process.info["cmdline"] or []):
+            ours.add(process)
+    names = {}
+    for process in ours:
+        try:
+            names[process.pid] = " ".join(process.cmdline())[:80] or process.name()
+        except psutil.Error:  # ended while we looked
+            continue
+    return names
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def test_every_socket_the_service_listens_on_is_loopback(serve_url: str) -> None:
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None
+    configured_host = client.http_config.host  # what the Serve config asks for
+    allowed = {configured_host} if configured_host not in ("127.0.0.1", "localhost", "::1") else set()
+    processes = service_processes()
+    listening = [
+        c for c in psutil.net_connections(kind="inet")
+        if c.pid in processes and (c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr))  # TCP listen, bound UDP
+    ]
+    sockets = sorted({(c.laddr.ip, c.laddr.port, processes[c.pid]) for c in listening})
+    print("\n" + "\n".join(f"{ip}:{port}  {name}" for ip, port, name in sockets))
+    names = " ".join(processes.values())
+    for expected in ("gcs_server", "raylet", "ServeController", "ProxyActor", "ServeReplica"):
+        assert expected in names, f"{expected} not among the service's processes: {sorted(set(processes.values()))}"
+    proxy_port = urlsplit(serve_url).port
+    assert any(port == proxy_port for _, port, _ in sockets), f"the HTTP proxy's port {proxy_port} is not listed"
+    assert len({name for _, _, name in sockets}) >= 4  # GCS, raylet, agents, workers each listen on something
+    exposed = [s for s in sockets if not is_loopback(s[0]) and s[0] not in allowed]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
