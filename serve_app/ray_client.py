@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -205,7 +206,25 @@ def write_user_config(app_name: str, deployment: str, user_config: dict[str, Any
 
 class ControlPlane(ControlStore):
     """A named actor per application (methods run one at a time): the one writer of the app's
-    config, and the lifecycle records that outlive any router replica."""
+    config, and the lifecycle records that outlive any router replica. It ends itself once its
+    application has been deleted (`serve delete`, `serve shutdown`), so nothing is left behind."""
+
+    def __init__(self, app_name: str = "", check_every_s: float = 5.0) -> None:
+        super().__init__()
+        if app_name:
+            threading.Thread(target=self._end_with_app, args=(app_name, check_every_s), daemon=True).start()
+
+    @staticmethod
+    def _end_with_app(app_name: str, check_every_s: float) -> None:
+        missing = 0
+        while missing < 2:  # twice in a row: a redeploy may briefly list no app
+            time.sleep(check_every_s)
+            try:
+                client = _get_global_client()
+                missing = missing + 1 if client is None or app_name not in serve.status().applications else 0
+            except Exception:  # noqa: BLE001 - Serve itself is gone
+                missing += 1
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def set_user_config(self, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
         return write_user_config(app_name, deployment, user_config)
@@ -218,7 +237,7 @@ def control_plane(app_name: str) -> Any:
         name=f"llm-serve-control-plane:{app_name}", namespace="serve", lifetime="detached",
         get_if_exists=True, num_cpus=0, max_restarts=-1,
     )
-    return actor.remote()
+    return actor.remote(app_name)
 
 
 class ActorRecordStore:

@@ -12,15 +12,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Read by Ray at import: without it Ray swaps 127.0.0.1 for a routable IP and binds all interfaces.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-TIERS = ("unit", "integration", "e2e", "browser")
+TIERS = ("unit", "integration", "browser", "e2e")
+
+
+def tier_of(item: pytest.Item) -> int:
+    parts = Path(str(item.fspath)).parts
+    return next((i for i, tier in enumerate(TIERS) if tier in parts), len(TIERS))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier, and run the tiers fastest first with e2e last: the e2e tier's
+    Ray instance lives until the session ends, and nothing after it may see a connected Ray."""
     for item in items:
-        parts = Path(str(item.fspath)).parts
-        for tier in TIERS:
-            if tier in parts:
-                item.add_marker(getattr(pytest.mark, tier))
+        index = tier_of(item)
+        if index < len(TIERS):
+            item.add_marker(getattr(pytest.mark, TIERS[index]))
+    items.sort(key=tier_of)  # stable: file and test order kept within a tier
 
 
 @pytest.fixture(scope="session")

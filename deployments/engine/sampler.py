@@ -31,12 +31,14 @@ class Sampler:
         """Sample one token from `row` (a private copy: it is modified in place)."""
         p = seq.params
         if p.has_penalties:
-            row = self._apply_penalties(row, seq)
+            row = torch.nan_to_num(self._apply_penalties(row, seq), nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
         if seq.num_output_tokens < p.min_tokens and self.eos_token_ids:
             row[self.eos_token_ids] = float("-inf")
         if p.is_greedy:
             return int(row.argmax())
-        row = row / p.temperature
+        # Keep the row finite: an extreme (valid) penalty or temperature can overflow fp32, and an
+        # inf/nan row would make multinomial fail the whole engine step for every request in it.
+        row = torch.nan_to_num(row / p.temperature, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
         if p.top_k is not None and p.top_k < row.shape[-1]:
             kth = torch.topk(row, p.top_k).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

@@ -75,7 +75,7 @@ def chromium_path() -> str | None:
     return found if os.access(found, os.X_OK) else None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_server(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[LiveServer]:
     import uvicorn
 
@@ -112,7 +112,7 @@ def live_server(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[LiveServe
             model_server.engine.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     path = chromium_path()
     if path is None:

@@ -217,7 +217,7 @@ async def test_pickle_only_checkpoints_are_refused(tiny_model_dir: Path, tmp_pat
         resolve_model_path(str(checkpoint))
     assert weights_file in str(refused.value) and "safetensors or GGUF" in str(refused.value)
     server = ModelServer("pickled", {"model": str(checkpoint), "max_model_len": 128}, load_on_start=False)
-    status = await server.load()
+    status = (await server.load()).to_dict()
     assert status["status"] == "failed" and "pickle" in status["error"] and not marker.exists()
 
 
@@ -226,7 +226,7 @@ async def test_a_pickle_beside_safetensors_is_never_opened(tiny_model_dir: Path,
     shutil.copytree(tiny_model_dir, checkpoint)
     (checkpoint / "pytorch_model.bin").write_bytes(pickle_that_creates(marker))
     server = ModelServer("mixed", {"model": str(checkpoint), "max_model_len": 128}, load_on_start=False)
-    assert (await server.load())["status"] == "loaded"
+    assert (await server.load()).status == "loaded"
     await server.unload()
     assert not marker.exists()
 
@@ -257,7 +257,7 @@ async def test_remote_code_in_a_checkpoint_never_runs(tiny_model_dir: Path, tmp_
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
     (checkpoint / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     server = ModelServer("remote", {"model": str(checkpoint), "max_model_len": 128}, load_on_start=False)
-    status = await server.load()
+    status = (await server.load()).to_dict()
     # A family we know loads with our own code; an unknown one fails: neither imports evil.py.
     assert status["status"] == ("loaded" if model_type == "llama" else "failed"), status.get("error")
     await server.unload()

@@ -55,3 +55,17 @@ def test_penalties_push_away_from_seen_tokens() -> None:
     assert sampler(logits, [s]) == [2]
     rep = make("rep", temperature=0.0, repetition_penalty=2.0)  # prompt [1, 2]: both halved
     assert sampler(torch.tensor([[0.0, 2.0, 1.9, 1.5]]), [rep]) == [3]
+
+
+def test_an_extreme_repetition_penalty_keeps_sampling_finite() -> None:
+    """Found by schemathesis: repetition_penalty=5e-324 (valid: > 0) overflowed the row to inf and
+    multinomial failed the whole engine step."""
+    import torch
+
+    from deployments.engine.request import SamplingParams, Sequence
+    from deployments.engine.sampler import Sampler
+
+    params = SamplingParams(max_tokens=4, temperature=1.98, top_p=0.22, repetition_penalty=5e-324, seed=1)
+    seq = Sequence("r", [1, 2, 3], params)
+    token = Sampler(eos_token_ids=[0])(torch.tensor([[0.5, 2.0, 3.0, -1.0, 0.1]]), [seq])
+    assert token[0] in range(5)
