@@ -9,10 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.server import ModelServer
-from serve_app.api import create_api
-from serve_app.clients import InProcessModelClient, ModelRegistry
-from serve_app.config import parse_app_settings
+from tests.inprocess import inprocess_api
 
 CHAT = "tiny-chat"
 BASE = "tiny-base"
@@ -30,7 +27,7 @@ def parse_sse(body: str) -> list[object]:
 
 @pytest.fixture(scope="module")
 async def client(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
-    settings = parse_app_settings(
+    async with inprocess_api(
         {
             "max_request_bytes": 4096,
             "models": [
@@ -38,14 +35,8 @@ async def client(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[htt
                 {"id": BASE, "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False, "autoload": False},
             ],
         }
-    )
-    servers = [ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models]
-    registry = ModelRegistry({s.model_id: InProcessModelClient(s) for s in servers})
-    transport = httpx.ASGITransport(app=create_api(registry, settings))
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+    ) as (http, _):
         yield http
-    for server in servers:
-        await server.unload()
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:

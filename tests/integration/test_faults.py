@@ -14,9 +14,7 @@ import httpx
 import pytest
 
 from deployments.server import ModelServer
-from serve_app.api import create_api
-from serve_app.clients import InProcessModelClient, ModelRegistry
-from serve_app.config import parse_app_settings
+from tests.inprocess import inprocess_api
 from tests.integration.test_api import assert_error, parse_sse
 
 LONG = {"max_tokens": 120, "min_tokens": 120, "ignore_eos": True}
@@ -39,14 +37,8 @@ def broken_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 async def app(tiny_model_dir: Path, broken_dirs: dict[str, Path]) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, ModelServer]]]:
     models = [{"id": "tiny", "source": str(tiny_model_dir), "max_model_len": 128, "max_num_seqs": 2}]
     models += [{"id": name, "source": str(path), "load_on_start": False, "autoload": False} for name, path in broken_dirs.items()]
-    settings = parse_app_settings({"models": models, "request_timeout_s": 30})
-    servers = {m.id: ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models}
-    registry = ModelRegistry({mid: InProcessModelClient(s) for mid, s in servers.items()})
-    transport = httpx.ASGITransport(app=create_api(registry, settings))
-    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+    async with inprocess_api({"models": models, "request_timeout_s": 30}) as (http, servers):
         yield http, servers
-    for server in servers.values():
-        await server.unload()
 
 
 async def engine_idle(server: ModelServer, within_s: float) -> float:

@@ -16,9 +16,7 @@ import deployments.metrics as replica_metrics
 import serve_app.metrics as router_metrics
 from deployments.server import ModelServer
 from deployments.protocol import GenerateRequest
-from serve_app.api import create_api
-from serve_app.clients import InProcessModelClient, ModelRegistry
-from serve_app.config import parse_app_settings
+from tests.inprocess import inprocess_api
 from tests.fakes import RecordingMetric
 
 CHAT, BASE = "tiny-chat", "tiny-base"
@@ -35,17 +33,11 @@ async def app(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[tuple[
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(router_metrics, "make_metric", make)
         patch.setattr(replica_metrics, "make_metric", make)
-        settings = parse_app_settings({"max_request_bytes": 4096, "models": [
+        async with inprocess_api({"max_request_bytes": 4096, "models": [
             {"id": CHAT, "source": str(tiny_model_dir), "max_model_len": 128, "max_num_seqs": 4},
             {"id": BASE, "source": str(tiny_base_dir), "max_model_len": 128, "load_on_start": False, "autoload": False},
-        ]})
-        servers = [ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models]
-        registry = ModelRegistry({s.model_id: InProcessModelClient(s) for s in servers})
-        transport = httpx.ASGITransport(app=create_api(registry, settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
-            yield http, servers[0], metrics
-    for server in servers:
-        await server.unload()
+        ]}) as (http, servers):
+            yield http, servers[CHAT], metrics
 
 
 async def test_a_streamed_request_records_latencies_and_tokens(app, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
