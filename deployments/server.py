@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import torch
@@ -219,13 +220,15 @@ class ModelServer:
             fields["stop"] = tuple(fields.get("stop") or ())
             fields["max_tokens"] = engine.engine.resolve_max_tokens(len(prompt_ids), fields.get("max_tokens"))
             params = SamplingParams(**fields)
-            async for out in engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params):
-                timer.output(out)
-                if not out.finished:
-                    yield Chunk(out.text, out.new_token_ids)
-                    continue
-                reason = out.finish_reason.value if out.finish_reason else None
-                yield Chunk(out.text, out.new_token_ids, reason, Usage(out.num_prompt_tokens, out.num_output_tokens))
+            outputs = engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params)
+            async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
+                async for out in outputs:
+                    timer.output(out)
+                    if not out.finished:
+                        yield Chunk(out.text, out.new_token_ids)
+                        continue
+                    reason = out.finish_reason.value if out.finish_reason else None
+                    yield Chunk(out.text, out.new_token_ids, reason, Usage(out.num_prompt_tokens, out.num_output_tokens))
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         except EngineDeadError as exc:

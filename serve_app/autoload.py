@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from deployments.errors import ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
@@ -41,9 +42,10 @@ async def stream_with_autoload(
         chunks = client.generate(request)
         first = await chunks.__anext__()
     usage.record.maybe_loaded = True
-    yield first
-    async for chunk in chunks:
-        yield chunk
+    async with aclosing(chunks):  # left at a yield, the stream is closed now, not when GC finds it
+        yield first
+        async for chunk in chunks:
+            yield chunk
 
 
 async def wait_for_load(manager: "LifecycleManager", model_id: str, task: asyncio.Future[dict[str, Any]]) -> AsyncIterator[LoadProgress]:

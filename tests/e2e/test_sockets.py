@@ -7,6 +7,7 @@ command line names this Ray session (in case one was re-parented)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from urllib.parse import urlsplit
 
@@ -27,7 +28,9 @@ def service_processes() -> dict[int, str]:
     names = {}
     for process in ours:
         try:
-            names[process.pid] = " ".join(process.cmdline())[:80] or process.name()
+            program, *args = process.cmdline() or [process.name()]
+            # The program's base name first: a long install path must not push `gcs_server` out of view.
+            names[process.pid] = " ".join([os.path.basename(program), *args])[:80]
         except psutil.Error:  # ended while we looked
             continue
     return names

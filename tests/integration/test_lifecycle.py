@@ -5,6 +5,7 @@ the memory budget (release of idle models, 507 when nothing may go)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import pytest
 
 from deployments.errors import InsufficientMemoryError, ServiceUnavailableError
 from deployments.server import ModelServer, ModelStatus
-from deployments.protocol import GenerateRequest
+from deployments.protocol import Chunk, GenerateRequest
 from serve_app.api import create_api
 from serve_app.clients import InProcessModelClient, ModelRegistry
 from serve_app.config import parse_app_settings
@@ -81,6 +82,21 @@ async def test_unload_drains_streams_and_refuses_new_requests_with_503(make_app:
         assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 60
         assert (await unloading)["status"] == "unloaded"
         assert (await app.models())[A]["releases"] == {"manual": 1}
+
+
+async def test_a_stream_closed_between_chunks_leaves_the_engine_at_once(make_app: Callable[..., Any]) -> None:
+    """Closed at a yield (not mid-await), every generator down to the engine is closed now, not
+    whenever the garbage collector finds it: the engine holds no request right after aclose()."""
+    async with make_app([{"id": A}]) as app:
+        gc.disable()  # a leaked inner generator would otherwise be closed by a collection at random
+        try:
+            stream = app.lifecycle.generate(A, wire())
+            assert isinstance(await stream.__anext__(), Chunk)
+            assert app.servers[A].engine.num_requests == 1  # type: ignore[union-attr]
+            await stream.aclose()  # type: ignore[attr-defined]
+            assert app.servers[A].engine.num_requests == 0  # type: ignore[union-attr]
+        finally:
+            gc.enable()
 
 
 async def test_force_unload_ends_streams_with_an_error(make_app: Callable[..., Any]) -> None:
