@@ -19,6 +19,7 @@ import torch
 
 from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
+from deployments.engine.lora import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
@@ -208,9 +209,9 @@ class ModelServer:
         )
 
     # --- generation --------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Chunk]:
         """Stream `Chunk`s; the last has a finish_reason and usage. Bad requests raise before the
-        first chunk."""
+        first chunk. `adapter`: a LoRA adapter loaded into this engine (deployments.pool)."""
         engine = self._require_loaded()
         self.last_used = time.time()
         timer = self.metrics.request(request)
@@ -220,7 +221,7 @@ class ModelServer:
             fields["stop"] = tuple(fields.get("stop") or ())
             fields["max_tokens"] = engine.engine.resolve_max_tokens(len(prompt_ids), fields.get("max_tokens"))
             params = SamplingParams(**fields)
-            outputs = engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params)
+            outputs = engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params, adapter)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
                 async for out in outputs:
                     timer.output(out)
@@ -231,6 +232,8 @@ class ModelServer:
                     yield Chunk(out.text, out.new_token_ids, reason, Usage(out.num_prompt_tokens, out.num_output_tokens))
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
+        except AdapterError as exc:
+            raise ModelNotLoadedError(str(exc), param="model", code="adapter_not_loaded") from None
         except EngineDeadError as exc:
             raise ModelUnloadingError(f"model {self.model_id!r}: {exc}", code="model_unloaded") from None
         finally:

@@ -49,6 +49,7 @@ class Outcome:
     status: int | None = None
     done: bool = False
     tokens: int = 0
+    events: int = 0  # content events seen (a client leaving after N)
     error_code: str | None = None
     exception: str | None = None
 
@@ -62,7 +63,7 @@ async def one_request(http: httpx.AsyncClient, kind: str, model: str, rng: rando
         else:
             n = rng.randint(8, 48)
             body = {"model": model, "prompt": f"Soak {rng.random():.6f}: tell me about rivers.", "max_tokens": n, "min_tokens": n,
-                    "ignore_eos": True, "stream": kind != "whole"}
+                    "ignore_eos": True, "stream": kind != "whole", **({"stream_options": {"include_usage": True}} if kind != "whole" else {})}
             await stream(http, body, out, leave_after=rng.randint(1, 4) if kind == "leave" else None)
             if out.status == 200 and kind != "leave" and out.error_code is None and out.tokens != n:
                 out.error_code = f"short:{out.tokens}/{n}"
@@ -92,9 +93,11 @@ async def stream(http: httpx.AsyncClient, body: dict[str, Any], out: Outcome, le
             event = json.loads(line[6:])
             if "error" in event:
                 out.error_code = event["error"]["code"]
+            elif event.get("usage"):  # the last chunk: the real count (one event may carry several tokens)
+                out.tokens = event["usage"]["completion_tokens"]
             elif event.get("choices"):
-                out.tokens += 1 if event["choices"][0]["text"] else 0
-            if leave_after is not None and out.tokens >= leave_after:
+                out.events += 1 if event["choices"][0]["text"] else 0
+            if leave_after is not None and out.events >= leave_after:
                 return  # the client leaves mid-stream
 
 

@@ -36,6 +36,6 @@ def create_api(registry: ModelRegistry, settings: AppSettings, lifecycle: Lifecy
     app.mount("/ui", StaticFiles(directory=routes.UI_DIR), name="ui")
     app.add_middleware(StrictJSONBody)  # inside BodySizeLimit: the bodies it reads are bounded
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    install_metrics(app, [m.id for m in settings.models], settings.max_request_bytes)  # around the routes and body limits
+    install_metrics(app, [m.id for m in settings.members], settings.max_request_bytes)  # around the routes and body limits
     install_security(app, settings)  # API keys, CORS, Host allowlist, access log: around the rest
     return app

@@ -17,10 +17,12 @@ from deployments.memory import replica_allocator_env
 from deployments.server import ModelServer
 from serve_app.api import create_api
 from serve_app.clients import ModelRegistry
-from serve_app.config import AppSettings, ModelSettings, parse_app_settings
+from serve_app.config import AppSettings, ModelSettings, PoolSettings, parse_app_settings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.loopback import keep_serve_grpc_on_loopback
 from serve_app.metrics import release_counter
+from serve_app.pool_app import pool_deployment
+from serve_app.pool_client import PoolMemberClient
 from serve_app.ray_client import ActorRecordStore, HandleModelClient, control_plane, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -40,7 +42,7 @@ def log_through_serve() -> None:
         ours.propagate = False
 
 
-def capacity(model: ModelSettings) -> int:
+def capacity(model: ModelSettings | PoolSettings) -> int:
     """Requests the model's replicas run or queue at most (what an overloaded request waits behind)."""
     replicas = model.autoscaling.max_replicas if model.autoscaling is not None else model.num_replicas
     return replicas * model.max_ongoing_requests + max(model.max_queued_requests, 0)
@@ -49,16 +51,20 @@ def capacity(model: ModelSettings) -> int:
 class Router:
     """The ingress: builds the FastAPI app over handle-backed model clients at replica start."""
 
-    def __init__(self, models: dict[str, DeploymentHandle], settings: dict[str, Any]) -> None:
+    def __init__(self, models: dict[str, DeploymentHandle], settings: dict[str, Any], pools: dict[str, DeploymentHandle] | None = None) -> None:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         log_through_serve()
         self.settings: AppSettings = parse_app_settings(settings)
         app_name = serve.get_replica_context().app_name
         timeout = self.settings.load_timeout_s
         control = control_plane(app_name)  # one per app: the config's one writer, the shared records
-        self.registry = ModelRegistry({
+        clients: dict[str, Any] = {
             m.id: HandleModelClient(m.id, models[m.id], app_name, timeout, control, capacity=capacity(m)) for m in self.settings.models
-        })
+        }
+        for pool in self.settings.pools:
+            for member in pool.members():
+                clients[member.id] = PoolMemberClient(member, (pools or {})[pool.id], app_name, timeout, control, capacity(pool))
+        self.registry = ModelRegistry(clients)
         self.lifecycle = LifecycleManager(self.registry, self.settings, on_release=release_counter(), store=ActorRecordStore(control))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -113,9 +119,10 @@ def model_deployment(model: ModelSettings) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Ray Serve application builder: validates the args, then binds models and router."""
+    """Ray Serve application builder: validates the args, then binds models, pools and router."""
     settings = parse_app_settings(args)
     handles = {
         m.id: model_deployment(m).bind(m.id, m.engine_config(), False) for m in settings.models  # user_config loads
     }
-    return RouterDeployment.bind(handles, settings.model_dump())
+    pools = {pool.id: pool_deployment(pool) for pool in settings.pools}
+    return RouterDeployment.bind(handles, settings.model_dump(), pools)

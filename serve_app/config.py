@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -77,6 +80,8 @@ class ModelSettings(BaseModel):
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) each replica reserves.")
+    pool: str | None = Field(None, description="Set for the members of a pool (from `pools`), not by hand.")
+    base: str | None = Field(None, description="A LoRA adapter's base model (the adapter's directory is `source`).")
 
     @field_validator("keep_alive")
     @classmethod
@@ -122,11 +127,71 @@ class ModelSettings(BaseModel):
         )
 
 
+class AdapterSettings(BaseModel):
+    """A LoRA adapter (PEFT directory: adapter_config.json + adapter_model.safetensors) on a pool's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    base: str = Field(pattern=MODEL_ID_PATTERN, description="The id of a full model of the same pool.")
+    path: str = Field(min_length=1)
+    autoload: bool = True
+    keep_alive: float | str | None = "5m"
+
+
+class PoolSettings(BaseModel):
+    """One multiplexed deployment: its replicas each hold at most `max_models_per_replica` of the
+    catalogue (full `models` and `adapters` on them), loaded on demand, least recently used evicted."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    models: list[ModelSettings] = Field(min_length=1, description="Full models; their deployment fields are the pool's.")
+    adapters: list[AdapterSettings] = Field(default_factory=list)
+    adapter_dir: str | None = Field(None, description="Also serve every adapter found here whose base_model_name_or_path is a pool model.")
+    max_models_per_replica: int = Field(4, ge=1)
+    max_lora_rank: int = Field(16, ge=1, le=256)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    def all_adapters(self) -> list[AdapterSettings]:
+        found = list(self.adapters)
+        if self.adapter_dir:
+            bases, named = {m.id for m in self.models}, {a.id for a in found}
+            root = Path(self.adapter_dir).expanduser()
+            for config_file in sorted(root.glob("*/adapter_config.json")) if root.is_dir() else []:
+                base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+                name = config_file.parent.name
+                if base in bases and name not in named and re.fullmatch(MODEL_ID_PATTERN, name):
+                    found.append(AdapterSettings(id=name, base=base, path=str(config_file.parent)))
+        return found
+
+    def members(self) -> list[ModelSettings]:
+        """The catalogue as model settings (adapters: `source` is the directory, `base` is set)."""
+        models = [m.model_copy(update={"pool": self.id, "load_on_start": False}) for m in self.models]
+        adapters = [
+            ModelSettings(id=a.id, source=a.path, base=a.base, pool=self.id, load_on_start=False, autoload=a.autoload, keep_alive=a.keep_alive)
+            for a in self.all_adapters()
+        ]
+        return models + adapters
+
+    @model_validator(mode="after")
+    def _bases_in_pool(self) -> "PoolSettings":
+        bases = {m.id for m in self.models}
+        for adapter in self.adapters:
+            if adapter.base not in bases:
+                raise ValueError(f"adapter {adapter.id!r}: base {adapter.base!r} is not a model of pool {self.id!r}")
+        return self
+
+
 class AppSettings(BaseModel):
     """The whole application: its models and the router's limits."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelSettings] = Field(min_length=1)
+    models: list[ModelSettings] = Field(default_factory=list, description="Dedicated models: one deployment each.")
+    pools: list[PoolSettings] = Field(default_factory=list, description="Multiplexed deployments of many models and adapters.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Bodies over this get 413.")
     status_timeout_s: float = Field(5.0, gt=0, description="How long GET /models waits for a replica.")
     memory_budget: dict[Literal["cpu", "cuda"], int | str] = Field(
@@ -191,9 +256,18 @@ class AppSettings(BaseModel):
             return int(psutil.virtual_memory().total * 0.8)
         return None
 
+    @cached_property
+    def members(self) -> list[ModelSettings]:
+        """Every servable model id: dedicated models, then each pool's catalogue."""
+        return self.models + [m for pool in self.pools for m in pool.members()]
+
     @model_validator(mode="after")
     def _unique_ids(self) -> "AppSettings":
-        ids = [m.id for m in self.models]
+        if not self.models and not self.pools:
+            raise ValueError("configure at least one model (models or pools)")
+        if any(m.pool or m.base for m in self.models):
+            raise ValueError("pool and base are set by `pools`, not on dedicated models")
+        ids = [m.id for m in self.members] + [p.id for p in self.pools]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {duplicates}")

@@ -10,8 +10,9 @@ process) it is `LocalRecordStore`. Requests in flight and pending transitions st
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -38,6 +39,28 @@ class ControlStore:
 
     def __init__(self) -> None:
         self.records: dict[str, ModelRecord] = {}
+        self.pool_reports: dict[str, dict[str, dict[str, Any]]] = {}  # pool -> replica -> its last report
+        self.pool_evictions: dict[str, dict[str, int]] = {}  # pool -> member -> eviction epoch
+
+    # --- pools: what each replica holds, and evictions every replica applies -------------------
+    def pool_sync(self, pool_id: str, replica: str, report: dict[str, Any]) -> dict[str, int]:
+        """A pool replica's report of what it holds (stamped now); returns the eviction epochs."""
+        self.pool_reports.setdefault(pool_id, {})[replica] = report | {"at": time.time()}
+        return dict(self.pool_evictions.get(pool_id, {}))
+
+    def pool_evict(self, pool_id: str, model_id: str) -> int:
+        """Ask every replica of the pool to evict `model_id`; the new epoch."""
+        epochs = self.pool_evictions.setdefault(pool_id, {})
+        epochs[model_id] = epochs.get(model_id, 0) + 1
+        return epochs[model_id]
+
+    def pool_state(self, pool_id: str, max_age_s: float = 5.0) -> dict[str, dict[str, Any]]:
+        """The fresh reports by replica (a replica silent for `max_age_s` is gone)."""
+        now = time.time()
+        reports = self.pool_reports.get(pool_id, {})
+        for replica in [r for r, report in reports.items() if now - report["at"] > max_age_s]:
+            del reports[replica]
+        return dict(reports)
 
     def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
         """The stored records; a model seen for the first time starts from its default."""

@@ -54,7 +54,7 @@ class LifecycleManager:
     ) -> None:
         self.registry = registry
         self.settings = settings
-        self.models: dict[str, ModelSettings] = {m.id: m for m in settings.models}
+        self.models: dict[str, ModelSettings] = {m.id: m for m in settings.members}
         self.on_release = on_release
         self.store = store or LocalRecordStore()
         self.usage = {model_id: ModelUsage(record) for model_id, record in self._defaults().items()}
@@ -67,7 +67,7 @@ class LifecycleManager:
     def _defaults(self) -> dict[str, ModelRecord]:
         now = time.time()
         records = {}
-        for m in self.settings.models:
+        for m in self.settings.members:
             records[m.id] = ModelRecord(keep_alive_s=m.keep_alive_s, maybe_loaded=m.load_on_start)
             records[m.id].touch(now)
         return records
@@ -145,7 +145,15 @@ class LifecycleManager:
     async def _make_room(self, model_id: str) -> None:
         """Before a load: release what `plan_room` chose, least recently used first, each through
         its own model's transition queue (a user's load of it waits its turn, and vice versa)."""
-        for mid, held in await self.plan_room(model_id):
+        for _ in range(2 * len(self.models) + 2):  # each round releases one model or re-plans
+            plan = await self.plan_room(model_id)
+            if not plan:
+                return
+            mid, held = plan[0]
+            if self.usage[mid].transitions.busy:
+                # A load or unload of it was queued while we planned: queueing behind a load that
+                # waits for our budget lock would deadlock. Plan again (it is no longer idle).
+                continue
             logger.info("releasing %s (%.0f MiB) to make room for %s", mid, held / MiB, model_id)
             await self._transition(mid, "unload", reason="memory_pressure")
 

@@ -32,9 +32,13 @@ router = APIRouter(prefix="/v1")
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelList:
+async def list_models(registry: ModelRegistry = Depends(get_registry), lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelList:
     now = int(time.time())
-    return ModelList(data=[ModelCard(id=c.model_id, created=now) for c in registry])
+    cards = []
+    for client in registry:
+        base = lifecycle.models[client.model_id].base
+        cards.append(ModelCard(id=client.model_id, created=now, root=client.model_id, parent=base))
+    return ModelList(data=cards)
 
 
 @router.post("/completions", response_model=CompletionResponse)

@@ -51,7 +51,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(lifecycle: LifecycleManager = Depends(get_lifecycle), settings: AppSettings = Depends(get_settings)) -> JSONResponse:
     """Ready when every model configured to load on start is loaded, or was released by the
     lifecycle (idle or memory pressure) and loads again on demand."""
-    wanted = {m.id for m in settings.models if m.load_on_start and not m.scales_to_zero}
+    wanted = {m.id for m in settings.members if m.load_on_start and not m.scales_to_zero}
     infos = await asyncio.gather(*(model_info(lifecycle, i, settings.status_timeout_s) for i in sorted(wanted)))
     not_ready = {
         info.id: info.status for info in infos

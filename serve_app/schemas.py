@@ -303,6 +303,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-serve"
+    root: str | None = None
+    parent: str | None = Field(None, description="A LoRA adapter's base model (vLLM's field).")
 
 
 class ModelList(BaseModel):
@@ -346,6 +348,10 @@ class ModelInfo(BaseModel):
     num_loads: int = 0
     pid: int | None = None
     allocator: str | None = None
+    kind: Literal["model", "adapter"] = "model"
+    base: str | None = Field(None, description="An adapter's base model.")
+    pool: str | None = Field(None, description="The multiplexed pool serving it (none: its own deployment).")
+    held_by: list[str] = Field(default_factory=list, description="Pool replicas holding it now.")
 
 
 class ModelInfoList(BaseModel):

@@ -83,3 +83,29 @@ def save_tiny_model(directory: Path, kind: str = "llama", with_chat_template: bo
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_lora_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8, targets: list[str] | None = None, base_name: str | None = None) -> Path:
+    """A PEFT LoRA adapter of `base_dir` with random non-zero A and B (so it changes the output),
+    saved in PEFT's format (safetensors)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or LORA_TARGETS, init_lora_weights=False)
+    peft = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft.save_pretrained(out)
+    if base_name is not None:  # the model id the service knows the base by (adapter_dir discovery)
+        import json
+
+        config_file = out / "adapter_config.json"
+        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"base_model_name_or_path": base_name}))
+    return out

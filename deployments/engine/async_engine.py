@@ -7,15 +7,20 @@ itself stays single-threaded. Leaving `generate()` early (the client went away) 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from deployments.engine.request import InvalidRequestError, RequestOutput, SamplingParams
+
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -82,7 +87,7 @@ class AsyncLLMEngine:
         return f"req-{next(self._ids)}"
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as they are produced; the last one has a finish_reason."""
         if self._stopped:
@@ -92,7 +97,7 @@ class AsyncLLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._send("add", request_id, prompt_token_ids, params)
+        self._send("add", request_id, prompt_token_ids, params, adapter)
         finished = False
         try:
             while not finished:
@@ -106,6 +111,14 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._send("abort", request_id)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine thread between steps (e.g. `engine.add_adapter`)."""
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._send("call", fn, args, future)
+        return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
         """Stop the loop thread, end every open stream with `EngineDeadError`, free the engine."""
@@ -163,6 +176,12 @@ class AsyncLLMEngine:
                     stream = self._streams.get(request_id)  # type: ignore[call-overload]
                     if stream is not None:
                         stream.put(exc)
+            elif command == "call":
+                fn, fn_args, future = args
+                try:
+                    future.set_result(fn(*fn_args))  # type: ignore[operator]
+                except Exception as exc:  # noqa: BLE001 - raised in the caller
+                    future.set_exception(exc)  # type: ignore[union-attr]
             else:
                 self.engine.abort(*args)  # type: ignore[arg-type]
 

@@ -72,7 +72,7 @@ class BlockManager:
         if seq.block_table:
             raise RuntimeError(f"{seq.request_id} already holds blocks")
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        parent: bytes | None = None
+        parent: bytes | None = seq.cache_salt
         hits: list[int] = []
         if self.enable_prefix_caching:
             for i in range(max_blocks):
@@ -115,7 +115,7 @@ class BlockManager:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         start = min(seq.num_hashed_blocks, num_full)
-        parent = self.blocks[seq.block_table[start - 1]].block_hash if start else None
+        parent = self.blocks[seq.block_table[start - 1]].block_hash if start else seq.cache_salt
         for i in range(start, num_full):
             block = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])

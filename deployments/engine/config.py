@@ -39,6 +39,10 @@ class EngineConfig:
     """A Jinja chat template that overrides (or supplies) the tokenizer's own."""
     default_max_tokens: int = 256
     """Completion length when a request does not say, further capped by the context left."""
+    max_loras: int = 0
+    """LoRA adapter slots preallocated beside the base (0: no adapters, no LoRA cost at all)."""
+    max_lora_rank: int = 16
+    """The largest adapter rank a slot holds; a higher-rank adapter is refused."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -54,6 +58,10 @@ class EngineConfig:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.kv_cache_bytes is not None and (not isinstance(self.kv_cache_bytes, int) or self.kv_cache_bytes < 1):
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be a positive integer or None")
+        if not isinstance(self.max_loras, int) or self.max_loras < 0:
+            raise ValueError(f"max_loras={self.max_loras!r} must be an integer >= 0")
+        if not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank!r} must be a positive integer")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads!r} must be a positive integer or None")
 

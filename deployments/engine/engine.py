@@ -7,6 +7,7 @@ import torch
 from deployments.engine.block_manager import BlockManager
 from deployments.engine.config import EngineConfig
 from deployments.engine.detokenizer import IncrementalDetokenizer
+from deployments.engine.lora import AdapterError, AdapterSlots, LoRAWeights
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams, Sequence
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler
@@ -27,6 +28,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.adapters = AdapterSlots(config.max_loras)
+        self.adapter_salts: dict[str, bytes] = {}
+        self._adapter_loads = 0
 
     # --- requests in -------------------------------------------------------------------------
     @property
@@ -82,6 +86,7 @@ class LLMEngine:
             "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions, "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "adapter_slots": self.adapters.num_slots, "num_adapters": len(self.adapters.slot_of),
         }
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
@@ -99,9 +104,12 @@ class LLMEngine:
         while self.has_unfinished():
             self.step()
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        if adapter is not None:
+            seq.lora_slot = self.adapters.acquire(adapter)
+            seq.adapter, seq.cache_salt = adapter, self.adapter_salts[adapter]
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.sampler.add(seq)
         self.scheduler.add(seq)
@@ -111,7 +119,45 @@ class LLMEngine:
         if seq is None:
             return None
         self._free({request_id})
+        self._release_adapter(seq)
         return RequestOutput(request_id, [], "", FinishReason.ABORT, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    # --- LoRA adapters -----------------------------------------------------------------------
+    def add_adapter(self, weights: LoRAWeights) -> None:
+        """Put an adapter in a free slot (a retiring one of the same name is kept instead)."""
+        if self.runner.lora is None:
+            raise AdapterError(f"adapter {weights.name!r}: this engine has no adapter slots (max_loras: 0)")
+        if weights.name in self.adapters.slot_of:
+            self.adapters.retiring.discard(weights.name)
+            return
+        slot = self.adapters.free_slot()
+        if slot is None:
+            raise AdapterError(f"adapter {weights.name!r}: all {self.adapters.num_slots} adapter slots are in use")
+        self.runner.lora.write(slot, weights)  # checks every shape before writing
+        self.adapters.slot_of[weights.name] = slot
+        self._adapter_loads += 1
+        self.adapter_salts[weights.name] = f"adapter:{weights.name}#{self._adapter_loads}".encode()
+
+    def remove_adapter(self, name: str) -> None:
+        """Free its slot now, or (while sequences use it) retire it until the last one ends."""
+        if name not in self.adapters.slot_of:
+            return
+        if self.adapters.in_use.get(name):
+            self.adapters.retiring.add(name)
+            return
+        self._clear_adapter(name)
+
+    def _clear_adapter(self, name: str) -> None:
+        slot = self.adapters.slot_of.pop(name)
+        self.adapters.retiring.discard(name)
+        self.adapter_salts.pop(name, None)
+        if self.runner.lora is not None:
+            self.runner.lora.write(slot, None)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter is not None and self.adapters.release(seq.adapter):
+            self._clear_adapter(seq.adapter)
+        seq.adapter, seq.lora_slot = None, -1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -143,6 +189,7 @@ class LLMEngine:
             )
             if seq.is_finished:
                 finished.add(seq.request_id)
+                self._release_adapter(seq)
         self._free(finished)
         return outputs
 

@@ -101,6 +101,12 @@ class Sequence:
     num_hashed_blocks: int = 0
     """Leading blocks of `block_table` already registered in the prefix cache."""
     num_preemptions: int = 0
+    adapter: str | None = None
+    """The LoRA adapter this sequence runs with (None: the base model)."""
+    lora_slot: int = -1
+    """The runner's slot holding that adapter (-1: none)."""
+    cache_salt: bytes | None = None
+    """Mixed into its prefix-cache hashes: KV computed under one adapter is never another's."""
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.layers.attention import build_metadata
+from deployments.engine.lora import LoRAManager
 from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
 from deployments.engine.models import build_model, is_native, load_config
 from deployments.engine.scheduler import SchedulerOutput
@@ -54,6 +55,12 @@ class ModelRunner:
             self.architecture = (self.model.hf.config.architectures or [type(self.model.hf).__name__])[0]
             self.facts |= {"implementation": "transformers"}
         self.quantization = f"{self.facts['source_format']} -> {self.weights}"
+        self.lora: LoRAManager | None = None
+        if config.max_loras:
+            if not native:
+                raise ValueError(f"LoRA adapters need our native model code; {self.architecture} runs through transformers")
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, self.act_dtype, self.device)
+            self.facts["lora_slot_bytes"] = self.lora.slot_bytes
         self._allocate_kv_cache()
 
     def _allocate_kv_cache(self) -> None:
@@ -76,10 +83,14 @@ class ModelRunner:
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)  # decodes first
         input_ids: list[int] = []
         positions: list[list[int]] = []
+        token_slots: list[int] = []
         for i in order:
             start = seqs[i].num_computed_tokens
             input_ids.extend(seqs[i].token_ids[start : start + counts[i]])
             positions.append(list(range(start, start + counts[i])))
+            token_slots.extend([seqs[i].lora_slot] * counts[i])
+        if self.lora is not None:
+            self.lora.set_batch(token_slots)
         meta = build_metadata(
             positions, [seqs[i].block_table for i in order], self.block_size, self.model.sliding_window, self.device
         )
@@ -103,6 +114,8 @@ class ModelRunner:
             raise ValueError(f"{n} tokens do not fit the KV cache ({self.num_blocks} blocks of {self.block_size})")
         meta = build_metadata([list(range(n))], [list(range(num_blocks))], self.block_size, self.model.sliding_window, self.device)
         positions = torch.arange(n, device=self.device)
+        if self.lora is not None:
+            self.lora.set_batch(None)
         hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
         return self.model.compute_logits(hidden)
 

@@ -1,0 +1,254 @@
+"""LoRA adapters in PEFT's format, served together with their base in one batch.
+
+An adapter is read from `adapter_config.json` + `adapter_model.safetensors` (never pickle). The
+runner holds `max_loras` slots, preallocated once per target layer: `lora_a [slots * width, in]` and
+`lora_b [out, slots * width]` (scale folded into B; fused q/k/v and gate/up layers hold each
+part's A rows and B columns block-diagonally). One step then costs every target layer two small
+matmuls for the whole mixed batch, whatever the number of adapters in it:
+`y = base(x) + ((x @ lora_a.T) * mask) @ lora_b.T`, where `mask` keeps, for each token, only its own
+adapter's columns (base tokens: none). The base matmul runs once for all rows (Punica/S-LoRA's
+point), no weights are merged, and a step with no adapter token skips LoRA entirely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+"""Our fused layer -> the PEFT target modules it holds, in output order."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served as asked (missing, pickled, unsupported, wrong shape)."""
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (str(self),))
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One adapter read from disk: per PEFT module name (e.g. `model.layers.0.self_attn.q_proj`)
+    its `A [r, in]` and `B [out, r]`, and the scale PEFT applies (`alpha / r`, or `/ sqrt(r)`)."""
+
+    name: str
+    rank: int
+    scaling: float
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    base: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+
+
+def load_adapter(path: str | Path, name: str, max_rank: int) -> LoRAWeights:
+    """Read and check a PEFT LoRA adapter directory; raises `AdapterError` saying what is wrong."""
+    directory = Path(path).expanduser()
+    config_file, weights_file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise AdapterError(f"adapter {name!r}: no adapter_config.json in its directory")
+    if not weights_file.is_file():
+        if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
+            raise AdapterError(f"adapter {name!r}: only pickle weight files (refused: they can run code); save it with safetensors")
+        raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors in its directory")
+    config = json.loads(config_file.read_text())
+    rank, alpha = int(config.get("r", 0)), float(config.get("lora_alpha", config.get("r", 1)))
+    unsupported = [
+        (config.get("peft_type", "LORA") != "LORA", f"peft_type {config.get('peft_type')!r} (only LORA)"),
+        (bool(config.get("use_dora")), "DoRA"),
+        (bool(config.get("modules_to_save")), "modules_to_save"),
+        (config.get("bias", "none") != "none", f"bias={config.get('bias')!r}"),
+        (bool(config.get("rank_pattern") or config.get("alpha_pattern")), "per-module ranks (rank_pattern/alpha_pattern)"),
+        (bool(config.get("fan_in_fan_out")), "fan_in_fan_out"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise AdapterError(f"adapter {name!r}: {what} is not supported")
+    if not 1 <= rank <= max_rank:
+        raise AdapterError(f"adapter {name!r}: rank {rank} is over this server's max_lora_rank of {max_rank}" if rank > max_rank else f"adapter {name!r}: rank {rank} is invalid")
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise AdapterError(f"adapter {name!r}: adapter_model.safetensors could not be read ({type(exc).__name__})") from None
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return LoRAWeights(name, rank, scaling, _pair_tensors(name, state, rank), config.get("base_model_name_or_path"))
+
+
+def _pair_tensors(name: str, state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module = key.removeprefix("base_model.model.")
+        for half in ("lora_A", "lora_B"):
+            suffix = f".{half}.weight"
+            if module.endswith(suffix):
+                halves.setdefault(module[: -len(suffix)], {})[half] = tensor
+                break
+        else:
+            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA A/B weight (unsupported)")
+    pairs = {}
+    for module, ab in halves.items():
+        a, b = ab.get("lora_A"), ab.get("lora_B")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"adapter {name!r}: {module} has no matching rank-{rank} A/B pair")
+        pairs[module] = (a, b)
+    if not pairs:
+        raise AdapterError(f"adapter {name!r}: no LoRA weights in adapter_model.safetensors")
+    return pairs
+
+
+class LoRABatch:
+    """Which adapter slot each token of this step uses (-1: the base), as masks per slot width."""
+
+    def __init__(self, token_slots: torch.Tensor, num_slots: int) -> None:
+        base = token_slots < 0
+        onehot = F.one_hot(token_slots.clamp(min=0), num_slots)
+        self.onehot = onehot.masked_fill_(base.unsqueeze(-1), 0)
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (width, dtype)
+        if key not in self._masks:
+            self._masks[key] = self.onehot.to(dtype).repeat_interleave(width, dim=1)
+        return self._masks[key]
+
+
+class LoRALinear(torch.nn.Module):
+    """A base layer plus the LoRA slots of its parts (`part_names`, output sizes `part_sizes`)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+
+    def __init__(self, base: Any, owner: LoRAManager, part_names: list[str], part_sizes: list[int]) -> None:
+        super().__init__()
+        self.base, self._owner = base, [owner]  # a list: the manager is not a submodule
+        self.part_names, self.part_sizes = part_names, part_sizes
+        self.width = owner.max_rank * len(part_names)
+        slots_width = owner.num_slots * self.width
+        self.register_buffer("lora_a", torch.zeros(slots_width, base.in_features, dtype=owner.dtype, device=owner.device))
+        self.register_buffer("lora_b", torch.zeros(base.out_features, slots_width, dtype=owner.dtype, device=owner.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self._owner[0].batch
+        if batch is None:
+            return y
+        h = F.linear(x.to(self.lora_a.dtype), self.lora_a) * batch.mask(self.width, self.lora_a.dtype)
+        return y + F.linear(h, self.lora_b).to(y.dtype)
+
+    def write(self, slot: int, weights: LoRAWeights | None) -> None:
+        """Fill (or with None, clear) `slot` with this layer's parts of `weights`."""
+        cols = slice(slot * self.width, (slot + 1) * self.width)
+        self.lora_a[cols].zero_()
+        self.lora_b[:, cols].zero_()
+        if weights is None:
+            return
+        row, r, R = 0, weights.rank, self._owner[0].max_rank
+        for p, (module, size) in enumerate(zip(self.part_names, self.part_sizes)):
+            pair = weights.tensors.get(module)
+            if pair is not None:
+                a, b = pair
+                start = slot * self.width + p * R
+                self.lora_a[start : start + r] = a.to(self.lora_a)
+                self.lora_b[row : row + size, start : start + r] = (b.float() * weights.scaling).to(self.lora_b)
+            row += size
+
+    def expected_shapes(self) -> dict[str, tuple[int, int]]:
+        """PEFT module name -> (out, in) of the base projection it adapts."""
+        return {name: (size, self.base.in_features) for name, size in zip(self.part_names, self.part_sizes)}
+
+
+class LoRAManager:
+    """The runner's adapter slots: wraps the model's target layers once, fills and clears slots,
+    and carries the current step's token -> slot masks to every wrapped layer."""
+
+    def __init__(self, model: Any, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.batch: LoRABatch | None = None
+        self.layers: list[LoRALinear] = []
+        for i, layer in enumerate(model.layers):
+            for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+                for attr, parts in PARTS.items():
+                    base = getattr(parent, attr, None)
+                    if base is None:
+                        continue
+                    names = [f"model.layers.{i}.{parent_name}.{p}" for p in parts]
+                    sizes = _part_sizes(base.out_features, parts, layer.self_attn)
+                    wrapped = LoRALinear(base, self, names, sizes)
+                    setattr(parent, attr, wrapped)
+                    self.layers.append(wrapped)
+        self.shapes = {name: shape for layer in self.layers for name, shape in layer.expected_shapes().items()}
+
+    def check(self, weights: LoRAWeights) -> None:
+        """Raise `AdapterError` unless every module of `weights` is a target of ours of the same shape."""
+        for module, (a, b) in weights.tensors.items():
+            shape = self.shapes.get(module)
+            if shape is None:
+                raise AdapterError(f"adapter {weights.name!r}: {module} is not a LoRA target this engine supports")
+            if (b.shape[0], a.shape[1]) != shape:
+                raise AdapterError(
+                    f"adapter {weights.name!r}: {module} is {b.shape[0]}x{a.shape[1]} but the base layer is {shape[0]}x{shape[1]} (another base model?)"
+                )
+
+    def write(self, slot: int, weights: LoRAWeights | None) -> None:
+        if weights is not None:
+            self.check(weights)
+        for layer in self.layers:
+            layer.write(slot, weights)
+
+    def set_batch(self, token_slots: list[int] | None) -> None:
+        """This step's slot per token (None or all -1: a base-only step, LoRA skipped)."""
+        if token_slots is None or max(token_slots, default=-1) < 0:
+            self.batch = None
+            return
+        self.batch = LoRABatch(torch.tensor(token_slots, device=self.device), self.num_slots)
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.lora_a, layer.lora_b))
+
+
+def _part_sizes(out_features: int, parts: tuple[str, ...], attn: Any) -> list[int]:
+    if parts == ("q_proj", "k_proj", "v_proj"):
+        q = attn.num_heads * attn.head_dim
+        kv = attn.num_kv_heads * attn.head_dim
+        return [q, kv, kv]
+    return [out_features // len(parts)] * len(parts)
+
+
+class AdapterSlots:
+    """Names -> slots with use counts (no torch): an adapter being removed while sequences still use
+    it is retired (no new requests) and its slot is freed when the last one ends."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.slot_of: dict[str, int] = {}
+        self.in_use: dict[str, int] = {}
+        self.retiring: set[str] = set()
+
+    def free_slot(self) -> int | None:
+        taken = set(self.slot_of.values())
+        return next((s for s in range(self.num_slots) if s not in taken), None)
+
+    def acquire(self, name: str) -> int:
+        if name not in self.slot_of or name in self.retiring:
+            raise AdapterError(f"adapter {name!r} is not loaded on this replica")
+        self.in_use[name] = self.in_use.get(name, 0) + 1
+        return self.slot_of[name]
+
+    def release(self, name: str) -> bool:
+        """One user fewer; True when a retiring adapter's slot may be cleared now."""
+        self.in_use[name] -= 1
+        if self.in_use[name] == 0:
+            del self.in_use[name]
+            return name in self.retiring
+        return False
