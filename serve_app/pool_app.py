@@ -53,8 +53,15 @@ class PoolReplica(PoolServer):
     async def _member(self) -> str:
         self._start_sync()
         model_id = serve.get_multiplexed_model_id()
+        was_resident = model_id in self.resident
         self.count_request(model_id)
-        await self.resident_member(model_id)  # the multiplexed wrapper: LRU bookkeeping, eviction
+        try:
+            await self.resident_member(model_id)  # the multiplexed wrapper: LRU bookkeeping, eviction
+        except Exception:
+            await self.sync()  # the reason reaches /models before the caller looks
+            raise
+        if not was_resident:
+            await self.sync()  # a new member (and what LRU evicted for it) is visible at once
         return model_id
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:

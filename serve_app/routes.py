@@ -42,6 +42,23 @@ async def model_info(lifecycle: LifecycleManager, model_id: str, timeout_s: floa
     return ModelInfo.model_validate(status)
 
 
+@router.get("/pools")
+async def pools(registry: ModelRegistry = Depends(get_registry)) -> dict[str, Any]:
+    """Per pool, per replica: the members it holds, its loads and evictions, and its requests that
+    found their member already there (routing hits) or not."""
+    first_client_of: dict[str, Any] = {}
+    for client in registry:
+        pool_id = getattr(client, "pool_id", None)
+        if pool_id:
+            first_client_of.setdefault(pool_id, client)
+    reports = await asyncio.gather(*(client._reports() for client in first_client_of.values()))
+    return {"object": "pools", "data": {
+        pool_id: {replica: {k: v for k, v in report.items() if k != "servers"} | {"engines": sorted(report.get("servers", {}))}
+                  for replica, report in replicas.items()}
+        for pool_id, replicas in zip(first_client_of, reports)
+    }}
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}

@@ -1,4 +1,5 @@
-"""One real Ray Serve app on 127.0.0.1 for the whole e2e tier: two tiny models and real SmolLM2."""
+"""One real Ray Serve app on 127.0.0.1 for the whole e2e tier: tiny models, real SmolLM2, and a pool
+of tiny LoRA adapters."""
 
 from __future__ import annotations
 
@@ -40,8 +41,27 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
     pytest.fail(f"the Ray Serve app did not become ready in {timeout_s:.0f} s")
 
 
+POOL_BASE = "tiny-lora-base"
+NUM_POOL_ADAPTERS = 6
+
+
 @pytest.fixture(scope="session")
-def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
+def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """lora-00..05 of the tiny model (found by the pool's adapter_dir), and a pickled one."""
+    import shutil
+
+    from tests.tiny_models import save_lora_adapter
+
+    root = tmp_path_factory.mktemp("e2e-adapters")
+    for i in range(NUM_POOL_ADAPTERS):
+        save_lora_adapter(tiny_model_dir, root / "dir" / f"lora-{i:02d}", seed=i + 1, rank=8, base_name=POOL_BASE)
+    pickled = shutil.copytree(root / "dir" / "lora-00", root / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    return root
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) -> Iterator[str]:
     ray = pytest.importorskip("ray")
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -63,7 +83,17 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[str]:
             tiny | {"id": "tiny-scale", "max_num_seqs": 2, "max_ongoing_requests": 2,
                     "autoscaling": SCALE_TO_ZERO},
             {"id": SMOLLM2, "source": SMOLLM2_SOURCE, "max_model_len": 2048, "max_num_seqs": 16, "num_cpus": 1},
-        ]
+        ],
+        # A catalogue larger than the pool: 6 adapters + their base, 2 members per replica, 2 replicas.
+        "pools": [{
+            "id": "tiny-pool", "max_models_per_replica": 2, "max_lora_rank": 8, "num_replicas": 2, "num_cpus": 0.1,
+            "models": [{"id": POOL_BASE, "source": str(tiny_model_dir), "max_model_len": 128, "weights": "fp32"}],
+            "adapter_dir": str(tiny_adapters / "dir"),
+            "adapters": [
+                {"id": "lora-pickled", "base": POOL_BASE, "path": str(tiny_adapters / "pickled")},
+                {"id": "lora-brief", "base": POOL_BASE, "path": str(tiny_adapters / "dir" / "lora-05"), "keep_alive": "2s"},
+            ],
+        }],
     }
     # Deployed from a config, as `serve run config/serve.yaml` does: the app's deployed config is
     # what /load and /unload change (user_config), so every replica gets them.
