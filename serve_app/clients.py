@@ -1,7 +1,8 @@
 """The seam between the API and the models: a `ModelClient` per model.
 
 In production each client wraps a Ray Serve deployment handle (see serve_app.app); for tests and
-single-process use, `InProcessModelClient` wraps a `ModelServer` directly. The API sees only this.
+single-process use, `InProcessModelClient` wraps a `ModelServer` directly (`InProcessPoolClient`, a
+member of a `PoolServer`). The API sees only this.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from deployments.errors import NotFoundError
+from deployments.errors import ModelNotLoadedError, NotFoundError
+from deployments.pool import PoolServer
 from deployments.protocol import Chunk, GenerateRequest
 from deployments.server import ModelServer
 
@@ -55,6 +57,45 @@ class InProcessModelClient:
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         return self.server.generate(request)
+
+
+class InProcessPoolClient:
+    """A `ModelClient` for one member of a `PoolServer` living in this process (one "replica")."""
+
+    def __init__(self, pool: PoolServer, model_id: str) -> None:
+        self.pool, self.model_id, self.pool_id = pool, model_id, pool.pool_id
+        self.base = pool.member(model_id).base
+
+    async def status(self) -> dict[str, Any]:
+        held = self.model_id in self.pool.resident
+        error = None if held else self.pool.errors.get(self.model_id)
+        server = self.pool.servers.get(self.model_id)
+        status = server.status().to_dict() if server is not None and held else {}
+        return status | {
+            "id": self.model_id, "status": "loaded" if held else ("failed" if error else "unloaded"), "error": error,
+            "replicas": int(held), "held_by": ["local"] if held else [], "pool": self.pool_id, "base": self.base,
+            "kind": "adapter" if self.base else "model",
+        }
+
+    async def load(self) -> dict[str, Any]:
+        try:
+            await self.pool.load(self.model_id)
+        except ModelNotLoadedError:  # `failed`, with the reason, in the status
+            pass
+        return await self.status()
+
+    async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
+        await self.pool.evict(self.model_id, reason)
+        return await self.status()
+
+    async def num_replicas(self) -> int:
+        return int(self.model_id in self.pool.resident)
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        return self.pool.generate_for(self.model_id, request)
+
+    async def _reports(self) -> dict[str, dict[str, Any]]:
+        return {"local": self.pool.status()}
 
 
 class ModelRegistry:

@@ -177,6 +177,15 @@ class PoolSettings(BaseModel):
         ]
         return models + adapters
 
+    def pool_members(self) -> list[Any]:
+        """The catalogue as `deployments.pool.PoolMember`s, what a pool replica is built from."""
+        from deployments.pool import PoolMember
+
+        return [
+            PoolMember(m.id, base=m.base, adapter_path=m.source) if m.base else PoolMember(m.id, config=m.engine_config())
+            for m in self.members()
+        ]
+
     @model_validator(mode="after")
     def _bases_in_pool(self) -> "PoolSettings":
         bases = {m.id for m in self.models}

@@ -136,8 +136,4 @@ def pool_deployment(pool: PoolSettings) -> Any:
         options["autoscaling_config"] = pool.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = pool.num_replicas
-    members = [
-        PoolMember(m.id, base=m.base, adapter_path=m.source) if m.base else PoolMember(m.id, config=m.engine_config())
-        for m in pool.members()
-    ]
-    return serve.deployment(cls).options(**options).bind(pool.id, members, pool.max_models_per_replica, pool.max_lora_rank)
+    return serve.deployment(cls).options(**options).bind(pool.id, pool.pool_members(), pool.max_models_per_replica, pool.max_lora_rank)

@@ -101,7 +101,10 @@ class ScriptedEngine:
         found = [(last_user.rfind(key), key) for key in self.replies if key in last_user]
         return self.replies[max(found)[1]] if found else self.default_reply
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        assert adapter is None, f"the scripted model has no adapter {adapter!r}"
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         words = re.findall(r"\s*\S+", self.reply_for(prompt_token_ids)) or [" "]

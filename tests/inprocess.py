@@ -10,8 +10,9 @@ import httpx
 
 from deployments.server import ModelServer
 from serve_app.api import create_api
-from serve_app.clients import InProcessModelClient, ModelRegistry
-from serve_app.config import parse_app_settings
+from deployments.pool import PoolServer
+from serve_app.clients import InProcessModelClient, InProcessPoolClient, ModelRegistry
+from serve_app.config import PoolSettings, parse_app_settings
 
 
 @asynccontextmanager
@@ -20,7 +21,11 @@ async def inprocess_api(args: dict[str, Any]) -> AsyncIterator[tuple[httpx.Async
     servers are unloaded afterwards. The base URL is loopback, as the Host allowlist wants."""
     settings = parse_app_settings(args)
     servers = {m.id: ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models}
-    registry = ModelRegistry({model_id: InProcessModelClient(server) for model_id, server in servers.items()})
+    clients: dict[str, Any] = {model_id: InProcessModelClient(server) for model_id, server in servers.items()}
+    pools = [in_process_pool(pool) for pool in settings.pools]
+    for pool in pools:
+        clients |= {model_id: InProcessPoolClient(pool, model_id) for model_id in pool.members}
+    registry = ModelRegistry(clients)
     transport = httpx.ASGITransport(app=create_api(registry, settings))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
@@ -28,3 +33,11 @@ async def inprocess_api(args: dict[str, Any]) -> AsyncIterator[tuple[httpx.Async
     finally:
         for server in servers.values():
             await server.unload()
+        for pool in pools:
+            for model_id in list(pool.resident):
+                await pool.evict(model_id)
+
+
+def in_process_pool(pool: PoolSettings) -> PoolServer:
+    """The pool's catalogue in one `PoolServer` (one replica, no Ray)."""
+    return PoolServer(pool.id, pool.pool_members(), pool.max_models_per_replica, pool.max_lora_rank)

@@ -3,7 +3,7 @@
 // models.js (model list), markdown.js (safe rendering), api.js (HTTP, SSE), store.js (localStorage).
 
 import { Chat } from './chat.js';
-import { ModelPanel } from './models.js';
+import { ModelPanel, isAdapter } from './models.js';
 import { apiKey, selected, settings } from './store.js';
 
 const $ = (id) => document.getElementById(id);
@@ -51,7 +51,15 @@ function updateHeader() {
   badge.className = 'badge';
   badge.dataset.status = panel.pending.get(m.id) || m.status;
   badge.textContent = badge.dataset.status;
-  els.current.append(m.id, ' ', badge);
+  els.current.append(m.id, ' ');
+  if (isAdapter(m)) {
+    const tag = document.createElement('span');
+    tag.className = 'model-kind adapter-badge';
+    tag.textContent = 'adapter';
+    tag.title = `LoRA adapter of ${m.base || 'an unknown base'}`;
+    els.current.append(tag, ' ');
+  }
+  els.current.append(badge);
 }
 
 function askForKey() {

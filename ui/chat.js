@@ -73,7 +73,10 @@ export class Chat {
     const empty = this.els.messages.querySelector('.empty');
     if (!empty) return;
     if (!info) empty.textContent = 'Pick a model to start.';
-    else if (chat) empty.textContent = `New conversation with ${info.id}. It is kept in this browser, one per model.`;
+    else if (chat) {
+      const of = info.base ? ` (a LoRA adapter of ${info.base})` : '';
+      empty.textContent = `New conversation with ${info.id}${of}. It is kept in this browser, one per model.`;
+    }
     else empty.textContent = `${info.id} completes text: write the beginning and it carries on.`;
   }
 

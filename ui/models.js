@@ -1,4 +1,5 @@
-// The model list: one card per configured model with its state badge, memory, and Load/Unload.
+// The model list: one card per configured model with its state badge, memory, and Load/Unload;
+// a pool's LoRA adapters are listed right under their base (a nested list), each with its own card.
 // GET /models is polled while a model is loading or unloading.
 
 import { apiFetch, describeError, readError } from './api.js';
@@ -22,11 +23,50 @@ function el(tag, className, text) {
   return node;
 }
 
-/** Whether a model takes chat messages: what it says when loaded, else what it said before. */
+/** Whether a model takes chat messages: what it says when loaded, else what it said before
+ * (an adapter, that says nothing of it, has its base's template). */
 export function isChatModel(info) {
   if (!info) return true;
   if (typeof info.has_chat_template === 'boolean') return info.has_chat_template;
-  return chatTemplate.get(info.id) !== false;
+  const learnt = chatTemplate.get(info.id);
+  if (typeof learnt === 'boolean') return learnt;
+  return !info.base || chatTemplate.get(info.base) !== false;
+}
+
+export const isAdapter = (m) => m?.kind === 'adapter' || !!m?.base;
+
+/**
+ * The list's order: each model, then its adapters; adapters whose base is not listed come in a
+ * group of their own (at the place of the first of them). Returns
+ * [{ model, adapters: [...] } | { orphanBase: id, adapters: [...] }].
+ */
+export function groupModels(models) {
+  const ids = new Set(models.filter((m) => !isAdapter(m)).map((m) => m.id));
+  const adaptersOf = new Map();
+  for (const m of models) {
+    if (!isAdapter(m)) continue;
+    const base = m.base || '';
+    if (!adaptersOf.has(base)) adaptersOf.set(base, []);
+    adaptersOf.get(base).push(m);
+  }
+  const groups = [];
+  const placed = new Set();
+  for (const m of models) {
+    if (!isAdapter(m)) {
+      groups.push({ model: m, adapters: adaptersOf.get(m.id) || [] });
+    } else if (!ids.has(m.base || '') && !placed.has(m.base || '')) {
+      placed.add(m.base || '');
+      groups.push({ orphanBase: m.base || '', adapters: adaptersOf.get(m.base || '') });
+    }
+  }
+  return groups;
+}
+
+/** Where a pool member is resident now: its replicas' ids. */
+function heldText(m) {
+  const held = Array.isArray(m.held_by) ? m.held_by.filter((r) => typeof r === 'string') : [];
+  if (!held.length) return '';
+  return held.length === 1 ? `on ${held[0]}` : `on ${held.length} replicas: ${held.join(', ')}`;
 }
 
 function memoryText(m) {
@@ -39,6 +79,7 @@ function memoryText(m) {
 
 function detailText(m) {
   const parts = [];
+  if (m.pool) parts.push(`pool ${m.pool}`);
   if (m.context_length) parts.push(`ctx ${m.context_length}`);
   if (m.quantization && m.status === 'loaded') parts.push(m.quantization);
   if (m.num_running_requests) parts.push(`${m.num_running_requests} running`);
@@ -116,43 +157,85 @@ export class ModelPanel {
   }
 
   render() {
-    const cards = this.models.map((m) => this.card(m));
-    if (!cards.length) cards.push(el('li', 'model-empty', 'No models configured.'));
-    this.list.replaceChildren(...cards);
+    const items = [];
+    for (const group of groupModels(this.models)) {
+      if (group.model) items.push(this.card(group.model));
+      if (group.adapters.length) items.push(this.adapterGroup(group));
+    }
+    if (!items.length) items.push(el('li', 'model-empty', 'No models configured.'));
+    this.list.replaceChildren(...items);
   }
 
-  card(m) {
+  /** A nested list of adapters, under their base's card or under a heading naming the base. */
+  adapterGroup({ model, orphanBase, adapters }) {
+    const li = el('li', 'adapter-group');
+    const list = el('ul', 'adapter-list');
+    if (model) {
+      li.dataset.base = model.id;
+      list.setAttribute('aria-label', `Adapters of ${model.id}`);
+    } else {
+      li.dataset.base = orphanBase;
+      li.classList.add('orphan');
+      const heading = el('h3', 'adapter-base');
+      heading.id = `adapters-of-${this.list.id}-${orphanBase.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+      const name = el('span', 'model-name', orphanBase || '(no base)');
+      const note = el('span', 'model-kind', 'base not listed');
+      note.title = 'This base model is not served here: its adapters are';
+      heading.append(name, ' ', note);
+      list.setAttribute('aria-labelledby', heading.id);
+      li.append(heading);
+    }
+    list.append(...adapters.map((a) => this.card(a, { underBase: !!model })));
+    li.append(list);
+    return li;
+  }
+
+  /** One model's card; `underBase`: an adapter shown under its base's card (which names the pool). */
+  card(m, { underBase = false } = {}) {
     const status = this.pending.get(m.id) || m.status || 'unknown';
-    const li = el('li', 'model-card');
+    const adapter = isAdapter(m);
+    const li = el('li', adapter ? 'model-card adapter-card' : 'model-card');
     li.dataset.model = m.id;
     li.dataset.status = status;
+    li.dataset.kind = adapter ? 'adapter' : 'model';
+    if (adapter && m.base) li.dataset.base = m.base;
     if (m.id === this.selectedId) li.setAttribute('aria-current', 'true');
 
     const pick = el('button', 'model-select');
     pick.type = 'button';
-    pick.title = `Chat with ${m.id}`;
+    pick.title = adapter ? `Chat with ${m.id} (LoRA adapter of ${m.base || 'an unknown base'})` : `Chat with ${m.id}`;
     const name = el('span', 'model-name', m.id);
-    const kind = el('span', 'model-kind', isChatModel(m) ? 'chat' : 'base');
-    kind.title = isChatModel(m) ? 'has a chat template' : 'no chat template: completes text';
+    let kind;
+    if (adapter) {
+      kind = el('span', 'model-kind adapter-badge', 'adapter');
+      kind.title = `LoRA adapter of ${m.base || 'an unknown base'}`;
+    } else {
+      kind = el('span', 'model-kind', isChatModel(m) ? 'chat' : 'base');
+      kind.title = isChatModel(m) ? 'has a chat template' : 'no chat template: completes text';
+    }
     pick.append(name, kind);
     pick.addEventListener('click', () => this.onSelect(m.id));
 
     const badge = el('span', 'badge', status);
     badge.dataset.status = status;
     if (m.error) badge.title = m.error;
-    const memory = el('span', 'model-memory', memoryText(m));
-    const details = el('span', 'model-details', detailText(m));
+    const info = el('span', 'model-memory', [heldText(m), adapter ? '' : memoryText(m)].filter(Boolean).join(' · '));
+    if (m.pool) info.title = `Pool ${m.pool}: the replicas holding it now`;
+    const details = el('span', 'model-details', detailText(underBase ? { ...m, pool: null } : m));
 
     const loaded = status === 'loaded';
-    const action = el('button', 'model-action', loaded ? 'Unload' : 'Load');
+    const verb = loaded ? 'Unload' : 'Load';
+    const action = el('button', 'model-action', verb);
     action.type = 'button';
     action.dataset.action = loaded ? 'unload' : 'load';
+    action.setAttribute('aria-label', `${verb} ${m.id}`);
     action.disabled = TRANSIENT.has(status);
     action.addEventListener('click', () => this.transition(m.id, loaded ? 'unload' : 'load'));
 
     const row = el('div', 'model-row');
-    row.append(badge, memory, action);
-    li.append(pick, row, details);
+    row.append(badge, info, action);
+    li.append(pick, row);
+    if (details.textContent) li.append(details);
     if (m.error && status === 'failed') li.append(el('span', 'model-error', m.error));
     return li;
   }

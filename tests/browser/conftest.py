@@ -1,6 +1,7 @@
 """The chat page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) against the
 real ingress app served by uvicorn on 127.0.0.1 (no Ray): in-process model servers, two of them
-real tiny models, one a scripted engine (tests/fakes.py) that makes the visible text deterministic."""
+real tiny models, one a scripted engine (tests/fakes.py) that makes the visible text deterministic,
+and a pool (deployments/pool.py, one in-process replica) of a tiny base and two LoRA adapters of it."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.pool import PoolServer
 from deployments.server import ModelServer
 from serve_app.api import create_api
-from serve_app.clients import InProcessModelClient, ModelRegistry
+from serve_app.clients import InProcessModelClient, InProcessPoolClient, ModelRegistry
 from serve_app.config import parse_app_settings
 from tests.fakes import ScriptedEngine
+from tests.inprocess import in_process_pool
 
 SCRIPTED, CHAT, BASE = "scripted", "tiny-chat", "tiny-base"
+POOL, LORA_BASE, ADAPTERS = "tiny-pool", "tiny-lora-base", ("lora-a", "lora-b")
 DEFAULT_REPLY = "Hello! I am a scripted model."
 REPLIES = {
     "count": " ".join(f"w{i}" for i in range(1, 21)),
@@ -52,6 +56,7 @@ STORE_KEY = f"""try {{ if (localStorage.getItem('llm-chat.api-key') === null)
 class LiveServer:
     url: str
     servers: dict[str, ModelServer]
+    pools: list[PoolServer]
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -75,8 +80,20 @@ def chromium_path() -> str | None:
     return found if os.access(found, os.X_OK) else None
 
 
+@pytest.fixture(scope="session")
+def lora_adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRA adapters of the tiny Llama (random, non-zero: each changes the output), by id."""
+    from tests.tiny_models import save_lora_adapter
+
+    root = tmp_path_factory.mktemp("browser-adapters")
+    return {
+        adapter_id: save_lora_adapter(tiny_model_dir, root / adapter_id, seed, rank=8, base_name=LORA_BASE)
+        for seed, adapter_id in enumerate(ADAPTERS, 1)
+    }
+
+
 @pytest.fixture(scope="module")
-def live_server(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[LiveServer]:
+def live_server(tiny_model_dir: Path, tiny_base_dir: Path, lora_adapter_dirs: dict[str, Path]) -> Iterator[LiveServer]:
     import uvicorn
 
     settings = parse_app_settings({
@@ -88,12 +105,23 @@ def live_server(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[LiveServe
             {"id": BASE, "source": str(tiny_base_dir), "weights": "fp32", "max_model_len": 256, "max_num_seqs": 2,
              "autoload": False, "keep_alive": -1},
         ],
+        "pools": [{
+            "id": POOL,
+            "models": [{"id": LORA_BASE, "source": str(tiny_model_dir), "max_model_len": 128, "weights": "fp32"}],
+            "adapters": [{"id": adapter_id, "base": LORA_BASE, "path": str(path)} for adapter_id, path in lora_adapter_dirs.items()],
+            "max_models_per_replica": 2,
+            "max_lora_rank": 8,
+        }],
     })
     scripted = partial(ScriptedEngine, replies=REPLIES, default_reply=DEFAULT_REPLY, delay_s=0.05, load_delay_s=0.3)
     servers = {m.id: ModelServer(m.id, m.engine_config(), m.load_on_start) for m in settings.models if m.id != SCRIPTED}
     # ScriptedEngine has the AsyncLLMEngine surface ModelServer uses, without subclassing it.
     servers[SCRIPTED] = ModelServer(SCRIPTED, settings.models[0].engine_config(), engine_cls=scripted)  # type: ignore[arg-type]
-    app = create_api(ModelRegistry({m.id: InProcessModelClient(servers[m.id]) for m in settings.models}), settings)
+    clients: dict[str, Any] = {m.id: InProcessModelClient(servers[m.id]) for m in settings.models}
+    pools = [in_process_pool(pool) for pool in settings.pools]
+    for pool in pools:  # every member (base and adapters) is a model id of the API
+        clients |= {member_id: InProcessPoolClient(pool, member_id) for member_id in pool.members}
+    app = create_api(ModelRegistry(clients), settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -104,10 +132,10 @@ def live_server(tiny_model_dir: Path, tiny_base_dir: Path) -> Iterator[LiveServe
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", servers)
+    yield LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", servers, pools)
     server.should_exit = True
     thread.join(timeout=10)
-    for model_server in servers.values():
+    for model_server in [*servers.values(), *(s for pool in pools for s in pool.servers.values())]:
         if model_server.engine is not None:
             model_server.engine.shutdown()
 
