@@ -109,9 +109,12 @@ def _pair_tensors(name: str, state: dict[str, torch.Tensor], rank: int) -> dict[
 class LoRABatch:
     """Which adapter slot each token of this step uses (-1: the base), as masks per slot width."""
 
-    def __init__(self, token_slots: torch.Tensor, num_slots: int) -> None:
-        base = token_slots < 0
-        onehot = F.one_hot(token_slots.clamp(min=0), num_slots)
+    def __init__(self, token_slots: list[int], device: torch.device) -> None:
+        used = [s for s in token_slots if s >= 0]
+        self.lo, self.hi = min(used), max(used) + 1  # only this range of slots is computed
+        slots = torch.tensor(token_slots, device=device)
+        base = slots < 0
+        onehot = F.one_hot((slots - self.lo).clamp(min=0), self.hi - self.lo)
         self.onehot = onehot.masked_fill_(base.unsqueeze(-1), 0)
         self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
@@ -142,8 +145,11 @@ class LoRALinear(torch.nn.Module):
         batch = self._owner[0].batch
         if batch is None:
             return y
-        h = F.linear(x.to(self.lora_a.dtype), self.lora_a) * batch.mask(self.width, self.lora_a.dtype)
-        return y + F.linear(h, self.lora_b).to(y.dtype)
+        cols = slice(batch.lo * self.width, batch.hi * self.width)
+        h = F.linear(x.to(self.lora_a.dtype), self.lora_a[cols]).mul_(batch.mask(self.width, self.lora_a.dtype))
+        if y.dim() == 2 and y.dtype == h.dtype:
+            return torch.addmm(y, h, self.lora_b[:, cols].t())  # the add fused into the GEMM
+        return y + F.linear(h, self.lora_b[:, cols]).to(y.dtype)
 
     def write(self, slot: int, weights: LoRAWeights | None) -> None:
         """Fill (or with None, clear) `slot` with this layer's parts of `weights`."""
@@ -210,7 +216,7 @@ class LoRAManager:
         if token_slots is None or max(token_slots, default=-1) < 0:
             self.batch = None
             return
-        self.batch = LoRABatch(torch.tensor(token_slots, device=self.device), self.num_slots)
+        self.batch = LoRABatch(token_slots, self.device)
 
     @property
     def slot_bytes(self) -> int:

@@ -24,9 +24,12 @@ def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loo
     config = yaml.safe_load(SERVE_YAML.read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
     settings = parse_app_settings(app_args())
-    assert [m.id for m in settings.models] == ["smollm2-135m-instruct", "gemma-3-270m", "smollm2-135m-instruct-gptq"]
-    assert all(m.source.startswith("pkg://") for m in settings.models[:2])
-    assert settings.models[2].source.startswith("~/.cache/llm-serve/gptq/")  # made by `make serve`
+    assert [m.id for m in settings.models] == ["gemma-3-270m", "smollm2-135m-instruct-gptq"]
+    assert settings.models[0].source.startswith("pkg://")
+    assert settings.models[1].source.startswith("~/.cache/llm-serve/gptq/")  # made by `make serve`
+    (pool,) = settings.pools  # SmolLM2 and the adapters make serve fine-tunes, in one pool
+    assert [m.id for m in pool.models] == ["smollm2-135m-instruct"] and pool.models[0].source.startswith("pkg://")
+    assert pool.adapter_dir == "~/.cache/llm-serve/adapters"
 
 
 @pytest.mark.parametrize(
@@ -37,7 +40,10 @@ def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loo
         (lambda a: a["models"][0].update(device="cuda", num_gpus=0), "num_gpus"),
         (lambda a: a["models"][0].update(colour="blue"), "models.0.colour"),
         (lambda a: a["models"][1].update(id=a["models"][0]["id"]), "unique"),
-        (lambda a: a.update(models=[]), "models"),
+        (lambda a: a.update(models=[], pools=[]), "at least one model"),
+        (lambda a: a["pools"][0]["models"][0].update(id="gemma-3-270m"), "unique"),
+        (lambda a: a["pools"][0].update(adapters=[{"id": "x", "base": "nope", "path": "/x"}]), "base 'nope' is not a model"),
+        (lambda a: a["pools"][0].update(max_models_per_replica=0), "pools.0.max_models_per_replica"),
     ],
 )
 def test_bad_config_names_the_bad_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]

@@ -70,3 +70,13 @@ def test_typed_errors_keep_their_class_and_code_across_pickling() -> None:
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and isinstance(copy, ServiceUnavailableError)
         assert copy.code == code and copy.headers["Retry-After"]
+
+
+def test_pool_reports_age_out_and_evictions_count_up() -> None:
+    store = ControlStore()
+    assert store.pool_sync("p", "r1", {"resident": {"a": 1.0}}) == {}
+    store.pool_sync("p", "r2", {"resident": {}})
+    assert store.pool_evict("p", "a") == 1 and store.pool_evict("p", "a") == 2
+    assert store.pool_sync("p", "r1", {"resident": {}}) == {"a": 2}  # every replica learns the epoch
+    store.pool_reports["p"]["r2"]["at"] -= 10  # r2 went silent (killed): it no longer counts
+    assert set(store.pool_state("p")) == {"r1"}
