@@ -1,12 +1,11 @@
 """LoRA adapters in PEFT's format, served together with their base in one batch.
 
 An adapter is read from `adapter_config.json` + `adapter_model.safetensors` (never pickle). The
-runner holds `max_loras` slots, preallocated once per target layer: `lora_a [slots * width, in]` and
-`lora_b [out, slots * width]` (scale folded into B; fused q/k/v and gate/up layers hold each
-part's A rows and B columns block-diagonally). One step then costs every target layer two small
-matmuls for the whole mixed batch, whatever the number of adapters in it:
-`y = base(x) + ((x @ lora_a.T) * mask) @ lora_b.T`, where `mask` keeps, for each token, only its own
-adapter's columns (base tokens: none). The base matmul runs once for all rows (Punica/S-LoRA's
+runner holds `max_loras` slots, preallocated once per target layer (`LoRALinear`; scale folded into
+B; in bf16 when the base computes in bf16). One step then costs every target layer one small GEMM
+for A and one per fused part for B, for the whole mixed batch, whatever the number of adapters in
+it: `y = base(x) + ((x @ A.T) * mask) @ B.T` over the slots in use, where `mask` keeps, for each
+token, only its own adapter's columns (base tokens: none). The base matmul runs once for all rows (Punica/S-LoRA's
 point), no weights are merged, and a step with no adapter token skips LoRA entirely.
 """
 
@@ -126,7 +125,11 @@ class LoRABatch:
 
 
 class LoRALinear(torch.nn.Module):
-    """A base layer plus the LoRA slots of its parts (`part_names`, output sizes `part_sizes`)."""
+    """A base layer plus the LoRA slots of its parts (`part_names`, output sizes `part_sizes`).
+
+    `lora_a [parts * slots * R, in]`: rows by part, then slot, then rank; `lora_b [out, slots * R]`:
+    each part's output rows, columns by slot then rank (scale folded in). No block-diagonal zeros:
+    a fused layer's parts each take one small GEMM over the slots in use."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -135,38 +138,49 @@ class LoRALinear(torch.nn.Module):
         super().__init__()
         self.base, self._owner = base, [owner]  # a list: the manager is not a submodule
         self.part_names, self.part_sizes = part_names, part_sizes
-        self.width = owner.max_rank * len(part_names)
-        slots_width = owner.num_slots * self.width
-        self.register_buffer("lora_a", torch.zeros(slots_width, base.in_features, dtype=owner.dtype, device=owner.device))
-        self.register_buffer("lora_b", torch.zeros(base.out_features, slots_width, dtype=owner.dtype, device=owner.device))
+        self.row_starts = [sum(part_sizes[:i]) for i in range(len(part_sizes))]
+        R, S = owner.max_rank, owner.num_slots
+        self.register_buffer("lora_a", torch.zeros(len(part_names) * S * R, base.in_features, dtype=owner.dtype, device=owner.device))
+        self.register_buffer("lora_b", torch.zeros(base.out_features, S * R, dtype=owner.dtype, device=owner.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self._owner[0].batch
         if batch is None:
             return y
-        cols = slice(batch.lo * self.width, batch.hi * self.width)
-        h = F.linear(x.to(self.lora_a.dtype), self.lora_a[cols]).mul_(batch.mask(self.width, self.lora_a.dtype))
-        if y.dim() == 2 and y.dtype == h.dtype:
-            return torch.addmm(y, h, self.lora_b[:, cols].t())  # the add fused into the GEMM
-        return y + F.linear(h, self.lora_b[:, cols]).to(y.dtype)
+        R, S = self._owner[0].max_rank, self._owner[0].num_slots
+        cols = slice(batch.lo * R, batch.hi * R)
+        mask = batch.mask(R, self.lora_a.dtype)
+        xa = x.to(self.lora_a.dtype)
+        if len(self.part_sizes) == 1:
+            h = F.linear(xa, self.lora_a[cols]).mul_(mask)
+            if y.dim() == 2 and y.dtype == h.dtype:
+                return torch.addmm(y, h, self.lora_b[:, cols].t())  # the add fused into the GEMM
+            return y + F.linear(h, self.lora_b[:, cols]).to(y.dtype)
+        h = F.linear(xa, self.lora_a).view(-1, len(self.part_sizes), S * R)[:, :, cols]
+        h = h * mask.unsqueeze(1)
+        deltas = [
+            F.linear(h[:, p], self.lora_b[start : start + size, cols])
+            for p, (start, size) in enumerate(zip(self.row_starts, self.part_sizes))
+        ]
+        return y + torch.cat(deltas, dim=-1).to(y.dtype)
 
     def write(self, slot: int, weights: LoRAWeights | None) -> None:
         """Fill (or with None, clear) `slot` with this layer's parts of `weights`."""
-        cols = slice(slot * self.width, (slot + 1) * self.width)
-        self.lora_a[cols].zero_()
-        self.lora_b[:, cols].zero_()
+        R, S = self._owner[0].max_rank, self._owner[0].num_slots
+        for p in range(len(self.part_sizes)):
+            self.lora_a[(p * S + slot) * R : (p * S + slot + 1) * R].zero_()
+        self.lora_b[:, slot * R : (slot + 1) * R].zero_()
         if weights is None:
             return
-        row, r, R = 0, weights.rank, self._owner[0].max_rank
-        for p, (module, size) in enumerate(zip(self.part_names, self.part_sizes)):
+        r = weights.rank
+        for p, (module, start, size) in enumerate(zip(self.part_names, self.row_starts, self.part_sizes)):
             pair = weights.tensors.get(module)
             if pair is not None:
                 a, b = pair
-                start = slot * self.width + p * R
-                self.lora_a[start : start + r] = a.to(self.lora_a)
-                self.lora_b[row : row + size, start : start + r] = (b.float() * weights.scaling).to(self.lora_b)
-            row += size
+                row = (p * S + slot) * R
+                self.lora_a[row : row + r] = a.to(self.lora_a)
+                self.lora_b[start : start + size, slot * R : slot * R + r] = (b.float() * weights.scaling).to(self.lora_b)
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """PEFT module name -> (out, in) of the base projection it adapts."""

@@ -59,7 +59,9 @@ class ModelRunner:
         if config.max_loras:
             if not native:
                 raise ValueError(f"LoRA adapters need our native model code; {self.architecture} runs through transformers")
-            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, self.act_dtype, self.device)
+            # The dtype the base linears compute in: bf16 slots take half the memory and run as fast here.
+            lora_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+            self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, lora_dtype, self.device)
             self.facts["lora_slot_bytes"] = self.lora.slot_bytes
         self._allocate_kv_cache()
 
