@@ -23,7 +23,7 @@ from deployments.protocol import Chunk, GenerateRequest
 from serve_app.config import PoolSettings
 from serve_app.loopback import keep_serve_grpc_on_loopback
 from serve_app.pool_client import pool_deployment_name
-from serve_app.ray_client import control_plane
+from serve_app.ray_client import call_control, control_plane
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
@@ -90,7 +90,7 @@ class PoolReplica(PoolServer):
 
     async def sync(self) -> None:
         """Report what this replica holds; evict what `/unload` asked since the last sync."""
-        epochs: dict[str, int] = await self.control.pool_sync.remote(self.pool_id, self.replica, self.report())
+        epochs: dict[str, int] = await call_control(self.control.pool_sync.remote(self.pool_id, self.replica, self.report()))
         if self._seen_evictions is None:  # a new replica holds nothing: older evictions are done
             self._seen_evictions = epochs
             return
@@ -99,7 +99,7 @@ class PoolReplica(PoolServer):
                 self._seen_evictions[model_id] = epoch
                 self._forget_multiplexed(model_id)
                 if await self.evict(model_id, reason="unload"):
-                    await self.control.pool_sync.remote(self.pool_id, self.replica, self.report())
+                    await call_control(self.control.pool_sync.remote(self.pool_id, self.replica, self.report()))
 
     def report(self) -> dict[str, Any]:
         status = self.status()

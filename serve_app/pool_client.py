@@ -19,7 +19,11 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import APIError, ServiceUnavailableError
 from serve_app.config import ModelSettings
 from serve_app.errors import unwrap_error
-from serve_app.ray_client import POLL_S, HandleModelClient
+from serve_app.ray_client import POLL_S, HandleModelClient, call_control
+
+
+REPORTS_TTL_S = 0.2
+_REPORTS: dict[str, tuple[float, "asyncio.Future[dict[str, dict[str, Any]]]"]] = {}
 
 
 def pool_deployment_name(pool_id: str) -> str:
@@ -35,7 +39,12 @@ class PoolMemberClient(HandleModelClient):
         self.pool_id = member.pool or ""
 
     async def _reports(self) -> dict[str, dict[str, Any]]:
-        return await self.control.pool_state.remote(self.pool_id)  # type: ignore[no-any-return]
+        """The pool's replica reports; members asking at once (GET /models) share one actor call."""
+        now = time.monotonic()
+        cached = _REPORTS.get(self.pool_id)
+        if cached is None or now - cached[0] > REPORTS_TTL_S:
+            cached = _REPORTS[self.pool_id] = (now, asyncio.ensure_future(call_control(self.control.pool_state.remote(self.pool_id))))
+        return await asyncio.shield(cached[1])  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
         reports = await self._reports()
@@ -69,7 +78,7 @@ class PoolMemberClient(HandleModelClient):
         return await self.status()
 
     async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
-        await self.control.pool_evict.remote(self.pool_id, self.model_id)
+        await call_control(self.control.pool_evict.remote(self.pool_id, self.model_id))
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             status = await self.status()

@@ -122,7 +122,7 @@ class HandleModelClient:
         user_config = wanted | {"epoch": epoch}
         name = deployment_name(self.model_id)
         if self.control is not None:
-            applied = await self.control.set_user_config.remote(self.app_name, name, user_config)
+            applied = await call_control(self.control.set_user_config.remote(self.app_name, name, user_config))
         else:
             applied = await asyncio.to_thread(write_user_config, self.app_name, name, user_config)
         if not applied:  # deployed with serve.run: one handle call, one replica
@@ -229,11 +229,35 @@ class ControlPlane(ControlStore):
     def set_user_config(self, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
         return write_user_config(app_name, deployment, user_config)
 
+    # Pool reports in their own concurrency group (one thread): a config write that waits seconds on
+    # Serve's controller must not hold up GET /models or the replicas' half-second reports.
+    @ray.method(concurrency_group="pool")
+    def pool_sync(self, pool_id: str, replica: str, report: dict[str, Any]) -> dict[str, int]:
+        return super().pool_sync(pool_id, replica, report)
+
+    @ray.method(concurrency_group="pool")
+    def pool_evict(self, pool_id: str, model_id: str) -> int:
+        return super().pool_evict(pool_id, model_id)
+
+    @ray.method(concurrency_group="pool")
+    def pool_state(self, pool_id: str, max_age_s: float = 5.0) -> dict[str, dict[str, Any]]:
+        return super().pool_state(pool_id, max_age_s)
+
+
+async def call_control(ref: Any) -> Any:
+    """Await a `ControlPlane` call without ever cancelling it: a caller that gives up (a status
+    timeout, a client gone) must not cancel the actor task, or the actor waits (30 s) for the
+    skipped sequence number before it runs this caller's next call. An unreachable actor is a 503."""
+    try:
+        return await asyncio.shield(asyncio.ensure_future(ref))
+    except (RayActorError, ActorUnavailableError):
+        raise ServiceUnavailableError("the control plane actor is restarting; retry", code="control_plane_unavailable") from None
+
 
 def control_plane(app_name: str) -> Any:
     """The application's `ControlPlane` actor, created by the first router replica that asks.
     Detached, so it outlives a router replica; it ends with the Ray cluster."""
-    actor = ray.remote(ControlPlane).options(
+    actor = ray.remote(concurrency_groups={"pool": 1})(ControlPlane).options(
         name=f"llm-serve-control-plane:{app_name}", namespace="serve", lifetime="detached",
         get_if_exists=True, num_cpus=0, max_restarts=-1,
     )
@@ -247,7 +271,7 @@ class ActorRecordStore:
         self.actor = actor
 
     async def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
-        return await self.actor.restore.remote(defaults)  # type: ignore[no-any-return]
+        return await call_control(self.actor.restore.remote(defaults))  # type: ignore[no-any-return]
 
     def save(self, model_id: str, record: ModelRecord) -> None:
         self.actor.save.remote(model_id, record.copy())  # calls from one caller run in order
