@@ -91,7 +91,7 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) ->
             "adapter_dir": str(tiny_adapters / "dir"),
             "adapters": [
                 {"id": "lora-pickled", "base": POOL_BASE, "path": str(tiny_adapters / "pickled")},
-                {"id": "lora-brief", "base": POOL_BASE, "path": str(tiny_adapters / "dir" / "lora-05"), "keep_alive": "2s"},
+                {"id": "lora-brief", "base": POOL_BASE, "path": str(tiny_adapters / "dir" / "lora-05"), "keep_alive": "4s"},
             ],
         }],
     }

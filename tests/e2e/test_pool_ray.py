@@ -84,7 +84,11 @@ def test_load_unload_and_eviction_free_the_slot_and_the_base(serve_url: str) -> 
 
 def test_keep_alive_evicts_an_idle_adapter(serve_url: str) -> None:
     assert complete(serve_url, "lora-brief").status_code == 200
-    assert models(serve_url)["lora-brief"]["status"] == "loaded"
+    # Held right after the request (on a slow host its 4 s keep-alive may be near its end already):
+    deadline = time.monotonic() + 2  # reports reach the router within half a second
+    while not any("lora-brief" in report["resident"] for report in replicas(serve_url).values()):
+        assert time.monotonic() < deadline, "lora-brief was never reported held"
+        time.sleep(0.1)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and models(serve_url)["lora-brief"]["status"] == "loaded":
         time.sleep(0.5)
