@@ -44,6 +44,11 @@ class PoolMember:
     def is_adapter(self) -> bool:
         return self.base is not None
 
+    @property
+    def engine_id(self) -> str:
+        """The full model whose engine serves it (itself, or an adapter's base)."""
+        return self.base or self.id
+
 
 class Resident:
     """What Ray's multiplexer caches per model id. Ray calls `__del__` when it evicts the member
@@ -107,7 +112,7 @@ class PoolServer:
                 return
             started = time.monotonic()
             try:
-                server = await self._base_server(member.base or member.id)
+                server = await self._base_server(member.engine_id)
                 if member.is_adapter:
                     weights = await asyncio.to_thread(load_adapter, member.adapter_path or "", member.id, self.max_lora_rank)
                     engine = server.engine
@@ -149,7 +154,7 @@ class PoolServer:
                 return False
             self.num_evictions += 1
             member = self.members[model_id]
-            server = self.servers.get(member.base or member.id)
+            server = self.servers.get(member.engine_id)
             if member.is_adapter and server is not None and server.engine is not None:
                 engine = server.engine
                 await engine.call(engine.engine.remove_adapter, model_id)
@@ -174,7 +179,7 @@ class PoolServer:
         member = self.member(model_id)
         for attempt in (1, 2):
             await self.load(model_id)
-            server = self.servers[member.base or member.id]
+            server = self.servers[member.engine_id]
             chunks = server.generate(request, member.id if member.is_adapter else None)
             try:
                 first = await chunks.__anext__()

@@ -7,6 +7,7 @@ member of a `PoolServer`). The API sees only this.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
@@ -59,23 +60,42 @@ class InProcessModelClient:
         return self.server.generate(request)
 
 
+def member_status(model_id: str, pool_id: str, base: str | None, adapter_path: str | None, reports: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A pool member's status from its pool replicas' reports (`PoolServer.status()` by replica):
+    loaded where a replica holds it, else failed with a replica's last load error, else unloaded."""
+    held_by = sorted(r for r, report in reports.items() if model_id in report.get("resident", {}))
+    errors = [report["errors"][model_id] for report in reports.values() if model_id in report.get("errors", {})]
+    state = "loaded" if held_by else ("failed" if errors else "unloaded")
+    status: dict[str, Any] = {}
+    for replica in held_by:  # a full model: its engine's facts from a replica holding it
+        if model_id in reports[replica].get("servers", {}):
+            status = dict(reports[replica]["servers"][model_id])
+            break
+    status |= {
+        "id": model_id, "status": state, "error": errors[0] if errors and not held_by else None,
+        "replicas": len(held_by), "pool": pool_id, "base": base, "held_by": held_by, "kind": "adapter" if base else "model",
+    }
+    if base:  # an adapter's weights are copied into slots its base preallocated
+        status["memory_estimate"] = {"need_bytes": _adapter_bytes(adapter_path or "")}
+    return status
+
+
+def _adapter_bytes(path: str) -> int:
+    try:
+        return os.path.getsize(os.path.join(os.path.expanduser(path), "adapter_model.safetensors"))
+    except OSError:
+        return 0
+
+
 class InProcessPoolClient:
     """A `ModelClient` for one member of a `PoolServer` living in this process (one "replica")."""
 
     def __init__(self, pool: PoolServer, model_id: str) -> None:
         self.pool, self.model_id, self.pool_id = pool, model_id, pool.pool_id
-        self.base = pool.member(model_id).base
+        self.member = pool.member(model_id)
 
     async def status(self) -> dict[str, Any]:
-        held = self.model_id in self.pool.resident
-        error = None if held else self.pool.errors.get(self.model_id)
-        server = self.pool.servers.get(self.model_id)
-        status = server.status().to_dict() if server is not None and held else {}
-        return status | {
-            "id": self.model_id, "status": "loaded" if held else ("failed" if error else "unloaded"), "error": error,
-            "replicas": int(held), "held_by": ["local"] if held else [], "pool": self.pool_id, "base": self.base,
-            "kind": "adapter" if self.base else "model",
-        }
+        return member_status(self.model_id, self.pool_id, self.member.base, self.member.adapter_path, await self._reports())
 
     async def load(self) -> dict[str, Any]:
         try:

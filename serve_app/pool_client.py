@@ -10,13 +10,13 @@ replica, through it, to evict the member, and waits until none reports holding i
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import APIError, ServiceUnavailableError
+from serve_app.clients import member_status
 from serve_app.config import ModelSettings
 from serve_app.errors import unwrap_error
 from serve_app.ray_client import POLL_S, HandleModelClient, call_control
@@ -47,23 +47,7 @@ class PoolMemberClient(HandleModelClient):
         return await asyncio.shield(cached[1])  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
-        reports = await self._reports()
-        held_by = sorted(r for r, report in reports.items() if self.model_id in report.get("resident", {}))
-        errors = [report["errors"][self.model_id] for report in reports.values() if self.model_id in report.get("errors", {})]
-        state = "loaded" if held_by else ("failed" if errors else "unloaded")
-        status: dict[str, Any] = {}
-        for report in reports.values():  # a full model: its engine's facts from a replica holding it
-            if self.model_id in report.get("servers", {}):
-                status = dict(report["servers"][self.model_id])
-                break
-        status |= {
-            "id": self.model_id, "status": state, "error": errors[0] if errors and not held_by else None,
-            "replicas": len(held_by), "pool": self.pool_id, "base": self.member.base, "held_by": held_by,
-            "kind": "adapter" if self.member.base else "model",
-        }
-        if self.member.base:  # an adapter's weights are copied into slots its base preallocated
-            status["memory_estimate"] = {"need_bytes": _adapter_bytes(self.member.source)}
-        return status
+        return member_status(self.model_id, self.pool_id, self.member.base, self.member.source, await self._reports())
 
     async def num_replicas(self) -> int:
         return int((await self.status())["replicas"])
@@ -87,9 +71,3 @@ class PoolMemberClient(HandleModelClient):
             await asyncio.sleep(POLL_S)
         raise ServiceUnavailableError(f"model {self.model_id!r}: pool replicas did not evict it in {self.timeout_s:.0f} s", code="timeout")
 
-
-def _adapter_bytes(path: str) -> int:
-    try:
-        return os.path.getsize(os.path.join(os.path.expanduser(path), "adapter_model.safetensors"))
-    except OSError:
-        return 0

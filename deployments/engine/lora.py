@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deployments.engine.loader import PICKLE_SUFFIXES
+
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 """Our fused layer -> the PEFT target modules it holds, in output order."""
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class AdapterError(ValueError):
@@ -41,11 +42,6 @@ class LoRAWeights:
     rank: int
     scaling: float
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    base: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
 
 
 def load_adapter(path: str | Path, name: str, max_rank: int) -> LoRAWeights:
@@ -55,7 +51,7 @@ def load_adapter(path: str | Path, name: str, max_rank: int) -> LoRAWeights:
     if not config_file.is_file():
         raise AdapterError(f"adapter {name!r}: no adapter_config.json in its directory")
     if not weights_file.is_file():
-        if any(p.suffix in PICKLE_SUFFIXES for p in directory.iterdir()):
+        if any(p.suffix.lower() in PICKLE_SUFFIXES for p in directory.iterdir()):
             raise AdapterError(f"adapter {name!r}: only pickle weight files (refused: they can run code); save it with safetensors")
         raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors in its directory")
     config = json.loads(config_file.read_text())
@@ -80,7 +76,7 @@ def load_adapter(path: str | Path, name: str, max_rank: int) -> LoRAWeights:
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
         raise AdapterError(f"adapter {name!r}: adapter_model.safetensors could not be read ({type(exc).__name__})") from None
     scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    return LoRAWeights(name, rank, scaling, _pair_tensors(name, state, rank), config.get("base_model_name_or_path"))
+    return LoRAWeights(name, rank, scaling, _pair_tensors(name, state, rank))
 
 
 def _pair_tensors(name: str, state: dict[str, torch.Tensor], rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
