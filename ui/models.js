@@ -163,7 +163,35 @@ export class ModelPanel {
       if (group.adapters.length) items.push(this.adapterGroup(group));
     }
     if (!items.length) items.push(el('li', 'model-empty', 'No models configured.'));
-    this.list.replaceChildren(...items);
+    this.keepUnchangedCards(items);
+    const same = items.length === this.list.children.length && items.every((item, i) => item === this.list.children[i]);
+    if (!same) this.list.replaceChildren(...items);
+  }
+
+  /** A card that a poll did not change stays the same element: no flicker, and a card being clicked,
+   *  scrolled to or focused is not swapped out from under the user. */
+  keepUnchangedCards(items) {
+    const before = [...this.list.children];
+    const kept = new Set();
+    items.forEach((item, i) => {  // a whole entry (a card, or a base's adapter list) that did not change
+      const prev = before.find((b) => !kept.has(b) && b.isEqualNode(item));
+      if (prev) { items[i] = prev; kept.add(prev); }
+    });
+    const old = new Map();
+    for (const b of before) if (!kept.has(b)) for (const c of b.matches('.model-card') ? [b] : b.querySelectorAll('.model-card')) old.set(c.dataset.model, c);
+    for (const item of items) {
+      if (kept.has(item) || item.matches('.model-card')) continue;
+      for (const c of item.querySelectorAll('.model-card')) {
+        const prev = old.get(c.dataset.model);
+        if (prev && prev.isEqualNode(c)) c.replaceWith(prev);
+      }
+    }
+    items.forEach((item, i) => {
+      if (!kept.has(item) && item.matches('.model-card')) {
+        const prev = old.get(item.dataset.model);
+        if (prev && prev.isEqualNode(item)) items[i] = prev;
+      }
+    });
   }
 
   /** A nested list of adapters, under their base's card or under a heading naming the base. */

@@ -87,6 +87,7 @@ def test_load_and_unload_an_adapter_from_its_card(page: Any, live_server: LiveSe
     wait_card_status(page, LORA_B, "unloaded")
     action = card(page, LORA_B).locator(".model-action")
     assert action.inner_text() == "Load" and card(page, LORA_B).locator(".model-memory").inner_text() == ""
+    card(page, LORA_A).evaluate("c => { c.marked = true; }")  # a property, not an attribute: it lives on this element only
     action.click()
     wait_card_status(page, LORA_B, "loaded")
     assert card(page, LORA_B).locator(".badge").inner_text() == "loaded"
@@ -98,6 +99,8 @@ def test_load_and_unload_an_adapter_from_its_card(page: Any, live_server: LiveSe
     wait_card_status(page, LORA_B, "unloaded")
     assert card(page, LORA_B).locator(".badge").inner_text() == "unloaded" and action.inner_text() == "Load"
     assert live_server.model(LORA_B)["held_by"] == [] and LORA_B not in resident(live_server)
+    # The polls while B loaded and unloaded re-rendered the list, but A's card did not change: same element.
+    assert card(page, LORA_A).evaluate("c => c.marked === true")
 
 
 def test_adapters_of_a_base_not_listed_have_a_heading(page: Any) -> None:
@@ -129,6 +132,7 @@ def test_adapters_at_phone_width_and_screenshot(page: Any, live_server: LiveServ
     unload_if_loaded(live_server, LORA_B)  # one adapter held, one not: both badges in the picture
     page.reload()
     wait_card_status(page, LORA_A, "loaded")
+    wait_card_status(page, LORA_B, "unloaded")
     select_model(page, LORA_A)
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "10")
