@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from deployments.engine import kernels
 from deployments.engine.config import EngineConfig
 from deployments.engine.layers.attention import build_metadata
 from deployments.engine.lora import LoRAManager
@@ -49,6 +50,9 @@ class ModelRunner:
             built = build_model(directory, hf_config, self.weights, self.device, max_positions, int4)
             self.model, self.architecture, self.act_dtype = built.model, built.architecture, built.act_dtype
             self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized}
+            if self.weights == "int4" and self.device.type == "cpu":
+                self.weights_reason += f"; int4 matmul: {kernels.kernel_status()}"
+                self.facts |= {"weights_reason": self.weights_reason, "int4_kernel": kernels.kernel_status()}
         else:
             self.act_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
             self.model = load_generic(directory, self.act_dtype, self.device)

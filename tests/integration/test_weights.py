@@ -109,7 +109,8 @@ def test_int4_kernel_convention_is_q_minus_8_times_scale_plus_zero() -> None:
     torch.testing.assert_close(weight.dequantize(), expected.reshape(64, 128))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     out = Linear.from_int4(weight, None)(x)
-    assert relative_error(out, x.double() @ expected.reshape(64, 128).double().t()) < 5e-3
+    # torch's kernel rounds x to bf16 (~0.3% here); ours also quantizes x to int8 per 32 values (~0.6%)
+    assert relative_error(out, x.double() @ expected.reshape(64, 128).double().t()) < 1e-2
     unpacked = Linear.from_int4(weight, None).int4_weight()
     assert torch.equal(unpacked.q, q) and torch.equal(unpacked.scales, weight.scales)
 
@@ -144,9 +145,10 @@ def test_int4_cat_and_permute_rows() -> None:
 
 def test_to_dtype_keeps_each_format() -> None:
     layers = {fmt: Linear.from_float(torch.randn(32, 64), torch.randn(32), fmt) for fmt in ("fp32", "bf16", "int8", "int4")}
+    int4_scales = layers["int4"].scales.dtype  # fp16 for our CPU kernel, bf16 for torch's
     model = torch.nn.ModuleDict(layers).to(torch.bfloat16).to("cpu").float()
     assert model["fp32"].weight.dtype == torch.float32 and model["bf16"].weight.dtype == torch.bfloat16
-    assert model["int8"].scales.dtype == torch.bfloat16 and model["int4"].scales.dtype == torch.bfloat16
+    assert model["int8"].scales.dtype == torch.bfloat16 and model["int4"].scales.dtype == int4_scales
     assert model["int4"].weight.dtype == torch.uint8 and model["int8"].weight.dtype == torch.int8
 
 

@@ -1,4 +1,8 @@
-"""Group-wise 4-bit weights and torch's int4 ("tinygemm") kernels: packing, unpacking, matmul.
+"""Group-wise 4-bit weights and their kernels: packing, unpacking, matmul.
+
+On x86 CPUs, group size 32, our kernel (`deployments/engine/kernels/q4_cpu.cpp`: int8 activations,
+VNNI dot products, fp16 scales and mins, the GGUF Q4_1 layout) where it builds; otherwise torch's
+int4 ("tinygemm") kernels, described below. `pack` picks, and `matmul`/`unpack_q` read either layout.
 
 Convention (the kernels'; checked against a dequantized reference in tests/integration/test_weights.py):
 `w = (q - 8) * scale + zero` for each group of `group_size` consecutive input columns, q in 0..15.
@@ -14,8 +18,11 @@ and fp16 are 15-100x slower). CUDA: `_convert_weight_to_int4pack` takes two nibb
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from deployments.engine import kernels
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 ROW_MULTIPLE = 16  # the CPU packer's constraint on `out`; also satisfies CUDA's multiple of 8
@@ -140,9 +147,11 @@ def check_kernel_shape(weight: Int4Weight) -> None:
 
 
 def pack(weight: Int4Weight, device: torch.device, inner_k_tiles: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed q, scales_and_zeros bf16 `[in // group, out_padded, 2]`) for the kernel on `device`.
+    """(packed q, scales) for the kernel on `device`; rows are padded to a multiple of 16 with zero
+    weights (the caller slices the padding off).
 
-    Rows are padded to a multiple of 16 with zero weights; the caller slices the padding off.
+    Our CPU kernel: q `[out_padded / 16, in / 4, 32]` uint8, scales `[2, out_padded / 16, in / 32, 16]`
+    fp16 (d, then m = zero - 8 d). torch's: its packed q, and scales_and_zeros bf16 `[in // group, out_padded, 2]`.
     """
     check_kernel_shape(weight)
     pad = -weight.out_features % ROW_MULTIPLE
@@ -151,6 +160,8 @@ def pack(weight: Int4Weight, device: torch.device, inner_k_tiles: int = 8) -> tu
         q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
         scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
         zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
+    if device.type == "cpu" and weight.group_size == OUR_GROUP and kernels.q4_kernel() is not None:
+        return _pack_ours(q, scales.float(), zeros.float())
     scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(device, torch.bfloat16)
     q = q.to(device)
     if device.type == "cpu":
@@ -160,8 +171,43 @@ def pack(weight: Int4Weight, device: torch.device, inner_k_tiles: int = 8) -> tu
     return torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles), scales_and_zeros
 
 
+OUR_GROUP = 32
+
+
+def _pack_ours(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte 4i+j of entry (row block b, column quad c) = q[16b+i][4c+j] | q[16b+8+i][4c+j] << 4 (q4_cpu.cpp)."""
+    out, num_in = q.shape
+    blocks = q.to(torch.uint8).view(out // 16, 2, 8, num_in // 4, 4)
+    packed = (blocks[:, 0] | (blocks[:, 1] << 4)).permute(0, 2, 1, 3).reshape(out // 16, num_in // 4, 32).contiguous()
+    mins = zeros - 8 * scales
+    by_lane = [t.view(out // 16, 16, -1).transpose(1, 2) for t in (scales, mins)]
+    return packed, torch.stack(by_lane).to(torch.float16).contiguous()
+
+
+_ours: Any = None
+
+
+def _our_kernel() -> Any:
+    global _ours
+    _ours = kernels.load_q4("native")
+    if _ours is None:
+        raise RuntimeError("a weight packed for our int4 kernel, but the kernel is not built")
+    return _ours
+
+
+def is_ours(packed: torch.Tensor) -> bool:
+    return packed.dim() == 3 and packed.dtype == torch.uint8
+
+
+def out_padded(packed: torch.Tensor, scales: torch.Tensor) -> int:
+    """The padded output size of a packed weight (either layout)."""
+    return int(packed.shape[0] * 16) if is_ours(packed) else int(scales.shape[1])
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x `[m, in]` (contiguous, the dtype of `scales_and_zeros`) @ w.T -> `[m, out_padded]`."""
+    """x `[m, in]` (contiguous, bf16) @ w.T -> `[m, out_padded]` (fp32 from our kernel, bf16 from torch's)."""
+    if packed.dim() == 3:  # ours (is_ours, inlined: this runs ~120 times per step)
+        return (_ours or _our_kernel()).q4_linear(x, packed, scales_and_zeros)  # type: ignore[no-any-return]
     if packed.device.type == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
     return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
@@ -170,9 +216,12 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_ze
 def unpack_q(packed: torch.Tensor, group_size: int, in_features: int, out_padded: int) -> torch.Tensor:
     """The uint8 codes `[out_padded, in]` of a packed weight, whatever the device's layout.
 
-    Multiplies the identity by the weight with scale 1 and zero 8, so `(q - 8) * 1 + 8 = q` comes
-    out exactly (small integers, one non-zero term per sum); used when a layer changes device.
+    torch's layouts: multiplies the identity by the weight with scale 1 and zero 8, so
+    `(q - 8) * 1 + 8 = q` comes out exactly (small integers, one non-zero term per sum).
     """
+    if is_ours(packed):
+        nibbles = torch.stack([packed & 15, packed >> 4], 1).view(packed.shape[0], 2, in_features // 4, 8, 4)
+        return nibbles.permute(0, 1, 3, 2, 4).reshape(out_padded, in_features).contiguous()
     ones = torch.ones(in_features // group_size, out_padded, 1, dtype=torch.bfloat16, device=packed.device)
     unit = torch.cat([ones, ones * 8], -1)
     q = torch.empty(out_padded, in_features, dtype=torch.uint8, device=packed.device)
@@ -182,3 +231,12 @@ def unpack_q(packed: torch.Tensor, group_size: int, in_features: int, out_padded
         eye[:, start:stop] = torch.eye(stop - start, dtype=torch.bfloat16, device=packed.device)
         q[:, start:stop] = matmul(eye, packed, group_size, unit).t().to(torch.uint8)
     return q
+
+
+def unpack_scales(packed: torch.Tensor, scales: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) fp32 `[out_features, in // group]` as the kernel holds them (rounded to its dtype)."""
+    if is_ours(packed):
+        d, m = (t.float().transpose(1, 2).reshape(-1, t.shape[1]) for t in scales)
+        return d[:out_features].contiguous(), (m + 8 * d)[:out_features].contiguous()
+    s, z = scales[:, :out_features].float().unbind(-1)
+    return s.t().contiguous(), z.t().contiguous()

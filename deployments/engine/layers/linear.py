@@ -69,8 +69,7 @@ class Linear(torch.nn.Module):
     """`y = x @ W.T + b` with W held in `fmt` (one of `WEIGHT_FORMATS`).
 
     Buffers: `weight` (fp32 / bf16 `[out, in]`, int8 `[out, in]`, or int4 kernel-packed) and
-    `scales` (int8: bf16 `[out]`; int4: bf16 scales-and-zeros `[in // group, out_padded, 2]`;
-    empty otherwise).
+    `scales` (int8: bf16 `[out]`; int4: as `int4.pack` lays them out for the kernel; empty otherwise).
     Build with `from_float` or `from_int4`.
     """
 
@@ -129,7 +128,7 @@ class Linear(torch.nn.Module):
         return _nbytes(self.weight, self.scales, self.bias)
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 `[out, in]` weight this layer computes with (int4: bf16-rounded scales and zeros)."""
+        """The fp32 `[out, in]` weight this layer computes with (int4: scales and zeros rounded as held)."""
         if self.fmt == "int4":
             return self.int4_weight().dequantize()
         if self.fmt == "int8":
@@ -137,13 +136,13 @@ class Linear(torch.nn.Module):
         return self.weight.float()
 
     def int4_weight(self) -> Int4Weight:
-        """This int4 layer's codes, scales and zeros (scales/zeros as held: bf16-rounded, in fp32)."""
+        """This int4 layer's codes, scales and zeros (scales/zeros as the kernel holds them, in fp32)."""
         if self.fmt != "int4":
             raise ValueError(f"int4_weight() on a {self.fmt} layer")
-        out_padded = self.scales.shape[1]
+        out_padded = int4.out_padded(self.weight, self.scales)
         q = int4.unpack_q(self.weight, self.group_size, self.in_features, out_padded)[: self.out_features]
-        scales, zeros = self.scales[:, : self.out_features].float().unbind(-1)
-        return Int4Weight(q, scales.t().contiguous(), zeros.t().contiguous(), self.group_size)
+        scales, zeros = int4.unpack_scales(self.weight, self.scales, self.out_features)
+        return Int4Weight(q, scales, zeros, self.group_size)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # int4 layouts differ per kernel: repack for a new device before the buffers move.

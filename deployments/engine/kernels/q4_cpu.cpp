@@ -1,0 +1,250 @@
+// int4 weights x int8 activations on x86 CPUs: the decode-shaped matmul of our int4 layers.
+//
+// y[M, N] = x[M, K] @ W.T with W = d * q + m per group of 32 input columns (q in 0..15, d and m fp16),
+// the layout of GGUF Q4_1/Q4_0 blocks. Each call writes x per group of 32 as two int8 codes,
+// x ~ da * (q1 + q2 / 256) (absmax, q2 the rounded residual: about 16 bits, finer than bf16's 8; one
+// int8 code alone, as llama.cpp's Q8_1 activations, cost SmolLM2 3 points of greedy agreement), and
+// sums q * q1 and q * q2 in int32 with VNNI (vpdpbusd; AVX2: maddubs + madd), one instruction per
+// 64 multiply-adds; the scales enter once per group:
+//   y = sum_g d_g * (da_g / 256) * (256 * sum(q * q1) + sum(q * q2)) + m_g * sa_g,  sa_g = sum of x's codes * scale.
+// Output rows come 16 at a time in a vector's lanes (no horizontal sums), activation rows up to 8
+// at a time share each weight load. torch's _weight_int4pack_mm_for_cpu dequantizes to fp32 and
+// pays one FMA per 16 weights per row; this pays about one instruction per 64 (perf/README.md).
+//
+// Packed layout: [N/16, K/4, 32] uint8. In the entry for output rows n0..n0+15 and inputs k..k+3,
+// byte 4i+j = q[n0+i][k+j] | q[n0+8+i][k+j] << 4 (i < 8, j < 4): masking the low nibbles gives
+// rows n0..n0+7 with 4 codes per 32-bit lane, the high nibbles rows n0+8..n0+15.
+// Scales: d, m [N/16, K/32, 16] fp16, lane i = output row n0+i.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q4_ISA "avx512-vnni"
+#define Q4_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVXVNNI__)
+#define Q4_ISA "avx2-vnni"
+#else
+#define Q4_ISA "avx2"
+#endif
+#else
+#error "the int4 CPU kernel needs AVX2 + FMA + F16C"
+#endif
+
+namespace {
+
+constexpr int64_t GROUP = 32;
+
+inline int32_t load4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+#ifdef Q4_AVX512
+#ifndef Q4_MAX_ROWS
+#define Q4_MAX_ROWS 6  // rows per weight load; 4..8 measured within 7% (perf/README.md)
+#endif
+constexpr int MAX_ROWS = Q4_MAX_ROWS;
+
+inline __m512 bf16x16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One group of 32 bf16 values -> codes q1, q2 (x ~ d * (q1 + q2 / 256)); returns d / 256 and writes
+// the group's sum as the codes give it to *s.
+inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float* s) {
+  __m512 v[2] = {bf16x16(x), bf16x16(x + 16)};
+  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+  float d = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
+  __m512i total = _mm512_setzero_si512();
+  for (int h = 0; h < 2; ++h) {
+    __m512 scaled = _mm512_mul_ps(v[h], _mm512_set1_ps(id));
+    __m512i c1 = _mm512_cvtps_epi32(scaled);
+    __m512i c2 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(scaled, _mm512_cvtepi32_ps(c1)), _mm512_set1_ps(256.f)));
+    c2 = _mm512_max_epi32(_mm512_min_epi32(c2, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    _mm_storeu_si128((__m128i*)(q1 + 16 * h), _mm512_cvtsepi32_epi8(c1));
+    _mm_storeu_si128((__m128i*)(q2 + 16 * h), _mm512_cvtsepi32_epi8(c2));
+    total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c2));
+  }
+  *s = d / 256.f * (float)_mm512_reduce_add_epi32(total);
+  return d / 256.f;
+}
+
+template <int R>
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i hi[R], lo[R];
+    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 8 * 32;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+      __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pk, mask)),
+                                     _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask), 1);
+      for (int r = 0; r < R; ++r) {
+        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
+        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
+      }
+    }
+    __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
+    __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(da[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa[i]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
+}
+
+#else  // AVX2: two 8-lane halves per 16 output rows
+constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
+
+inline __m256 bf16x8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256 v[4];
+  __m256 a = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) { v[i] = bf16x8(x + 8 * i); a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i])); }
+  float amax = hmax(a);
+  float d = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
+  __m256i c1[4], c2[4];
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    __m256 scaled = _mm256_mul_ps(v[i], _mm256_set1_ps(id));
+    c1[i] = _mm256_cvtps_epi32(scaled);
+    c2[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(c1[i])), _mm256_set1_ps(256.f)));
+    c2[i] = _mm256_max_epi32(_mm256_min_epi32(c2[i], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+    total = _mm256_add_epi32(total, _mm256_add_epi32(_mm256_slli_epi32(c1[i], 8), c2[i]));
+  }
+  __m256i p1 = _mm256_packs_epi16(_mm256_packs_epi32(c1[0], c1[1]), _mm256_packs_epi32(c1[2], c1[3]));
+  __m256i p2 = _mm256_packs_epi16(_mm256_packs_epi32(c2[0], c2[1]), _mm256_packs_epi32(c2[2], c2[3]));
+  _mm256_storeu_si256((__m256i*)q1, _mm256_permutevar8x32_epi32(p1, order));
+  _mm256_storeu_si256((__m256i*)q2, _mm256_permutevar8x32_epi32(p2, order));
+  *s = d / 256.f * (float)hsum(total);
+  return d / 256.f;
+}
+
+inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, a);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+#endif
+}
+
+template <int R>
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 lo[R], hi[R];  // output rows n0..n0+7 and n0+8..n0+15
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i lo1[R], lo2[R], hi1[R], hi2[R];
+    for (int r = 0; r < R; ++r) lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
+    const uint8_t* wg = wb + g * 8 * 32;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+      __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        __m256i a1 = _mm256_set1_epi32(load4(q1 + at + r * K + k4 * 4));
+        __m256i a2 = _mm256_set1_epi32(load4(q2 + at + r * K + k4 * 4));
+        lo1[r] = dot4(lo1[r], wl, a1);
+        lo2[r] = dot4(lo2[r], wl, a2);
+        hi1[r] = dot4(hi1[r], wh, a1);
+        hi2[r] = dot4(hi2[r], wh, a2);
+      }
+    }
+    __m256 dl = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16)));
+    __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16 + 8)));
+    __m256 ml = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16)));
+    __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      const __m256 a = _mm256_set1_ps(da[i]), s = _mm256_set1_ps(sa[i]);
+      __m256i dotl = _mm256_add_epi32(_mm256_slli_epi32(lo1[r], 8), lo2[r]);
+      __m256i doth = _mm256_add_epi32(_mm256_slli_epi32(hi1[r], 8), hi2[r]);
+      lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
+      hi[r] = _mm256_fmadd_ps(mh, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(doth), _mm256_mul_ps(dh, a), hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N + n0, lo[r]);
+    _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, hi[r]);
+  }
+}
+#endif
+
+template <int R>
+void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile<R>(wb, db, mb, K, q1, q2, da, sa, r0, y, N, n0);
+    else rows<R - 1>(wb, db, mb, K, q1, q2, da, sa, r0, count, y, N, n0);
+  }
+}
+
+}  // namespace
+
+// x [M, K] (bf16, or anything .to(bf16) takes); packed [N/16, K/4, 32] uint8; scales [2, N/16, K/32, 16]
+// fp16 (d, then m). Returns y [M, N] fp32.
+torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales) {
+  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == torch::kUInt8, "q4_linear: bad shapes");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && packed.is_contiguous(), "q4_linear: bad weight");
+  const torch::Tensor x = x_in.to(torch::kBFloat16).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), N = NB * 16, G = K / GROUP;
+  TORCH_CHECK(K % GROUP == 0 && packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
+  TORCH_CHECK(scales.numel() == 2 * NB * G * 16, "q4_linear: scales do not match the weight");
+  auto y = torch::empty({M, N}, torch::kFloat);
+  if (M == 0) return y;
+  // One scratch buffer: codes q1, q2 [M, K] int8, then da, sa [M, G] fp32.
+  auto scratch = torch::empty({2 * M * K + 8 * M * G}, torch::kInt8);
+  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
+  int8_t* Q1 = scratch.data_ptr<int8_t>();
+  int8_t* Q2 = Q1 + M * K;
+  float* DA = reinterpret_cast<float*>(Q2 + M * K);  // 2 * M * K is a multiple of 4 (K % 32 == 0)
+  float* SA = DA + M * G;
+  for (int64_t i = 0; i < M * G; ++i) DA[i] = quantize_group(X + i * GROUP, Q1 + i * GROUP, Q2 + i * GROUP, SA + i);
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const at::Half* D = scales.data_ptr<at::Half>();
+  const at::Half* MN = D + NB * G * 16;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = W + b * (K / 4) * 32;
+      for (int64_t r = 0; r < M; r += MAX_ROWS)
+        rows<MAX_ROWS>(wb, D + b * G * 16, MN + b * G * 16, K, Q1, Q2, DA, SA, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("q4_linear", &q4_linear, "int4 weights (GGUF Q4_1 layout) x bf16 activations as two int8 codes -> fp32");
+  mod.attr("isa") = Q4_ISA;
+}

@@ -1,0 +1,91 @@
+"""Our int4 CPU kernel (deployments/engine/kernels/q4_cpu.cpp) against a float64 reference: both of
+its instruction paths (the host's, and AVX2 built on any x86 host), every row-tile remainder, padded
+outputs, all-zero groups; its layout round-trips, and LLM_SERVE_INT4_KERNEL=torch falls back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.engine import kernels
+from deployments.engine.layers import int4
+from deployments.engine.layers.int4 import Int4Weight
+from deployments.engine.layers.linear import Linear
+
+native = kernels.load_q4("native")
+pytestmark = pytest.mark.skipif(native is None, reason=f"int4 CPU kernel not built here: {kernels._failed.get('native')}")
+
+
+def reference(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    return x.double() @ weight.dequantize().double().t()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def fp16_exact(weight: Int4Weight) -> Int4Weight:
+    """Scales and mins the kernel holds exactly (fp16), as a GGUF Q4_1 block's are."""
+    d = weight.scales.half().float()
+    m = (weight.zeros - 8 * weight.scales).half().float()
+    return Int4Weight(weight.q, d, m + 8 * d, weight.group_size)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("in_features,out_features", [(32, 16), (96, 20), (576, 960)])
+def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_features: int) -> None:
+    module = kernels.load_q4(isa)
+    assert module is not None, kernels._failed.get(isa)
+    torch.manual_seed(in_features)
+    w = torch.randn(out_features, in_features) * 0.05
+    if in_features > 32:
+        w[:, :32] = 0  # an all-zero group in every row
+    weight = fp16_exact(Int4Weight.quantize(w))
+    padded = -out_features % 16
+    q = torch.cat([weight.q, weight.q.new_full((padded, in_features), 8)])
+    s = torch.cat([weight.scales, weight.scales.new_zeros(padded, in_features // 32)])
+    z = torch.cat([weight.zeros, weight.zeros.new_zeros(padded, in_features // 32)])
+    packed, scales = int4._pack_ours(q, s, z)
+    for rows in range(0, 14):  # every remainder of the 6-row (AVX-512) and 2-row (AVX2) tiles
+        x = torch.randn(rows, in_features).bfloat16()
+        x[:, 32:64] *= 50  # a group with large values next to ordinary ones
+        out = module.q4_linear(x, packed, scales)
+        assert out.shape == (rows, out_features + padded) and out.dtype == torch.float32
+        if rows:
+            ref = reference(x, weight)
+            assert relative_error(out[:, :out_features], ref) < 2e-4  # x as two int8 codes: ~16 bits
+            assert not padded or float(out[:, out_features:].abs().max()) == 0.0  # zero padding rows
+
+
+def test_both_instruction_paths_agree() -> None:
+    avx2 = kernels.load_q4("avx2")
+    assert avx2 is not None and native is not None
+    torch.manual_seed(1)
+    weight = Int4Weight.quantize(torch.randn(64, 256))
+    packed, scales = int4._pack_ours(weight.q, weight.scales, weight.zeros)
+    x = torch.randn(9, 256).bfloat16()
+    torch.testing.assert_close(native.q4_linear(x, packed, scales), avx2.q4_linear(x, packed, scales), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_uses_our_layout_and_round_trips() -> None:
+    torch.manual_seed(2)
+    weight = fp16_exact(Int4Weight.quantize(torch.randn(40, 128) * 0.1))
+    layer = Linear.from_int4(weight, torch.randn(40))
+    assert int4.is_ours(layer.weight) and layer.scales.dtype == torch.float16
+    assert layer.nbytes() == 48 * 128 // 2 + 2 * 48 * 4 * 2 + 40 * 2  # 4 bits per weight, fp16 d and m per 32, bf16 bias
+    back = layer.int4_weight()
+    assert torch.equal(back.q, weight.q) and torch.equal(back.scales, weight.scales) and torch.equal(back.zeros, weight.zeros)
+    x = torch.randn(3, 128)
+    assert relative_error(layer(x) - layer.bias.float(), reference(x.bfloat16(), weight)) < 5e-3  # output rounded to x's dtype
+    assert "ours" in kernels.kernel_status()
+
+
+def test_env_selects_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    weight = Int4Weight.quantize(torch.randn(32, 64))
+    monkeypatch.setenv(kernels.ENV, "torch")
+    layer = Linear.from_int4(weight, None)
+    assert not int4.is_ours(layer.weight) and layer.scales.dtype == torch.bfloat16
+    assert "torch" in kernels.kernel_status()
+    x = torch.randn(2, 64).bfloat16()
+    assert relative_error(layer(x), reference(x, weight)) < 1e-2
