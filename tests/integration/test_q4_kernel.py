@@ -1,6 +1,7 @@
-"""Our int4 CPU kernel (deployments/engine/kernels/q4_cpu.cpp) against a float64 reference: both of
-its instruction paths (the host's, and AVX2 built on any x86 host), every row-tile remainder, padded
-outputs, all-zero groups; its layout round-trips, and LLM_SERVE_INT4_KERNEL=torch falls back."""
+"""Our CPU kernels (deployments/engine/kernels/cpu_matmul.cpp) against a float64 reference: the int4
+matmul on both of its instruction paths (the host's, and AVX2 built on any x86 host), every row-tile
+remainder, padded outputs, all-zero groups; its layout round-trips; LLM_SERVE_INT4_KERNEL=torch falls
+back; the int8 vocabulary ranking (AVX-512 VNNI) and the exact rescoring on top of it."""
 
 from __future__ import annotations
 
@@ -89,3 +90,27 @@ def test_env_selects_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "torch" in kernels.kernel_status()
     x = torch.randn(2, 64).bfloat16()
     assert relative_error(layer(x), reference(x, weight)) < 1e-2
+
+
+def test_int8_vocabulary_ranking_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.engine.layers.vocab import Int8Rank, VocabTable
+
+    if not Int8Rank.available():
+        pytest.skip(f"q8_linear needs AVX-512 VNNI; this host's kernel is {native.isa if native else None}")
+    torch.manual_seed(4)
+    table = VocabTable(torch.randn(1000, 64) * 0.05)  # 1000 rows: padded to 1008 inside
+    assert isinstance(table.rank, Int8Rank)
+    monkeypatch.setenv(kernels.ENV, "torch")
+    plain = VocabTable(torch.randn(1000, 64) * 0.05)
+    assert isinstance(plain.rank, Linear) and plain.rank.fmt == "int8"
+    for rows in (1, 7, 13):
+        x = torch.randn(rows, 64)
+        ranked = table.rank(x)
+        # the reference: the same int8 codes (stored + 128 in 16-row blocks) and scales, in float64
+        weight = (table.rank.weight.view(-1, 16, 16, 4).transpose(1, 2).reshape(-1, 64)[:1000].to(torch.int16) - 128).double()
+        ref = x.double() @ (weight * table.rank.scales[:1000].double().unsqueeze(-1)).t()
+        assert ranked.shape == (rows, 1000) and relative_error(ranked, ref) < 1e-4
+        logits = table.logits(x)
+        top = ranked.topk(16, dim=-1).indices  # the candidates it rescores exactly
+        exact = x.double() @ table.rows(torch.arange(1000)).double().t()
+        torch.testing.assert_close(logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-4, atol=1e-5)

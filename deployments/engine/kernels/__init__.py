@@ -1,4 +1,4 @@
-"""Our compiled CPU kernels (`q4_cpu.cpp`), built on first use by torch's C++ extension builder.
+"""Our compiled CPU kernels (`cpu_matmul.cpp`: int4 layers, int8 vocabulary ranking), built on first use by torch's C++ extension builder.
 
 The build (about 25 s on two cores) is cached per source, ISA and torch version under
 `$LLM_SERVE_CACHE_DIR/kernels` (default ~/.cache/llm-serve/kernels); `make install` builds it once
@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("q4_cpu.cpp")
+SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
 ENV = "LLM_SERVE_INT4_KERNEL"
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx512f"]}
 """`native` is what the engine uses; `avx2` builds the AVX2 path on any x86 host (tests compare the two)."""

@@ -45,14 +45,16 @@ inline int32_t load4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return
 #endif
 constexpr int MAX_ROWS = Q4_MAX_ROWS;
 
-inline __m512 bf16x16(const at::BFloat16* p) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 // One group of 32 bf16 values -> codes q1, q2 (x ~ d * (q1 + q2 / 256)); returns d / 256 and writes
 // the group's sum as the codes give it to *s.
-inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float* s) {
-  __m512 v[2] = {bf16x16(x), bf16x16(x + 16)};
+template <typename T>
+inline float quantize_group(const T* x, int8_t* q1, int8_t* q2, float* s, int32_t* c) {
+  __m512 v[2] = {load16(x), load16(x + 16)};
   float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
   float d = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
   __m512i total = _mm512_setzero_si512();
@@ -65,7 +67,8 @@ inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float
     _mm_storeu_si128((__m128i*)(q2 + 16 * h), _mm512_cvtsepi32_epi8(c2));
     total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(c1, 8), c2));
   }
-  *s = d / 256.f * (float)_mm512_reduce_add_epi32(total);
+  *c = _mm512_reduce_add_epi32(total);
+  *s = d / 256.f * (float)*c;
   return d / 256.f;
 }
 
@@ -102,10 +105,48 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
 }
 
+
+// int8 weights (per-row scale s, stored as u = w + 128 so vpdpbusd takes them unsigned; no saturation),
+// for ranking a vocabulary: y[r][n] = s[n] * sum_g (da_g / 256) * (sum(u * (256 q1 + q2)) - 128 * sum(256 q1 + q2)).
+// Layout [N/16, K/4, 64] uint8: byte 4l + j of entry (b, c) = u[16b + l][4c + j].
+constexpr bool HAS_Q8 = true;
+
+template <int R>
+void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
+           const float* da, const int32_t* cs, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i hi[R], lo[R];
+    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 8 * 64;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m512i w = _mm512_loadu_si512((const void*)(wg + k4 * 64));
+      for (int r = 0; r < R; ++r) {
+        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
+        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {  // the + 128 comes off in int32, exactly (in fp32 it would cancel ~3 digits)
+      const int64_t i = (r0 + r) * G + g;
+      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(da[i]), acc[r]);
+    }
+  }
+  const __m512 sv = _mm512_loadu_ps(sb);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, _mm512_mul_ps(sv, acc[r]));
+}
+
 #else  // AVX2: two 8-lane halves per 16 output rows
 constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
+constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
+template <int R>
+void tile8(const uint8_t*, const float*, int64_t, const int8_t*, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {}
 
-inline __m256 bf16x8(const at::BFloat16* p) {
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
@@ -123,12 +164,13 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float* s) {
+template <typename T>
+inline float quantize_group(const T* x, int8_t* q1, int8_t* q2, float* s, int32_t* c) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256 v[4];
   __m256 a = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) { v[i] = bf16x8(x + 8 * i); a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i])); }
+  for (int i = 0; i < 4; ++i) { v[i] = load8(x + 8 * i); a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i])); }
   float amax = hmax(a);
   float d = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
   __m256i c1[4], c2[4];
@@ -144,7 +186,8 @@ inline float quantize_group(const at::BFloat16* x, int8_t* q1, int8_t* q2, float
   __m256i p2 = _mm256_packs_epi16(_mm256_packs_epi32(c2[0], c2[1]), _mm256_packs_epi32(c2[2], c2[3]));
   _mm256_storeu_si256((__m256i*)q1, _mm256_permutevar8x32_epi32(p1, order));
   _mm256_storeu_si256((__m256i*)q2, _mm256_permutevar8x32_epi32(p2, order));
-  *s = d / 256.f * (float)hsum(total);
+  *c = hsum(total);
+  *s = d / 256.f * (float)*c;
   return d / 256.f;
 }
 
@@ -209,42 +252,95 @@ void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   }
 }
 
+template <int R>
+void rows8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
+           const float* da, const int32_t* cs, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile8<R>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
+    else rows8<R - 1>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
+  }
+}
+
+// x as two int8 codes per value, and per group of 32 its scale / 256, its sum as coded (fp32), and the
+// sum of its codes 256 q1 + q2 (int32); one scratch buffer.
+struct Codes {
+  torch::Tensor x, scratch;
+  const int8_t *q1, *q2;
+  const float *da, *sa;
+  const int32_t* cs;
+  int64_t M, K, G;
+  // fp32 inputs are coded as they are (the residual stream's precision); other dtypes go through bf16.
+  explicit Codes(const torch::Tensor& x_in)
+      : x(x_in.scalar_type() == torch::kFloat ? x_in.contiguous() : x_in.to(torch::kBFloat16).contiguous()) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) % GROUP == 0, "the input's last dimension must be a multiple of 32");
+    M = x.size(0), K = x.size(1), G = K / GROUP;
+    scratch = torch::empty({2 * M * K + 12 * M * G}, torch::kInt8);
+    int8_t* c1 = scratch.data_ptr<int8_t>();
+    int8_t* c2 = c1 + M * K;
+    float* d = reinterpret_cast<float*>(c2 + M * K);  // 2 * M * K is a multiple of 4 (K % 32 == 0)
+    float* s = d + M * G;
+    int32_t* c = reinterpret_cast<int32_t*>(s + M * G);
+    if (x.scalar_type() == torch::kFloat) {
+      const float* X = x.data_ptr<float>();
+      for (int64_t i = 0; i < M * G; ++i) d[i] = quantize_group(X + i * GROUP, c1 + i * GROUP, c2 + i * GROUP, s + i, c + i);
+    } else {
+      const at::BFloat16* X = x.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < M * G; ++i) d[i] = quantize_group(X + i * GROUP, c1 + i * GROUP, c2 + i * GROUP, s + i, c + i);
+    }
+    q1 = c1, q2 = c2, da = d, sa = s, cs = c;
+  }
+};
+
 }  // namespace
 
-// x [M, K] (bf16, or anything .to(bf16) takes); packed [N/16, K/4, 32] uint8; scales [2, N/16, K/32, 16]
+// x [M, K] (fp32 or bf16; other dtypes through bf16); packed [N/16, K/4, 32] uint8; scales [2, N/16, K/32, 16]
 // fp16 (d, then m). Returns y [M, N] fp32.
-torch::Tensor q4_linear(const torch::Tensor& x_in, const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 3 && packed.scalar_type() == torch::kUInt8, "q4_linear: bad shapes");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && packed.is_contiguous(), "q4_linear: bad weight");
-  const torch::Tensor x = x_in.to(torch::kBFloat16).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), N = NB * 16, G = K / GROUP;
-  TORCH_CHECK(K % GROUP == 0 && packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "q4_linear: bad weight");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "q4_linear: scales must be contiguous fp16");
+  const Codes c(x);
+  const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
   TORCH_CHECK(scales.numel() == 2 * NB * G * 16, "q4_linear: scales do not match the weight");
   auto y = torch::empty({M, N}, torch::kFloat);
   if (M == 0) return y;
-  // One scratch buffer: codes q1, q2 [M, K] int8, then da, sa [M, G] fp32.
-  auto scratch = torch::empty({2 * M * K + 8 * M * G}, torch::kInt8);
-  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
-  int8_t* Q1 = scratch.data_ptr<int8_t>();
-  int8_t* Q2 = Q1 + M * K;
-  float* DA = reinterpret_cast<float*>(Q2 + M * K);  // 2 * M * K is a multiple of 4 (K % 32 == 0)
-  float* SA = DA + M * G;
-  for (int64_t i = 0; i < M * G; ++i) DA[i] = quantize_group(X + i * GROUP, Q1 + i * GROUP, Q2 + i * GROUP, SA + i);
   const uint8_t* W = packed.data_ptr<uint8_t>();
   const at::Half* D = scales.data_ptr<at::Half>();
   const at::Half* MN = D + NB * G * 16;
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = W + b * (K / 4) * 32;
+    for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS)
-        rows<MAX_ROWS>(wb, D + b * G * 16, MN + b * G * 16, K, Q1, Q2, DA, SA, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
-    }
+        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c.q1, c.q2, c.da, c.sa, r,
+                       std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+  });
+  return y;
+}
+
+// x [M, K]; packed [N/16, K/4, 64] uint8 (w + 128); scales [N] fp32 (N a multiple of 16). Returns y [M, N] fp32.
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales) {
+  TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "q8_linear: bad weight");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
+  const Codes c(x);
+  const int64_t M = c.M, K = c.K, NB = packed.size(0), N = NB * 16;
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == N, "q8_linear: shapes do not match");
+  auto y = torch::empty({M, N}, torch::kFloat);
+  if (M == 0) return y;
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, NB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < M; r += MAX_ROWS)
+        rows8<MAX_ROWS>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
   });
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_linear", &q4_linear, "int4 weights (GGUF Q4_1 layout) x bf16 activations as two int8 codes -> fp32");
+  mod.def("q8_linear", &q8_linear, "int8 weights (per-row scale, stored + 128) x the same activation codes -> fp32");
   mod.attr("isa") = Q4_ISA;
+  mod.attr("has_q8") = HAS_Q8;
 }
