@@ -26,9 +26,10 @@ from deployments.engine.layers.linear import Linear
 
 GROUP = 32
 LARGE_VOCAB = 65536
-"""Above this many rows the ranking copy is bf16: the int8 kernel's cost grows with every row of the
-batch (Gemma 3's 262k-row head: 92 ms per step at 10 streams with int8 ranking, 59 ms with bf16;
-perf/README.md); below it int8 keeps small models lean (SmolLM2: RSS/file 1.49 with int8, 1.77 with bf16)."""
+"""Without our int8 kernel (`Int8Rank`), above this many rows the ranking copy is bf16: torch's int8
+kernel's cost grows with every row of the batch (Gemma 3's 262k-row head: 92 ms per step at 10
+streams with it, 59 ms with bf16; perf/README.md); below it int8 keeps small models lean (SmolLM2:
+RSS/file 1.49 with int8, 1.77 with bf16). Our kernel ranks any vocabulary in int8: half bf16's bytes."""
 
 
 def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +55,10 @@ class VocabTable(torch.nn.Module):
         codes, scales = quantize_groups(weight)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
-        self.rank_fmt = "int8" if weight.shape[0] <= LARGE_VOCAB else "bf16"
+        ours = weight.device.type == "cpu" and Int8Rank.available()
+        self.rank_fmt = "int8" if weight.shape[0] <= LARGE_VOCAB or ours else "bf16"
         self.rank: torch.nn.Module = Linear.from_float(weight, None, self.rank_fmt)  # ranks the vocabulary; the tail stays as ranked
-        if self.rank_fmt == "int8" and weight.device.type == "cpu" and Int8Rank.available():
+        if self.rank_fmt == "int8" and ours:
             self.rank = Int8Rank(self.rank)  # the same codes and scales, through our kernel
         self.num_rescored = min(num_rescored, weight.shape[0])
 
