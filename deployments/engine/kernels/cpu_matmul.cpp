@@ -18,7 +18,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define Q4_ISA "avx512-vnni"
@@ -338,9 +340,94 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
+
+// ---- paged decode attention: one query per sequence, keys and values read in place from their blocks ----
+namespace {
+
+inline float to_f(float v) { return v; }
+inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < D; ++i) s += q[i] * to_f(k[i]);
+  return s;
+}
+
+template <typename T>
+void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out,
+                      int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t max_blocks, int64_t block_size,
+                      int64_t window, float scale) {
+  const int64_t group = H / KVH;
+  at::parallel_for(0, n * KVH, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(group * D), scores, acc(group * D);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t s = w / KVH, kh = w % KVH, len = ctx[s];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t* table = tables + s * max_blocks;
+      for (int64_t g = 0; g < group * D; ++g) qf[g] = to_f(q[(s * H + kh * group) * D + g]) * scale;
+      scores.assign(group * (len - start), 0.f);
+      std::vector<float> mx(group, -INFINITY), sum(group, 0.f);
+      for (int64_t t = start; t < len; ++t) {
+        const T* k = kc + ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+        for (int64_t g = 0; g < group; ++g) {
+          float v = dot(qf.data() + g * D, k, D);
+          scores[g * (len - start) + t - start] = v;
+          mx[g] = std::max(mx[g], v);
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sc = scores.data() + g * (len - start);
+        for (int64_t t = 0; t < len - start; ++t) { sc[t] = std::exp(sc[t] - mx[g]); sum[g] += sc[t]; }
+      }
+      for (int64_t t = start; t < len; ++t) {
+        const T* v = vc + ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * (len - start) + t - start];
+          float* a = acc.data() + g * D;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(v[i]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < D; ++i) out[(s * H + kh * group + g) * D + i] = static_cast<T>(acc[g * D + i] / sum[g]);
+    }
+  });
+}
+
+}  // namespace
+
+// q [n, H, D]; k_cache, v_cache [slots, KVH, D] (q's dtype: fp32 or bf16); block_tables [n, max_blocks] int64;
+// context_lens [n] int64 (each sequence attends to its positions [max(0, len - window), len); window 0 = all).
+torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                     const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                     int64_t block_size, int64_t window, double scale) {
+  const torch::Tensor q = q_in.contiguous();
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: dtypes differ");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong, "paged_decode_attention: int64 tables");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && block_tables.size(0) == n && context_lens.size(0) == n, "paged_decode_attention: shapes differ");
+  const torch::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  auto out = torch::empty_like(q);
+  if (q.scalar_type() == torch::kFloat) {
+    decode_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
+                            lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, H, KVH, D, tables.size(1), block_size, window, (float)scale);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "paged_decode_attention: fp32 or bf16");
+    decode_attention<at::BFloat16>(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+                                   tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(), n, H, KVH, D,
+                                   tables.size(1), block_size, window, (float)scale);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_linear", &q4_linear, "int4 weights (GGUF Q4_1 layout) x bf16 activations as two int8 codes -> fp32");
   mod.def("q8_linear", &q8_linear, "int8 weights (per-row scale, stored + 128) x the same activation codes -> fp32");
+  mod.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over its cache blocks, read in place");
   mod.attr("isa") = Q4_ISA;
   mod.attr("has_q8") = HAS_Q8;
 }

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from deployments.engine import kernels
 
 
 @dataclass
@@ -42,6 +46,10 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     """[num_decodes, 1, 1, max_blocks * block_size] bool, True = attend."""
     decode_sliding_mask: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    """[num_decodes] int64: each decode's context length (its position + 1)."""
+    sliding_window: int = 0
+    """The sliding layers' window (0: none)."""
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -52,7 +60,7 @@ def build_metadata(
     slots: list[int] = []
     for pos, table in zip(positions, block_tables):
         slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), sliding_window=sliding_window or 0)
     decodes = [i for i, pos in enumerate(positions) if len(pos) == 1]
     if decodes and decodes != list(range(len(decodes))):
         raise ValueError("decodes must come first in the batch")
@@ -73,7 +81,9 @@ def _decode_metadata(
     meta.num_decode_tokens = len(last)
     meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=device).view(-1)
     cols = torch.arange(max_blocks * block_size, device=device)
-    pos = torch.tensor(last, device=device).unsqueeze(1)
+    lens = torch.tensor(last, device=device) + 1
+    meta.decode_context_lens = lens
+    pos = (lens - 1).unsqueeze(1)
     meta.decode_mask = (cols <= pos).view(len(last), 1, 1, -1)
     if window is not None and max(last) >= window:
         meta.decode_sliding_mask = ((cols <= pos) & (cols > pos - window)).view(len(last), 1, 1, -1)
@@ -113,8 +123,13 @@ def paged_attention(
     n = meta.num_decode_tokens
     if n:
         mask = meta.decode_sliding_mask if sliding and meta.decode_sliding_mask is not None else meta.decode_mask
-        assert meta.decode_block_ids is not None and mask is not None
-        decoded = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
+        assert meta.decode_block_ids is not None and mask is not None and meta.decode_context_lens is not None
+        if q.device.type == "cpu" and (kernel := _cpu_kernel()) is not None:  # reads the blocks in place: no gather
+            tables = meta.decode_block_ids.view(n, -1)
+            window = meta.sliding_window if sliding else 0
+            decoded = kernel.paged_decode_attention(q[:n], k_cache, v_cache, tables, meta.decode_context_lens, block_size, window, scale)
+        else:
+            decoded = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
         if not meta.prefills:  # a decode-only step: no output buffer to fill
             return decoded
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -130,6 +145,11 @@ def paged_attention(
         )
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
     return out
+
+
+def _cpu_kernel() -> Any:
+    """Our compiled decode attention (deployments/engine/kernels), or None: torch ops below."""
+    return kernels.q4_kernel()
 
 
 def _decode_attention(
