@@ -20,8 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deployments.engine import kernels
 from deployments.engine.loader import PICKLE_SUFFIXES
 
+KERNEL_MAX_TOKENS = 64
+"""Steps of up to this many tokens go through our LoRA kernel (`lora_add`); longer prompt chunks
+through the masked GEMMs below, which amortise better over many tokens."""
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 """Our fused layer -> the PEFT target modules it holds, in output order."""
 
@@ -107,25 +111,27 @@ class LoRABatch:
     def __init__(self, token_slots: list[int], device: torch.device) -> None:
         used = [s for s in token_slots if s >= 0]
         self.lo, self.hi = min(used), max(used) + 1  # only this range of slots is computed
-        slots = torch.tensor(token_slots, device=device)
-        base = slots < 0
-        onehot = F.one_hot((slots - self.lo).clamp(min=0), self.hi - self.lo)
-        self.onehot = onehot.masked_fill_(base.unsqueeze(-1), 0)
+        self.slots = torch.tensor(token_slots, device=device)
         self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, (hi - lo) * width]: 1 in each token's own slot's columns (built on first use: our
+        kernel reads `slots` instead)."""
         key = (width, dtype)
         if key not in self._masks:
-            self._masks[key] = self.onehot.to(dtype).repeat_interleave(width, dim=1)
+            onehot = F.one_hot((self.slots - self.lo).clamp(min=0), self.hi - self.lo)
+            onehot.masked_fill_((self.slots < 0).unsqueeze(-1), 0)
+            self._masks[key] = onehot.to(dtype).repeat_interleave(width, dim=1)
         return self._masks[key]
 
 
 class LoRALinear(torch.nn.Module):
     """A base layer plus the LoRA slots of its parts (`part_names`, output sizes `part_sizes`).
 
-    `lora_a [parts * slots * R, in]`: rows by part, then slot, then rank; `lora_b [out, slots * R]`:
-    each part's output rows, columns by slot then rank (scale folded in). No block-diagonal zeros:
-    a fused layer's parts each take one small GEMM over the slots in use."""
+    `lora_a [parts * slots * R, in]`: rows by part, then slot, then rank; `lora_b [slots * R, out]`:
+    rows by slot then rank, each part's output columns (scale folded in), so a token's update is R
+    contiguous axpys in our kernel. No block-diagonal zeros: in the masked-GEMM path a fused layer's
+    parts each take one small GEMM over the slots in use."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -137,7 +143,7 @@ class LoRALinear(torch.nn.Module):
         self.row_starts = [sum(part_sizes[:i]) for i in range(len(part_sizes))]
         R, S = owner.max_rank, owner.num_slots
         self.register_buffer("lora_a", torch.zeros(len(part_names) * S * R, base.in_features, dtype=owner.dtype, device=owner.device))
-        self.register_buffer("lora_b", torch.zeros(base.out_features, S * R, dtype=owner.dtype, device=owner.device))
+        self.register_buffer("lora_b", torch.zeros(S * R, base.out_features, dtype=owner.dtype, device=owner.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -145,18 +151,24 @@ class LoRALinear(torch.nn.Module):
         if batch is None:
             return y
         R, S = self._owner[0].max_rank, self._owner[0].num_slots
+        if x.device.type == "cpu" and x.numel() <= KERNEL_MAX_TOKENS * self.base.in_features and (kernel := kernels.q4_kernel()):
+            # Decode-sized steps: our kernel reads each token's own A and B (no masked GEMMs over every slot).
+            flat = y.reshape(-1, y.shape[-1])
+            flat = flat if flat.is_contiguous() else flat.contiguous()
+            kernel.lora_add(flat, x.reshape(-1, self.base.in_features), self.lora_a, self.lora_b, batch.slots, self.part_sizes, R, S)
+            return flat.view(y.shape)
         cols = slice(batch.lo * R, batch.hi * R)
         mask = batch.mask(R, self.lora_a.dtype)
         xa = x.to(self.lora_a.dtype)
         if len(self.part_sizes) == 1:
             h = F.linear(xa, self.lora_a[cols]).mul_(mask)
             if y.dim() == 2 and y.dtype == h.dtype:
-                return torch.addmm(y, h, self.lora_b[:, cols].t())  # the add fused into the GEMM
-            return y + F.linear(h, self.lora_b[:, cols]).to(y.dtype)
+                return torch.addmm(y, h, self.lora_b[cols])  # the add fused into the GEMM
+            return y + (h @ self.lora_b[cols]).to(y.dtype)
         h = F.linear(xa, self.lora_a).view(-1, len(self.part_sizes), S * R)[:, :, cols]
         h = h * mask.unsqueeze(1)
         deltas = [
-            F.linear(h[:, p], self.lora_b[start : start + size, cols])
+            h[:, p] @ self.lora_b[cols, start : start + size]
             for p, (start, size) in enumerate(zip(self.row_starts, self.part_sizes))
         ]
         return y + torch.cat(deltas, dim=-1).to(y.dtype)
@@ -166,7 +178,7 @@ class LoRALinear(torch.nn.Module):
         R, S = self._owner[0].max_rank, self._owner[0].num_slots
         for p in range(len(self.part_sizes)):
             self.lora_a[(p * S + slot) * R : (p * S + slot + 1) * R].zero_()
-        self.lora_b[:, slot * R : (slot + 1) * R].zero_()
+        self.lora_b[slot * R : (slot + 1) * R].zero_()
         if weights is None:
             return
         r = weights.rank
@@ -176,7 +188,7 @@ class LoRALinear(torch.nn.Module):
                 a, b = pair
                 row = (p * S + slot) * R
                 self.lora_a[row : row + r] = a.to(self.lora_a)
-                self.lora_b[start : start + size, slot * R : slot * R + r] = (b.float() * weights.scaling).to(self.lora_b)
+                self.lora_b[slot * R : slot * R + r, start : start + size] = (b.float() * weights.scaling).t().to(self.lora_b)
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """PEFT module name -> (out, in) of the base projection it adapts."""

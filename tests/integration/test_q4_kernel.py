@@ -137,3 +137,28 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, windo
                                         block_size, window, 0.125)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_add_takes_each_token_through_its_own_adapter(dtype: torch.dtype) -> None:
+    assert native is not None
+    torch.manual_seed(6)
+    parts, rank, slots, hidden = [48, 16, 16], 4, 3, 64  # a fused q/k/v with 3 adapter slots
+    a = torch.randn(len(parts) * slots * rank, hidden).to(dtype)
+    b = torch.randn(sum(parts), slots * rank).to(dtype)
+    bt = b.t().contiguous()  # the kernel's layout: [slots * rank, out]
+    x = torch.randn(7, hidden)
+    token_slots = torch.tensor([0, -1, 2, 2, 1, -1, 0])
+    y = torch.randn(7, sum(parts))
+    expected = y.double().clone()
+    for t, s in enumerate(token_slots.tolist()):
+        if s < 0:
+            continue
+        start = 0
+        for p, size in enumerate(parts):
+            a_ps = a[(p * slots + s) * rank : (p * slots + s + 1) * rank].double()
+            b_ps = b[start : start + size, s * rank : (s + 1) * rank].double()
+            expected[t, start : start + size] += b_ps @ (a_ps @ x[t].double())
+            start += size
+    native.lora_add(y, x, a, bt, token_slots, parts, rank, slots)  # in place
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)

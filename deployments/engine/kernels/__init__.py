@@ -96,10 +96,11 @@ def _build(isa: str) -> ModuleType:
 
 
 def q4_kernel() -> ModuleType | None:
-    """The kernel the int4 layers use on CPU, or None for torch's (`LLM_SERVE_INT4_KERNEL=torch`)."""
+    """Our kernels as the engine uses them on CPU, or None for torch's (`LLM_SERVE_INT4_KERNEL=torch`).
+    Called per layer per step: after the first build it costs one environment lookup."""
     if os.environ.get(ENV, "auto") == "torch":
         return None
-    return load_q4("native")
+    return _built.get("native") or load_q4("native")
 
 
 def kernel_status() -> str:
@@ -108,7 +109,7 @@ def kernel_status() -> str:
         return f"torch _weight_int4pack_mm_for_cpu ({ENV}=torch)"
     module = _built.get("native")
     if module is not None:
-        return f"ours, int8 activations ({module.isa})"
+        return f"ours, activations as two int8 codes ({module.isa})"
     if "native" in _failed:
         return f"torch _weight_int4pack_mm_for_cpu (ours unavailable: {_failed['native']})"
     return "not loaded"
