@@ -117,8 +117,9 @@ def test_int8_vocabulary_ranking_kernel(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("window", [0, 5])
-def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, window: int) -> None:
+@pytest.mark.parametrize("window", [0, 5, 200])
+@pytest.mark.parametrize("split", [False, True])
+def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, window: int, split: bool) -> None:
     from deployments.engine.layers.attention import _decode_attention, build_metadata
 
     assert native is not None
@@ -128,12 +129,18 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, windo
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
     tables = [[3, 7, 1], [12], [0, 5, 9, 2]]  # scattered blocks, ragged lengths
     positions = [[9], [2], [15]]
+    if split:  # one sequence, a long context: split into chunks whose softmax partials are merged
+        block_size, num_blocks = 16, 64
+        k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+        v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+        tables, positions = [list(range(63, 0, -2))], [[499]]
     meta = build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
-    q = torch.randn(3, heads, head_dim).to(dtype)
-    mask = meta.decode_sliding_mask if window else meta.decode_mask
+    n = len(tables)
+    q = torch.randn(n, heads, head_dim).to(dtype)
+    mask = meta.decode_sliding_mask if meta.decode_sliding_mask is not None else meta.decode_mask
     assert meta.decode_block_ids is not None and mask is not None
     expected = _decode_attention(q, k_cache, v_cache, meta.decode_block_ids, mask, 0.125, block_size)
-    out = native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_ids.view(3, -1), meta.decode_context_lens,
+    out = native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_ids.view(n, -1), meta.decode_context_lens,
                                         block_size, window, 0.125)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)

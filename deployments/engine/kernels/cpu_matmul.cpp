@@ -360,41 +360,69 @@ void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* table
                       int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t max_blocks, int64_t block_size,
                       int64_t window, float scale) {
   const int64_t group = H / KVH;
-  at::parallel_for(0, n * KVH, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qf(group * D), scores, acc(group * D);
+  // Few sequences with long contexts: split each context into chunks (flash-decoding's split-K) so
+  // every thread has work, then merge the chunks' softmax partials. One sequence has only KVH items.
+  int64_t longest = 0;
+  for (int64_t s = 0; s < n; ++s) longest = std::max(longest, ctx[s]);
+  int64_t splits = 1;
+  while (n * KVH * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 64) splits *= 2;
+  const int64_t items = n * KVH * splits;
+  std::vector<float> part_max(items * group, -INFINITY), part_sum(items * group, 0.f), part_acc(items * group * D, 0.f);
+  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(group * D), scores;
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t s = w / KVH, kh = w % KVH, len = ctx[s];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t s = w / (KVH * splits), kh = (w / splits) % KVH, sp = w % splits, len = ctx[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t chunk = (len - first + splits - 1) / splits;
+      const int64_t start = first + sp * chunk, stop = std::min(len, start + chunk), count = stop - start;
+      if (count <= 0) continue;
       const int64_t* table = tables + s * max_blocks;
       for (int64_t g = 0; g < group * D; ++g) qf[g] = to_f(q[(s * H + kh * group) * D + g]) * scale;
-      scores.assign(group * (len - start), 0.f);
-      std::vector<float> mx(group, -INFINITY), sum(group, 0.f);
-      for (int64_t t = start; t < len; ++t) {
+      scores.assign(group * count, 0.f);
+      float* mx = part_max.data() + w * group;
+      float* sum = part_sum.data() + w * group;
+      float* acc = part_acc.data() + w * group * D;
+      for (int64_t t = start; t < stop; ++t) {
         const T* k = kc + ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
         for (int64_t g = 0; g < group; ++g) {
-          float v = dot(qf.data() + g * D, k, D);
-          scores[g * (len - start) + t - start] = v;
+          const float v = dot(qf.data() + g * D, k, D);
+          scores[g * count + t - start] = v;
           mx[g] = std::max(mx[g], v);
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < group; ++g) {
-        float* sc = scores.data() + g * (len - start);
-        for (int64_t t = 0; t < len - start; ++t) { sc[t] = std::exp(sc[t] - mx[g]); sum[g] += sc[t]; }
+        float* sc = scores.data() + g * count;
+        for (int64_t t = 0; t < count; ++t) { sc[t] = std::exp(sc[t] - mx[g]); sum[g] += sc[t]; }
       }
-      for (int64_t t = start; t < len; ++t) {
+      for (int64_t t = start; t < stop; ++t) {
         const T* v = vc + ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
         for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * (len - start) + t - start];
-          float* a = acc.data() + g * D;
+          const float p = scores[g * count + t - start];
+          float* a = acc + g * D;
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(v[i]);
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < D; ++i) out[(s * H + kh * group + g) * D + i] = static_cast<T>(acc[g * D + i] / sum[g]);
     }
   });
+  std::vector<float> merged(D);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t kh = 0; kh < KVH; ++kh)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t base = (s * KVH + kh) * splits;
+        float top = -INFINITY;
+        for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, part_max[(base + sp) * group + g]);
+        float total = 0;
+        std::fill(merged.begin(), merged.end(), 0.f);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const int64_t i = (base + sp) * group + g;
+          if (part_sum[i] == 0.f) continue;  // an empty chunk
+          const float w = std::exp(part_max[i] - top);
+          total += part_sum[i] * w;
+          for (int64_t d = 0; d < D; ++d) merged[d] += part_acc[i * D + d] * w;
+        }
+        for (int64_t d = 0; d < D; ++d) out[(s * H + kh * group + g) * D + d] = static_cast<T>(merged[d] / total);
+      }
 }
 
 }  // namespace
