@@ -1,4 +1,4 @@
-"""Our CPU kernels (deployments/engine/kernels/cpu_matmul.cpp) against a float64 reference: the int4
+"""Our CPU kernels (deployments/engine/kernels/) against a float64 reference: the int4
 matmul on both of its instruction paths (the host's, and AVX2 built on any x86 host), every row-tile
 remainder, padded outputs, all-zero groups; its layout round-trips; LLM_SERVE_INT4_KERNEL=torch falls
 back; the int8 vocabulary ranking (AVX-512 VNNI) and the exact rescoring on top of it."""

@@ -1,4 +1,5 @@
-"""Our compiled CPU kernels (`cpu_matmul.cpp`: int4 layers, int8 vocabulary ranking), built on first use by torch's C++ extension builder.
+"""Our compiled CPU kernels (`matmul.cpp`: int4 layers and int8 vocabulary ranking; `attention.cpp`:
+paged decode attention; `lora.cpp`: LoRA for mixed batches; `codes.h`: what they share), built on first use by torch's C++ extension builder.
 
 The build (about 25 s on two cores) is cached per source, ISA and torch version under
 `$LLM_SERVE_CACHE_DIR/kernels` (default ~/.cache/llm-serve/kernels); `make install` builds it once
@@ -26,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_matmul.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "module.cpp")]
 ENV = "LLM_SERVE_INT4_KERNEL"
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx512f"]}
 """`native` is what the engine uses; `avx2` builds the AVX2 path on any x86 host (tests compare the two)."""
@@ -52,7 +54,7 @@ def _cpu_key() -> str:
 
 def build_name(isa: str) -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), b"-fopenmp", isa.encode(), torch.__version__.encode(), _cpu_key().encode() if isa == "native" else b""):
+    for part in (*(p.read_bytes() for p in [*SOURCES, HERE / "codes.h"]), b"-fopenmp", isa.encode(), torch.__version__.encode(), _cpu_key().encode() if isa == "native" else b""):
         digest.update(part)
     return f"llm_serve_q4_{isa}_{digest.hexdigest()[:12]}"
 
@@ -90,7 +92,7 @@ def _build(isa: str) -> ModuleType:
     # -fopenmp: at::parallel_for runs on torch's OpenMP team (torch ships libgomp.so.1, and the loader
     # reuses the already-loaded soname: one thread pool); without it the kernel would run on one thread.
     return cpp_extension.load(  # type: ignore[no-any-return]
-        name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
+        name=name, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"],
         build_directory=str(directory), verbose=False,
     )
 

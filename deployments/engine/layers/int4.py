@@ -1,6 +1,6 @@
 """Group-wise 4-bit weights and their kernels: packing, unpacking, matmul.
 
-On x86 CPUs, group size 32, our kernel (`deployments/engine/kernels/cpu_matmul.cpp`: activations as two int8 codes,
+On x86 CPUs, group size 32, our kernel (`deployments/engine/kernels/matmul.cpp`: activations as two int8 codes,
 VNNI dot products, fp16 scales and mins, the GGUF Q4_1 layout) where it builds; otherwise torch's
 int4 ("tinygemm") kernels, described below. `pack` picks, and `matmul`/`unpack_q` read either layout.
 
@@ -175,7 +175,7 @@ OUR_GROUP = 32
 
 
 def _pack_ours(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte 4i+j of entry (row block b, column quad c) = q[16b+i][4c+j] | q[16b+8+i][4c+j] << 4 (cpu_matmul.cpp)."""
+    """Byte 4i+j of entry (row block b, column quad c) = q[16b+i][4c+j] | q[16b+8+i][4c+j] << 4 (matmul.cpp)."""
     out, num_in = q.shape
     blocks = q.to(torch.uint8).view(out // 16, 2, 8, num_in // 4, 4)
     packed = (blocks[:, 0] | (blocks[:, 1] << 4)).permute(0, 2, 1, 3).reshape(out // 16, num_in // 4, 32).contiguous()

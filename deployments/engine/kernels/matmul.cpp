@@ -1,0 +1,222 @@
+// int4 weights x int8 activations on x86 CPUs: the decode-shaped matmul of our int4 layers.
+//
+// y[M, N] = x[M, K] @ W.T with W = d * q + m per group of 32 input columns (q in 0..15, d and m fp16),
+// the layout of GGUF Q4_1/Q4_0 blocks. Each call writes x per group of 32 as two int8 codes,
+// x ~ da * (q1 + q2 / 256) (absmax, q2 the rounded residual: about 16 bits, finer than bf16's 8; one
+// int8 code alone, as llama.cpp's Q8_1 activations, cost SmolLM2 3 points of greedy agreement), and
+// sums q * q1 and q * q2 in int32 with VNNI (vpdpbusd; AVX2: maddubs + madd), one instruction per
+// 64 multiply-adds; the scales enter once per group:
+//   y = sum_g d_g * (da_g / 256) * (256 * sum(q * q1) + sum(q * q2)) + m_g * sa_g,  sa_g = sum of x's codes * scale.
+// Output rows come 16 at a time in a vector's lanes (no horizontal sums), activation rows up to 8
+// at a time share each weight load. torch's _weight_int4pack_mm_for_cpu dequantizes to fp32 and
+// pays one FMA per 16 weights per row; this pays about one instruction per 64 (perf/README.md).
+//
+// Packed layout: [N/16, K/4, 32] uint8. In the entry for output rows n0..n0+15 and inputs k..k+3,
+// byte 4i+j = q[n0+i][k+j] | q[n0+8+i][k+j] << 4 (i < 8, j < 4): masking the low nibbles gives
+// rows n0..n0+7 with 4 codes per 32-bit lane, the high nibbles rows n0+8..n0+15.
+// Scales: d, m [N/16, K/32, 16] fp16, lane i = output row n0+i.
+#include "codes.h"
+
+namespace llm_kernels {
+namespace {
+
+#ifdef Q4_AVX512
+#ifndef Q4_MAX_ROWS
+#define Q4_MAX_ROWS 6  // rows per weight load; 4..8 measured within 7% (perf/README.md)
+#endif
+constexpr int MAX_ROWS = Q4_MAX_ROWS;
+
+template <int R>
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i hi[R], lo[R];
+    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 8 * 32;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+      __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pk, mask)),
+                                     _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask), 1);
+      for (int r = 0; r < R; ++r) {
+        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
+        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
+      }
+    }
+    __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
+    __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(da[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa[i]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
+}
+
+
+// int8 weights (per-row scale s, stored as u = w + 128 so vpdpbusd takes them unsigned; no saturation),
+// for ranking a vocabulary: y[r][n] = s[n] * sum_g (da_g / 256) * (sum(u * (256 q1 + q2)) - 128 * sum(256 q1 + q2)).
+// Layout [N/16, K/4, 64] uint8: byte 4l + j of entry (b, c) = u[16b + l][4c + j].
+constexpr bool HAS_Q8 = true;
+
+template <int R>
+void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
+           const float* da, const int32_t* cs, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i hi[R], lo[R];
+    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    const uint8_t* wg = wb + g * 8 * 64;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m512i w = _mm512_loadu_si512((const void*)(wg + k4 * 64));
+      for (int r = 0; r < R; ++r) {
+        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
+        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {  // the + 128 comes off in int32, exactly (in fp32 it would cancel ~3 digits)
+      const int64_t i = (r0 + r) * G + g;
+      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(da[i]), acc[r]);
+    }
+  }
+  const __m512 sv = _mm512_loadu_ps(sb);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, _mm512_mul_ps(sv, acc[r]));
+}
+
+#else  // AVX2: two 8-lane halves per 16 output rows
+constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
+constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
+template <int R>
+void tile8(const uint8_t*, const float*, int64_t, const int8_t*, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {}
+
+inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, w, a);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+#endif
+}
+
+template <int R>
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 lo[R], hi[R];  // output rows n0..n0+7 and n0+8..n0+15
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i lo1[R], lo2[R], hi1[R], hi2[R];
+    for (int r = 0; r < R; ++r) lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
+    const uint8_t* wg = wb + g * 8 * 32;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+      __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        __m256i a1 = _mm256_set1_epi32(load4(q1 + at + r * K + k4 * 4));
+        __m256i a2 = _mm256_set1_epi32(load4(q2 + at + r * K + k4 * 4));
+        lo1[r] = dot4(lo1[r], wl, a1);
+        lo2[r] = dot4(lo2[r], wl, a2);
+        hi1[r] = dot4(hi1[r], wh, a1);
+        hi2[r] = dot4(hi2[r], wh, a2);
+      }
+    }
+    __m256 dl = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16)));
+    __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16 + 8)));
+    __m256 ml = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16)));
+    __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      const __m256 a = _mm256_set1_ps(da[i]), s = _mm256_set1_ps(sa[i]);
+      __m256i dotl = _mm256_add_epi32(_mm256_slli_epi32(lo1[r], 8), lo2[r]);
+      __m256i doth = _mm256_add_epi32(_mm256_slli_epi32(hi1[r], 8), hi2[r]);
+      lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
+      hi[r] = _mm256_fmadd_ps(mh, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(doth), _mm256_mul_ps(dh, a), hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N + n0, lo[r]);
+    _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, hi[r]);
+  }
+}
+#endif
+
+template <int R>
+void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
+          const float* da, const float* sa, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile<R>(wb, db, mb, K, q1, q2, da, sa, r0, y, N, n0);
+    else rows<R - 1>(wb, db, mb, K, q1, q2, da, sa, r0, count, y, N, n0);
+  }
+}
+
+template <int R>
+void rows8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
+           const float* da, const int32_t* cs, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile8<R>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
+    else rows8<R - 1>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
+  }
+}
+}  // namespace
+}  // namespace llm_kernels
+
+using namespace llm_kernels;
+
+bool has_q8() { return HAS_Q8; }
+
+// x [M, K] (fp32 or bf16; other dtypes through bf16); packed [N/16, K/4, 32] uint8; scales [2, N/16, K/32, 16]
+// fp16 (d, then m). Returns y [M, N] fp32.
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q4_linear: bad weight");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "q4_linear: scales must be contiguous fp16");
+  const Codes c(x);
+  const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
+  TORCH_CHECK(scales.numel() == 2 * NB * G * 16, "q4_linear: scales do not match the weight");
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const at::Half* D = scales.data_ptr<at::Half>();
+  const at::Half* MN = D + NB * G * 16;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < M; r += MAX_ROWS)
+        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c.q1, c.q2, c.da, c.sa, r,
+                       std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+  });
+  return y;
+}
+
+// x [M, K]; packed [N/16, K/4, 64] uint8 (w + 128); scales [N] fp32 (N a multiple of 16). Returns y [M, N] fp32.
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q8_linear: bad weight");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
+  const Codes c(x);
+  const int64_t M = c.M, K = c.K, NB = packed.size(0), N = NB * 16;
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == N, "q8_linear: shapes do not match");
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, NB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < M; r += MAX_ROWS)
+        rows8<MAX_ROWS>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+  });
+  return y;
+}
+
