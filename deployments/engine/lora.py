@@ -151,7 +151,7 @@ class LoRALinear(torch.nn.Module):
         if batch is None:
             return y
         R, S = self._owner[0].max_rank, self._owner[0].num_slots
-        if x.device.type == "cpu" and x.numel() <= KERNEL_MAX_TOKENS * self.base.in_features and (kernel := kernels.q4_kernel()):
+        if x.device.type == "cpu" and x.numel() <= KERNEL_MAX_TOKENS * self.base.in_features and (kernel := kernels.cpu_kernels()):
             # Decode-sized steps: our kernel reads each token's own A and B (no masked GEMMs over every slot).
             flat = y.reshape(-1, y.shape[-1])
             flat = flat if flat.is_contiguous() else flat.contiguous()

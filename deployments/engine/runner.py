@@ -52,7 +52,7 @@ class ModelRunner:
             self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized}
             if self.weights == "int4" and self.device.type == "cpu":
                 self.weights_reason += f"; int4 matmul: {kernels.kernel_status()}"
-                self.facts |= {"weights_reason": self.weights_reason, "int4_kernel": kernels.kernel_status()}
+                self.facts["weights_reason"] = self.weights_reason
         else:
             self.act_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
             self.model = load_generic(directory, self.act_dtype, self.device)

@@ -13,7 +13,7 @@ from deployments.engine.layers import int4
 from deployments.engine.layers.int4 import Int4Weight
 from deployments.engine.layers.linear import Linear
 
-native = kernels.load_q4("native")
+native = kernels.load("native")
 pytestmark = pytest.mark.skipif(native is None, reason=f"int4 CPU kernel not built here: {kernels._failed.get('native')}")
 
 
@@ -35,7 +35,7 @@ def fp16_exact(weight: Int4Weight) -> Int4Weight:
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("in_features,out_features", [(32, 16), (96, 20), (576, 960)])
 def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_features: int) -> None:
-    module = kernels.load_q4(isa)
+    module = kernels.load(isa)
     assert module is not None, kernels._failed.get(isa)
     torch.manual_seed(in_features)
     w = torch.randn(out_features, in_features) * 0.05
@@ -59,7 +59,7 @@ def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_feat
 
 
 def test_both_instruction_paths_agree() -> None:
-    avx2 = kernels.load_q4("avx2")
+    avx2 = kernels.load("avx2")
     assert avx2 is not None and native is not None
     torch.manual_seed(1)
     weight = Int4Weight.quantize(torch.randn(64, 256))

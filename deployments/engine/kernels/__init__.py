@@ -8,8 +8,9 @@ The build (about 40-60 s on two cores) is cached per source, ISA and torch versi
 host's instructions: AVX-512 VNNI where present, else AVX2 (with AVX-VNNI where present).
 
 Where it cannot be built or run (no compiler, a CPU without AVX2/F16C, not x86), or with
-`LLM_SERVE_INT4_KERNEL=torch`, the int4 layers use torch's own kernel, as before; `kernel_status()`
-says which one is in use and why, and `/models` shows it.
+`LLM_SERVE_INT4_KERNEL=torch`, every one of them gives way to torch's own ops, as before (int4 and
+int8 matmuls, gather + matmul attention, masked LoRA GEMMs); `kernel_status()` says which run and
+why, and `/models` shows it.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def build_name(isa: str) -> str:
     return f"llm_serve_q4_{isa}_{digest.hexdigest()[:12]}"
 
 
-def load_q4(isa: str = "native") -> ModuleType | None:
+def load(isa: str = "native") -> ModuleType | None:
     """The built module (`q4_linear`, `isa`), or None where it cannot be built; built once per process."""
     with _lock:
         if isa in _built:
@@ -100,12 +101,12 @@ def _build(isa: str) -> ModuleType:
     )
 
 
-def q4_kernel() -> ModuleType | None:
+def cpu_kernels() -> ModuleType | None:
     """Our kernels as the engine uses them on CPU, or None for torch's (`LLM_SERVE_INT4_KERNEL=torch`).
     Called per layer per step: after the first build it costs one environment lookup."""
     if os.environ.get(ENV, "auto") == "torch":
         return None
-    return _built.get("native") or load_q4("native")
+    return _built.get("native") or load("native")
 
 
 def kernel_status() -> str:

@@ -2,8 +2,8 @@
 
 import logging
 
-from deployments.engine.kernels import _failed, load_q4
+from deployments.engine.kernels import _failed, load
 
 logging.basicConfig(level=logging.INFO)
-built = load_q4("native")
+built = load("native")
 print(f"int4 CPU kernel: {built.isa if built else 'unavailable: ' + _failed.get('native', '?')}")

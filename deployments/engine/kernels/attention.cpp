@@ -3,16 +3,8 @@
 
 namespace {
 
-inline float to_f(float v) { return v; }
-inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
-
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < D; ++i) s += q[i] * to_f(k[i]);
-  return s;
-}
+using llm_kernels::dot;
+using llm_kernels::load_f;
 
 // Softmax partials of one (sequence, KV head) over context positions [start, stop): per query head of
 // the group, the running max, the sum of exp(score - max), and the exp-weighted sum of values.
@@ -40,7 +32,7 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
       const float p = scores[g * count + t - start];
       float* a = acc + g * D;
 #pragma omp simd
-      for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(v[i]);
+      for (int64_t i = 0; i < D; ++i) a[i] += p * load_f(v, i);
     }
   }
 }
@@ -82,7 +74,7 @@ void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* table
       const int64_t chunk = (len - first + splits - 1) / splits;
       const int64_t start = first + sp * chunk, stop = std::min(len, start + chunk);
       if (stop <= start) continue;
-      for (int64_t g = 0; g < group * D; ++g) qf[g] = to_f(q[(s * H + kh * group) * D + g]) * scale;
+      for (int64_t g = 0; g < group * D; ++g) qf[g] = load_f(q, (s * H + kh * group) * D + g) * scale;
       chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores,
                     part_max.data() + w * group, part_sum.data() + w * group, part_acc.data() + w * group * D);
     }

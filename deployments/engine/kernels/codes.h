@@ -105,6 +105,23 @@ inline float quantize_group(const T* x, int8_t* q1, int8_t* q2, float* s, int32_
 }
 #endif
 
+// fp32 or bf16 element i as a float (bf16: its bits shifted into the top half, which vectorises).
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const at::BFloat16* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += load_f(a, i) * load_f(b, i);
+  return s;
+}
+
 // x as two int8 codes per value, and per group of 32 its scale / 256, its sum as coded (fp32), and the
 // sum of its codes 256 q1 + q2 (int32); one scratch buffer.
 struct Codes {

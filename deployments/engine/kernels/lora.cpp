@@ -3,17 +3,8 @@
 
 namespace {
 
-inline float bf(uint16_t v) { uint32_t u = static_cast<uint32_t>(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline float load_f(const float* p, int64_t i) { return p[i]; }
-inline float load_f(const at::BFloat16* p, int64_t i) { return bf(reinterpret_cast<const uint16_t*>(p)[i]); }
-
-template <typename W, typename X>
-inline float dot_wx(const W* w, const X* x, int64_t n) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += load_f(w, i) * load_f(x, i);
-  return s;
-}
+using llm_kernels::dot;
+using llm_kernels::load_f;
 
 template <typename W, typename X, typename Y>
 void lora_add_impl(Y* y, const X* x, const W* a, const W* bt, const int64_t* slots, const std::vector<int64_t>& parts,
@@ -26,7 +17,7 @@ void lora_add_impl(Y* y, const X* x, const W* a, const W* bt, const int64_t* slo
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / P, p = i % P, s = slots[t];
       if (s < 0) continue;
-      for (int64_t r = 0; r < R; ++r) h[i * R + r] = dot_wx(a + ((p * S + s) * R + r) * in, x + t * in, in);
+      for (int64_t r = 0; r < R; ++r) h[i * R + r] = dot(a + ((p * S + s) * R + r) * in, x + t * in, in);
     }
   });
   at::parallel_for(0, out, 256, [&](int64_t o0, int64_t o1) {  // y[t, o0:o1] += sum_r h[t, part, r] Bt[slot(t) R + r, o0:o1]

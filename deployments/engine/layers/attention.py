@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -124,7 +122,7 @@ def paged_attention(
     if n:
         mask = meta.decode_sliding_mask if sliding and meta.decode_sliding_mask is not None else meta.decode_mask
         assert meta.decode_block_ids is not None and mask is not None and meta.decode_context_lens is not None
-        if q.device.type == "cpu" and (kernel := _cpu_kernel()) is not None:  # reads the blocks in place: no gather
+        if q.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:  # reads the blocks in place: no gather
             tables = meta.decode_block_ids.view(n, -1)
             window = meta.sliding_window if sliding else 0
             decoded = kernel.paged_decode_attention(q[:n], k_cache, v_cache, tables, meta.decode_context_lens, block_size, window, scale)
@@ -145,11 +143,6 @@ def paged_attention(
         )
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
     return out
-
-
-def _cpu_kernel() -> Any:
-    """Our compiled decode attention (deployments/engine/kernels), or None: torch ops below."""
-    return kernels.q4_kernel()
 
 
 def _decode_attention(

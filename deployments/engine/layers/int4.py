@@ -26,6 +26,7 @@ from deployments.engine import kernels
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 ROW_MULTIPLE = 16  # the CPU packer's constraint on `out`; also satisfies CUDA's multiple of 8
+OUR_GROUP = 32  # the only group size our CPU kernel takes (GGUF's 4-bit blocks)
 _QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of about this many weights
 _UNPACK_CHUNK = 1024  # identity rows per kernel call when unpacking
 
@@ -160,7 +161,7 @@ def pack(weight: Int4Weight, device: torch.device, inner_k_tiles: int = 8) -> tu
         q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
         scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
         zeros = torch.cat([zeros, zeros.new_zeros(pad, zeros.shape[1])])
-    if device.type == "cpu" and weight.group_size == OUR_GROUP and kernels.q4_kernel() is not None:
+    if device.type == "cpu" and weight.group_size == OUR_GROUP and kernels.cpu_kernels() is not None:
         return _pack_ours(q, scales.float(), zeros.float())
     scales_and_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(device, torch.bfloat16)
     q = q.to(device)
@@ -169,9 +170,6 @@ def pack(weight: Int4Weight, device: torch.device, inner_k_tiles: int = 8) -> tu
     tiles = next(t for t in (inner_k_tiles, 8, 4, 2) if t in (2, 4, 8) and q.shape[1] % (t * 16) == 0)
     nibbles = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
     return torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles), scales_and_zeros
-
-
-OUR_GROUP = 32
 
 
 def _pack_ours(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +187,7 @@ _ours: Any = None
 
 def _our_kernel() -> Any:
     global _ours
-    _ours = kernels.load_q4("native")
+    _ours = kernels.load("native")
     if _ours is None:
         raise RuntimeError("a weight packed for our int4 kernel, but the kernel is not built")
     return _ours

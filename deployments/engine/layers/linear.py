@@ -108,14 +108,10 @@ class Linear(torch.nn.Module):
         return cls("int4", weight.in_features, weight.out_features, packed, scales_and_zeros, bias, weight.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "int4" and self.weight.dim() == 3:  # our CPU kernel codes fp32 or bf16 input as it is
-            out = int4.matmul(x.reshape(-1, self.in_features), self.weight, self.group_size, self.scales)
-            if out.shape[1] != self.out_features:
-                out = out[:, : self.out_features]
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        flat = _flat(x, self.in_features, self.compute_dtype)
+        if self.fmt == "int4" and int4.is_ours(self.weight):  # our CPU kernel codes fp32 or bf16 input as it is
+            flat = x.reshape(-1, self.in_features)
+        else:
+            flat = _flat(x, self.in_features, self.compute_dtype)
         if self.fmt == "int4":
             out = int4.matmul(flat, self.weight, self.group_size, self.scales)
             if out.shape[1] != self.out_features:

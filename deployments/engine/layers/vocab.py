@@ -114,11 +114,11 @@ class Int8Rank(torch.nn.Module):
         blocks = unsigned.view(-1, 16, self.in_features // 4, 4).transpose(1, 2)  # [N/16, K/4, 16 rows, 4]
         self.register_buffer("weight", blocks.reshape(-1, self.in_features // 4, 64).contiguous())
         self.register_buffer("scales", scales.contiguous())
-        self._q8: Callable[..., torch.Tensor] = kernels.load_q4("native").q8_linear  # type: ignore[union-attr]
+        self._q8: Callable[..., torch.Tensor] = kernels.load("native").q8_linear  # type: ignore[union-attr]
 
     @staticmethod
     def available() -> bool:
-        module = kernels.q4_kernel()
+        module = kernels.cpu_kernels()
         return module is not None and bool(module.has_q8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
