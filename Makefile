@@ -56,7 +56,7 @@ browser-deps:
 		echo "warning: chromium is not installed (apt-get install chromium needs root): tests/browser will be skipped"
 
 typecheck: install
-	$(VENV)/bin/mypy deployments/engine serve_app/schemas.py
+	$(VENV)/bin/mypy deployments/engine serve_app/schemas
 
 test-fast: install
 	$(PY) -m pytest tests/unit tests/integration

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from tests.browser.conftest import ADAPTERS, LORA_BASE, POOL, SCREENSHOTS, LiveServer
-from tests.browser.test_chat_page import chat, last_reply, record_bodies, select_model
+from tests.browser.page import chat, last_reply, record_bodies, select_model
 
 LORA_A, LORA_B = ADAPTERS
 

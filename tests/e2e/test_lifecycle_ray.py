@@ -3,6 +3,7 @@ a `min_replicas: 0` model to zero when idle, back on the next request, and up to
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,17 @@ def test_interleaved_load_unload_from_several_clients_ends_in_the_last_calls_sta
     assert requests.post(f"{serve_url}/load", json={"model": "tiny-pair"}, timeout=120).json()["status"] == "loaded"
 
 
+def running_replicas(model: str) -> int:
+    """RUNNING replicas straight from Ray Serve's controller. /models asks the replica too, and that
+    call queues behind the load this test puts on it (seconds per poll on a 2-core host)."""
+    from ray import serve
+
+    from serve_app.ray_client import deployment_name
+
+    deployment = serve.status().applications["llm"].deployments[deployment_name(model)]
+    return sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+
+
 def test_scale_to_zero_back_on_request_and_up_to_max(serve_url: str) -> None:
     model = "tiny-scale"
     wait_for_replicas(serve_url, model, 0, timeout_s=60)  # idle since start: Ray removed the replica
@@ -66,22 +78,29 @@ def test_scale_to_zero_back_on_request_and_up_to_max(serve_url: str) -> None:
     assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] >= 1  # came back from zero
     assert model_status(serve_url, model)["replicas"] == 1
     body = {"model": model, "prompt": "Hi", "max_tokens": 120, "ignore_eos": True}
-    deadline = time.monotonic() + 40
+    # A new replica is a new worker process importing torch and transformers, then loading: 20-40 s
+    # on a busy 2-core host. The load stops as soon as the second replica runs.
+    deadline = time.monotonic() + 120
+    scaled = threading.Event()
 
     def keep_busy(_: int) -> list[int]:  # 4 clients in a loop, against a target of 1 ongoing per replica
         codes = []
-        while time.monotonic() < deadline and (not codes or model_status(serve_url, model)["replicas"] < 2):
+        while time.monotonic() < deadline and not (codes and scaled.is_set()):
             codes.append(requests.post(f"{serve_url}/infer", json=body, timeout=120).status_code)
         return codes
 
     peak = 0
+    started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(keep_busy, i) for i in range(4)]
         while not all(f.done() for f in futures):
-            peak = max(peak, model_status(serve_url, model)["replicas"])
+            peak = max(peak, running_replicas(model))
+            if peak >= 2:
+                scaled.set()
             time.sleep(0.25)
     codes = [c for f in futures for c in f.result()]
     assert set(codes) == {200}, codes  # nothing refused or lost while Ray added a replica
-    assert peak == 2, f"scaled up to {peak} replicas, max_replicas is 2"
+    assert peak == 2, f"scaled up to {peak} replicas in {time.monotonic() - started:.0f} s, max_replicas is 2"
+    print(f"\n{model}: 2 replicas running {time.monotonic() - started:.1f} s after the load began")
     waited = wait_for_replicas(serve_url, model, 0, timeout_s=90)
-    print(f"\n{model}: peak {peak} replicas; back to zero {waited:.1f} s after the load ended")
+    print(f"{model}: peak {peak} replicas; back to zero {waited:.1f} s after the load ended")

@@ -1,0 +1,100 @@
+"""How bench_peer times one system: a closed loop of streamed requests per concurrency, the figures of
+each point, and the CPU that processes other than the one measured took meanwhile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import psutil
+
+from perf import bench_serving
+from perf.bench_serving import Record, summarize
+
+Plan = dict[int, list[str]]  # concurrency -> prompts, run in order
+Send = Callable[[str, int], Awaitable[Record]]  # (prompt, output_len) -> one timed request
+
+
+class Skipped(Exception):
+    """A system that cannot run here; the reason goes into the JSON."""
+
+
+def log(message: str) -> None:
+    print(f"[bench_peer] {message}", file=sys.stderr, flush=True)
+
+
+def port_for(preferred: int) -> int:
+    """The preferred port on 127.0.0.1 if it is free, else any free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def closed_loop(send: Send, prompts: list[str], concurrency: int, output_len: int) -> list[Record]:
+    """Every prompt once, at most `concurrency` in flight; a new request starts when one ends."""
+    queue, records = list(reversed(prompts)), []
+
+    async def worker() -> None:
+        while queue:
+            records.append(await send(queue.pop(), output_len))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records
+
+
+def point(records: list[Record], output_len: int) -> dict[str, Any]:
+    """bench_serving's figures, plus requests that got other than output_len tokens, and tokens per chunk."""
+    fig = summarize(records)
+    fig.pop("raw", None)
+    chunks = sum(len(r.chunk_times) for r in records if r.error is None)
+    fig["short_requests"] = sum(1 for r in records if r.error is None and r.completion_tokens != output_len)
+    fig["tokens_per_chunk"] = fig["output_tokens"] / chunks if chunks else None
+    return fig
+
+
+async def measure(send: Send, plan: Plan, output_len: int) -> dict[str, Any]:
+    """A short warm-up (2 x 4 tokens), then each point of the plan, with the CPU other processes took meanwhile."""
+    await closed_loop(send, [f"Warm-up. {p}" for p in next(iter(plan.values()))[:2]], 2, 4)
+    points = {}
+    for c, prompts in plan.items():
+        t0, before = time.perf_counter(), cpu_seconds()
+        points[str(c)] = point(await closed_loop(send, prompts, c, output_len), output_len)
+        points[str(c)]["other_processes_cores"] = other_cores(before, time.perf_counter() - t0)
+    return points
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the host has been busy, and those of this process with its descendants (live or reaped)."""
+    host, me = psutil.cpu_times(), psutil.Process()
+    times = me.cpu_times()
+    own = times.user + times.system + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            own += child.cpu_times().user + child.cpu_times().system
+    return host.user + host.nice + host.system + host.irq + host.softirq, own
+
+
+def other_cores(before: tuple[float, float], wall_s: float) -> float:
+    """Cores that processes not ours kept busy since `before` (a cpu_seconds() reading)."""
+    (host0, own0), (host1, own1) = before, cpu_seconds()
+    return max(0.0, (host1 - host0) - (own1 - own0)) / wall_s
+
+
+async def measure_http(base_url: str, model_id: str, plan: Plan, output_len: int) -> dict[str, Any]:
+    """The plan as streamed /v1/completions (bench_serving.send_request: max_tokens = min_tokens, ignore_eos)."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=httpx.Timeout(900.0)) as client:
+        def send(prompt: str, n: int) -> Awaitable[Record]:
+            ns = argparse.Namespace(base_url=base_url, model=model_id, endpoint="completions", output_len=n,
+                                    timeout_s=900.0)
+            return bench_serving.send_request(client, ns, prompt)
+        return await measure(send, plan, output_len)
