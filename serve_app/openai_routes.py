@@ -41,6 +41,13 @@ async def list_models(registry: ModelRegistry = Depends(get_registry), lifecycle
     return ModelList(data=cards)
 
 
+@router.get("/models/{model}", response_model=ModelCard)
+async def retrieve_model(model: str, registry: ModelRegistry = Depends(get_registry), lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelCard:
+    """OpenAI's retrieve: one card; 404 `model_not_found` for an unknown id."""
+    client = registry.get(model)
+    return ModelCard(id=client.model_id, created=int(time.time()), root=client.model_id, parent=lifecycle.models[client.model_id].base)
+
+
 @router.post("/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

@@ -88,6 +88,16 @@ async def list_models(
     return ModelInfoList(data=list(infos))
 
 
+@router.get("/models/{model_id}", response_model=ModelInfo)
+async def get_model(
+    model_id: str, lifecycle: LifecycleManager = Depends(get_lifecycle), settings: AppSettings = Depends(get_settings)
+) -> ModelInfo:
+    """One model's status, as in GET /models (which asks every model: slower with many); 404 for an
+    id the config does not name."""
+    lifecycle.registry.get(model_id)
+    return await model_info(lifecycle, model_id, settings.status_timeout_s)
+
+
 @router.post("/load", response_model=ModelInfo)
 async def load(body: LoadRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelInfo:
     """Load on every replica (idempotent; concurrent calls share one load); 507 if over budget."""

@@ -87,6 +87,7 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) ->
         # A catalogue larger than the pool: 6 adapters + their base, 2 members per replica, 2 replicas.
         "pools": [{
             "id": "tiny-pool", "max_models_per_replica": 2, "max_lora_rank": 8, "num_replicas": 2, "num_cpus": 0.1,
+            "max_ongoing_requests": 2, "max_queued_requests": 2,  # small: the overload test fills them
             "models": [{"id": POOL_BASE, "source": str(tiny_model_dir), "max_model_len": 128, "weights": "fp32"}],
             "adapter_dir": str(tiny_adapters / "dir"),
             "adapters": [

@@ -12,12 +12,16 @@ import requests
 from tests.e2e.test_serve_app import model_status
 
 
-def replica_states(url: str, model: str, samples: int = 24) -> dict[int, str]:
-    """pid -> status, sampled through /models (each status call reaches one replica, at random)."""
+def replica_states(url: str, model: str, samples: int = 24, replicas: int = 2) -> dict[int, str]:
+    """pid -> status, sampled through /models (each status call reaches one replica, at random),
+    until `replicas` different ones answered or `samples` calls were made (a poll takes ~0.5 s
+    here: sampling on once every replica has answered only cost time)."""
     seen: dict[int, str] = {}
     for _ in range(samples):
         status = model_status(url, model)
         seen[status["pid"]] = status["status"]
+        if len(seen) >= replicas:
+            break
     return seen
 
 

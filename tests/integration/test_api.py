@@ -62,6 +62,17 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
     assert ids == [CHAT, BASE]
 
 
+async def test_one_model_by_id(client: httpx.AsyncClient) -> None:
+    one = (await client.get(f"/models/{CHAT}")).json()
+    assert one["id"] == CHAT and one["status"] == "loaded" and one["weights_bytes"] > 0
+    assert (await client.get(f"/models/{BASE}")).json()["status"] == "unloaded"
+    card = (await client.get(f"/v1/models/{CHAT}")).json()
+    assert card["id"] == CHAT and card["object"] == "model" and card["parent"] is None
+    for path in ("/models/nope", "/v1/models/nope", "/models/..%2Fetc", "/v1/models/a%00b"):
+        error = assert_error(await client.get(path), 404)
+        assert error["code"] in ("model_not_found", "404") and "/etc" not in error["message"], (path, error)
+
+
 async def test_infer_stream_matches_non_stream(client: httpx.AsyncClient) -> None:
     body = {"model": CHAT, "prompt": "naïve café 🙂", "max_tokens": 24, "temperature": 0}
     whole = (await client.post("/infer", json=body)).json()
