@@ -185,16 +185,18 @@ class LifecycleManager:
         usage = self.usage[model_id]
         await self.start()
         timeout_s = timeout_s or self.settings.request_timeout_s
-        deadline = time.monotonic() + timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         usage.in_flight += 1
         chunks = stream_with_autoload(self, model_id, client, request)
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), max(0.0, deadline - time.monotonic()))
+                    # A timer around each wait, not `wait_for` (a task per chunk, and a loop hop per token).
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:  # wait_for cancelled the stream: the replica aborts it
+                except TimeoutError:  # the wait was cancelled, and the stream with it: the replica aborts it
                     raise DeadlineExceededError(f"the request ran past its deadline of {timeout_s:g} s", param="timeout") from None
                 yield chunk
         finally:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments.engine import EngineConfig, LLMEngine, SamplingParams
+from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels
 from deployments.engine.lora import AdapterError, load_adapter
 from tests.tiny_models import save_lora_adapter
 
@@ -105,6 +105,16 @@ def test_mixed_adapter_batches_equal_peft(scenario: str, arrive_every: int | Non
     if scenario == "preempting":
         assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_used_blocks == 0 and not engine.adapters.in_use
+
+
+@pytest.mark.parametrize("arrive_every", [None, 3], ids=["together", "staggered"])
+def test_mixed_adapter_batches_equal_peft_through_torchs_ops(
+    arrive_every: int | None, tiny_model_dir: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The masked-GEMM path (GPU, or our CPU kernels switched off) gives PEFT's tokens too."""
+    monkeypatch.setenv(kernels.ENV, "torch")
+    expected = reference(tiny_model_dir, tuple(adapters.items()))
+    assert run(lora_engine(tiny_model_dir, adapters), arrive_every) == expected
 
 
 def test_prefix_cache_hits_only_under_the_same_adapter(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
