@@ -31,21 +31,21 @@ from serve_app.streaming import collect, open_stream, sse_response
 router = APIRouter(prefix="/v1")
 
 
+def model_card(model_id: str, lifecycle: LifecycleManager, created: int) -> ModelCard:
+    """A model's OpenAI card; an adapter's `parent` is its base (vLLM's field)."""
+    return ModelCard(id=model_id, created=created, root=model_id, parent=lifecycle.models[model_id].base)
+
+
 @router.get("/models", response_model=ModelList)
 async def list_models(registry: ModelRegistry = Depends(get_registry), lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelList:
     now = int(time.time())
-    cards = []
-    for client in registry:
-        base = lifecycle.models[client.model_id].base
-        cards.append(ModelCard(id=client.model_id, created=now, root=client.model_id, parent=base))
-    return ModelList(data=cards)
+    return ModelList(data=[model_card(client.model_id, lifecycle, now) for client in registry])
 
 
 @router.get("/models/{model}", response_model=ModelCard)
 async def retrieve_model(model: str, registry: ModelRegistry = Depends(get_registry), lifecycle: LifecycleManager = Depends(get_lifecycle)) -> ModelCard:
     """OpenAI's retrieve: one card; 404 `model_not_found` for an unknown id."""
-    client = registry.get(model)
-    return ModelCard(id=client.model_id, created=int(time.time()), root=client.model_id, parent=lifecycle.models[client.model_id].base)
+    return model_card(registry.get(model).model_id, lifecycle, int(time.time()))
 
 
 @router.post("/completions", response_model=CompletionResponse)

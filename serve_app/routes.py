@@ -93,8 +93,7 @@ async def get_model(
     model_id: str, lifecycle: LifecycleManager = Depends(get_lifecycle), settings: AppSettings = Depends(get_settings)
 ) -> ModelInfo:
     """One model's status, as in GET /models (which asks every model: slower with many); 404 for an
-    id the config does not name."""
-    lifecycle.registry.get(model_id)
+    id the config does not name (the lifecycle's registry lookup raises it)."""
     return await model_info(lifecycle, model_id, settings.status_timeout_s)
 
 
