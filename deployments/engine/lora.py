@@ -152,7 +152,8 @@ class LoRALinear(torch.nn.Module):
         if x.device.type == "cpu" and (kernel := kernels.cpu_kernels()):
             # Our kernel reads each token's own A and B (no masked GEMMs over every slot), for steps of
             # any size: SmolLM2's 120 LoRA layers, 6 slots, 5 in use, per step of 16 / 128 / 512 / 1024
-            # tokens: 4 / 48 / 213 / 221 ms against the masked GEMMs' 20 / 162 / 460 / 729 (perf/README.md).
+            # tokens: 9 / 31 / 124 / 244 ms against the masked GEMMs' 27 / 67 / 366 / 648
+            # (perf/bench_lora_kernel.py, perf/README.md).
             flat = y.reshape(-1, y.shape[-1])
             flat = flat if flat.is_contiguous() else flat.contiguous()
             kernel.lora_add(flat, x.reshape(-1, self.base.in_features), self.lora_a, self.lora_b, batch.slots, self.part_sizes, R, S)
