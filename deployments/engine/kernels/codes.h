@@ -154,7 +154,7 @@ struct Codes {
 
 }  // namespace llm_kernels
 
-// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp).
+// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 bool has_q8();
@@ -163,3 +163,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                      int64_t block_size, int64_t window, double scale);
 void lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
               const at::Tensor& slots, std::vector<int64_t> parts, int64_t R, int64_t S);
+at::Tensor residual_norm(at::Tensor x, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w_y,
+                         const std::optional<at::Tensor>& w_out, double eps);
+at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                   const std::optional<at::Tensor>& qk_norm, double eps, at::Tensor k_cache, at::Tensor v_cache,
+                   const at::Tensor& slots, int64_t H, int64_t KVH);
+at::Tensor act_mul(const at::Tensor& gate_up, int64_t act);

@@ -9,6 +9,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #ifndef LLM_KERNELS_MATMUL_ONLY  // the AVX2 test build: only the matmuls have ISA-specific code
   mod.def("paged_decode_attention", &paged_decode_attention, "one query per sequence over its cache blocks, read in place");
   mod.def("lora_add", &lora_add, "each token through its own LoRA adapter, added to y in place");
+  mod.def("residual_norm", &residual_norm, "x += y (or rms_norm(y) * w_y) in place; returns rms_norm(x) * w_out");
+  mod.def("rope_kv", &rope_kv, "q/k norms + rotary on a fused qkv, k and v written to their cache slots; returns q");
+  mod.def("act_mul", &act_mul, "act(gate) * up over a fused gate_up (0 silu, 1 gelu tanh)");
 #endif
   mod.attr("isa") = Q4_ISA;
   mod.attr("has_q8") = has_q8();

@@ -105,8 +105,8 @@ def _prefill_chunk(
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
@@ -114,9 +114,11 @@ def paged_attention(
     block_size: int,
     sliding: bool = False,
 ) -> torch.Tensor:
-    """q [T, heads, d], k/v [T, kv_heads, d]; caches [slots, kv_heads, d]. Returns [T, heads, d]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """q [T, heads, d], k/v [T, kv_heads, d]; caches [slots, kv_heads, d]. Returns [T, heads, d].
+    k and v None: they are in the cache already (written by the fused `rope_kv` kernel)."""
+    if k is not None and v is not None:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     num_heads = q.shape[1]
     n = meta.num_decode_tokens
     if n:

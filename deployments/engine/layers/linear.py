@@ -87,6 +87,12 @@ class Linear(torch.nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scales", weight.new_empty(0, dtype=torch.bfloat16) if scales is None else scales)
         self.register_buffer("bias", None if bias is None else bias.to(weight.device, self.compute_dtype))
+        self._set_direct()
+
+    def _set_direct(self) -> None:
+        """Whether `forward` can hand a 2-D fp32 input straight to our int4 kernel: no bias, no row
+        padding to slice off (it runs ~120 times per decode step)."""
+        self.direct = self.fmt == "int4" and int4.is_ours(self.weight) and self.bias is None and self.out_features % int4.ROW_MULTIPLE == 0
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, group_size: int = 32) -> Linear:
@@ -108,6 +114,8 @@ class Linear(torch.nn.Module):
         return cls("int4", weight.in_features, weight.out_features, packed, scales_and_zeros, bias, weight.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct and x.dim() == 2 and x.dtype == torch.float32:
+            return int4.matmul(x, self.weight, self.group_size, self.scales)
         if self.fmt == "int4" and int4.is_ours(self.weight):  # our CPU kernel codes fp32 or bf16 input as it is
             flat = x.reshape(-1, self.in_features)
         else:
@@ -152,7 +160,9 @@ class Linear(torch.nn.Module):
         target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device)).device
         if self.fmt == "int4" and target != self.weight.device:
             self.weight, self.scales = int4.pack(self.int4_weight(), target)
-        return super()._apply(_keeping_dtype(fn), recurse)
+        moved = super()._apply(_keeping_dtype(fn), recurse)
+        self._set_direct()
+        return moved
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.fmt == "int4" else ""

@@ -46,9 +46,24 @@ class Gemma3ForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids) * self.embed_scale
+        if (glue := self.glue(x)) is not None:
+            return self._fused_forward(x, positions, meta, glue)
         tables = {kind: table.lookup(positions) for kind, table in self.rotary.items()}
         local, full = tables.get("sliding_attention"), tables.get("full_attention")
         for layer in self.layers:
             cos, sin = local if layer.is_sliding and local else full  # type: ignore[misc]
             x = layer(x, cos, sin, meta)
+        return x
+
+    def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
+        """As `forward`, glue fused (models/llama.py): each sandwich norm and residual add and the norm
+        after it are one call."""
+        layers, eps = self.layers, self.config.rms_norm_eps
+        h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            rotary = self.rotary["sliding_attention" if layer.is_sliding else "full_attention"]
+            o = layer.self_attn.fused_forward(h, positions, rotary, meta, glue)
+            h = glue.residual_norm(x, o, layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight, eps)
+            following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
+            h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), layer.post_feedforward_layernorm.weight, following, eps)
         return x

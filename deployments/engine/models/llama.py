@@ -3,6 +3,11 @@ shared layers, reading a transformers checkpoint's weights by their transformers
 
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger kernels per layer).
 transformers stays the reference: the fp32 path equals `generate()` token for token (tests).
+
+On CPU with our kernels, the int4 and bf16 formats run each layer's glue fused (`_fused_forward`:
+residual add + RMS norm, q/k norms + rotary + the KV-cache write, the gated activation; see
+deployments/engine/kernels/glue.cpp): a few calls per layer instead of ~30 torch operators. The fp32
+format keeps the torch operators: it is the reference the tests hold to transformers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
+from deployments.engine import kernels
 from deployments.engine.layers.attention import AttentionMetadata, paged_attention
 from deployments.engine.layers.norm import RMSNorm
 from deployments.engine.layers.rotary import RotaryTable, apply_rotary
@@ -45,6 +51,19 @@ class Attention(torch.nn.Module):
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.block_size, self.sliding)
         return self.o_proj(out.view(t, h * self.head_dim))
 
+    def fused_forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
+        """`forward` with q/k norms, rotary and the cache write in one kernel call (`glue`: our kernels)."""
+        qkv = self.qkv_proj(x)
+        norm = self.qk_norm
+        q = glue.rope_kv(qkv, positions, rotary.cos, rotary.sin, None if norm is None else norm.weight, norm.eps if norm else 0.0,
+                         self.k_cache, self.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+        out = paged_attention(q, None, None, self.k_cache, self.v_cache, meta, self.scale, self.block_size, self.sliding)
+        return self.o_proj(out.view(x.shape[0], -1))
+
+
+FUSED_ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+"""transformers activation names our `act_mul` kernel computes, by its code."""
+
 
 class MLP(torch.nn.Module):
     """act(gate(x)) * up(x), then down: gate and up fused into one matmul."""
@@ -54,10 +73,14 @@ class MLP(torch.nn.Module):
         self.gate_up_proj = store.linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj = store.linear([f"{prefix}.down_proj"])
         self.act = ACT2FN[activation]
+        self.fused_act = FUSED_ACTIVATIONS.get(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
+
+    def fused_forward(self, x: torch.Tensor, glue: Any) -> torch.Tensor:
+        return self.down_proj(glue.act_mul(self.gate_up_proj(x), self.fused_act))
 
 
 class DecoderLayer(torch.nn.Module):
@@ -83,6 +106,7 @@ class CausalLM(torch.nn.Module):
     def __init__(self, store: WeightStore, cfg: Any) -> None:
         super().__init__()
         self.config = cfg
+        self.weight_format = store.fmt
         self.act_dtype = store.act_dtype
         self.embed_tokens = store.embedding("model.embed_tokens")
         self.norm = store.norm("model.norm", cfg.rms_norm_eps)
@@ -102,6 +126,14 @@ class CausalLM(torch.nn.Module):
         for layer, (k, v) in zip(self.layers, caches):
             attn: Any = layer.self_attn
             attn.k_cache, attn.v_cache, attn.block_size = k, v, block_size
+
+    def glue(self, x: torch.Tensor) -> Any:
+        """Our kernels when this forward can run fused (CPU, int4/bf16, fp32 activations), else None."""
+        if self.weight_format == "fp32" or x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        if any(layer.mlp.fused_act is None for layer in self.layers):
+            return None
+        return kernels.cpu_kernels()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden)).float()
@@ -125,8 +157,22 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if (glue := self.glue(x)) is not None:
+            return self._fused_forward(x.contiguous(), positions, meta, glue)
         cos, sin = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
         return x
 
+
+    def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
+        """The same layers with their glue fused; x (the residual stream) is updated in place, and each
+        residual add is fused with the norm that follows it (the next layer's input norm included)."""
+        layers, eps = self.layers, self.config.rms_norm_eps
+        h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            o = layer.self_attn.fused_forward(h, positions, self.rotary, meta, glue)
+            h = glue.residual_norm(x, o, None, layer.post_attention_layernorm.weight, eps)
+            following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
+            h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), None, following, eps)
+        return x
