@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from deployments.engine import kernels
 from deployments.engine.request import Sequence
 
 
@@ -24,7 +25,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         logits = logits.float()
         if all(s.params.is_greedy and not s.params.has_penalties and not s.params.min_tokens for s in seqs):
-            return logits.argmax(dim=-1).tolist()  # fast path: the whole batch is plain greedy
+            # fast path: the whole batch is plain greedy (our kernel: torch's argmax took 0.5 ms at 10 rows of 49k)
+            if logits.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:
+                return kernel.argmax_rows(logits).tolist()  # type: ignore[no-any-return]
+            return logits.argmax(dim=-1).tolist()
         return [self._sample_row(logits[i].clone(), seq) for i, seq in enumerate(seqs)]
 
     def _sample_row(self, row: torch.Tensor, seq: Sequence) -> int:

@@ -1,4 +1,5 @@
-"""The fused layer glue (deployments/engine/kernels/glue.cpp) against the torch operators it replaces.
+"""The fused layer glue (deployments/engine/kernels/glue.cpp) and the vocabulary's rescoring and
+argmax (vocab.cpp) against the torch operators they replace.
 
 Each kernel against its torch reference; then whole native models (tiny Llama with biases and tied
 embeddings, tiny Gemma 3 with q/k norms, sandwich norms, GELU and a sliding window), bf16 and int4
@@ -77,6 +78,25 @@ def test_act_mul_computes_silu_and_gelu_tanh_gates() -> None:
     gate, up = gate_up.chunk(2, -1)
     torch.testing.assert_close(native.act_mul(gate_up, 0), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native.act_mul(gate_up, 1), F.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-5)
+
+
+def test_rescore_top_and_argmax_match_torchs_topk_scatter_and_argmax() -> None:
+    assert native is not None
+    from deployments.engine.layers.vocab import VocabTable
+
+    torch.manual_seed(4)
+    table = VocabTable(torch.randn(1000, 64))
+    x = torch.randn(3, 64)
+    approx = table.rank(x).float().contiguous()
+    approx[1, 7] = approx[1, 500] = approx[1].max() + 1  # a tie: the first index wins, as torch's
+    top = approx.topk(16, dim=-1).indices
+    want = approx.clone().scatter_(1, top, torch.matmul(table.rows(top), x.unsqueeze(-1)).squeeze(-1))
+    got = approx.clone()
+    native.rescore_top(got, x, table.codes, table.scales, 16)
+    torch.testing.assert_close(got, want)
+    assert native.argmax_rows(approx).tolist() == approx.argmax(-1).tolist()
+    approx[2, 900] = float("nan")  # NaN counts as the largest, as in torch
+    assert native.argmax_rows(approx).tolist() == approx.argmax(-1).tolist()
 
 
 def run_steps(engine: LLMEngine, prompts: list[list[int]], decode_steps: int) -> list[torch.Tensor]:

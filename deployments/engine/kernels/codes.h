@@ -154,7 +154,7 @@ struct Codes {
 
 }  // namespace llm_kernels
 
-// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp).
+// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp, vocab.cpp).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 bool has_q8();
@@ -169,3 +169,5 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& positions, const at:
                    const std::optional<at::Tensor>& qk_norm, double eps, at::Tensor k_cache, at::Tensor v_cache,
                    const at::Tensor& slots, int64_t H, int64_t KVH);
 at::Tensor act_mul(const at::Tensor& gate_up, int64_t act);
+void rescore_top(at::Tensor logits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t k);
+at::Tensor argmax_rows(const at::Tensor& logits);

@@ -73,6 +73,10 @@ class VocabTable(torch.nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V]: int8 ranking, the top `num_rescored` per row rescored exactly."""
         approx = self.rank(x).float()
+        if approx.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:  # topk + rescoring in one pass
+            approx = approx.contiguous()
+            kernel.rescore_top(approx, x.float(), self.codes, self.scales, self.num_rescored)
+            return approx
         top = approx.topk(self.num_rescored, dim=-1).indices  # [n, k]
         exact = torch.matmul(self.rows(top), x.float().unsqueeze(-1)).squeeze(-1)  # [n, k]
         return approx.scatter_(1, top, exact)

@@ -136,7 +136,9 @@ class CausalLM(torch.nn.Module):
         return kernels.cpu_kernels()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden)).float()
+        glue = self.glue(hidden)
+        normed = self.norm(hidden) if glue is None else glue.residual_norm(hidden.contiguous(), None, None, self.norm.weight, self.norm.eps)
+        logits = self.lm_head(normed).float()
         if self.final_logit_softcapping is not None:
             logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         return logits
