@@ -116,10 +116,10 @@ def test_int8_vocabulary_ranking_kernel(monkeypatch: pytest.MonkeyPatch) -> None
         torch.testing.assert_close(logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [0, 5, 200])
 @pytest.mark.parametrize("split", [False, True])
-def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, window: int, split: bool) -> None:
+def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dtype: torch.dtype, window: int, split: bool) -> None:
     from deployments.engine.layers.attention import _decode_attention, build_metadata
 
     assert native is not None
@@ -136,13 +136,14 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, windo
         tables, positions = [list(range(63, 0, -2))], [[499]]
     meta = build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
     n = len(tables)
-    q = torch.randn(n, heads, head_dim).to(dtype)
+    q = torch.randn(n, heads, head_dim).to(q_dtype)  # fp32 queries over a bf16 cache: our int4/bf16 formats
     mask = meta.decode_sliding_mask if meta.decode_sliding_mask is not None else meta.decode_mask
     assert meta.decode_block_ids is not None and mask is not None
     expected = _decode_attention(q, k_cache, v_cache, meta.decode_block_ids, mask, 0.125, block_size)
     out = native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_ids.view(n, -1), meta.decode_context_lens,
                                         block_size, window, 0.125)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    tolerance = 1e-5 if q_dtype == torch.float32 else 2e-2
+    assert out.dtype == q_dtype
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 

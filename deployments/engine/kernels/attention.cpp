@@ -1,4 +1,9 @@
-// Paged decode attention: one query per sequence, keys and values read in place from their blocks.
+// Paged decode attention: one query per sequence, keys and values read in place from their blocks
+// (fp32 or bf16 caches; queries fp32 or bf16). Work items are (sequence, KV head, context chunk).
+// With AVX-512 and head_dim a multiple of 16 (up to 256), each item runs tiles of 16 keys: the group's
+// 16 scores per tile come out of one transpose-add of 16 partial-dot vectors, the softmax is online
+// (running max and sum per query head), exp is a polynomial in the vector lanes, and bf16 tiles are
+// widened once per tile. Elsewhere a portable loop (`chunk_partial`) computes the same partials.
 #include "codes.h"
 
 namespace {
@@ -39,6 +44,81 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
 
 // One output row from its chunks' partials (`splits` of them, `group` heads apart): rescaled to the
 // largest max and normalised; empty chunks (sum 0) are skipped.
+#ifdef Q4_AVX512
+using llm_kernels::load16;
+constexpr int64_t TILE = 16, MAX_D = 256;
+
+// exp of each lane (x <= 0 here: scores minus their running max), as glue.cpp's exp_approx.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f))), n);
+}
+
+// Lane j = the sum of v[j]'s lanes, for 16 vectors (a transpose-add: 45 operations instead of 16 reductions).
+inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+// The 16 rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
+inline const float* tile_row(const float* row, float*, int64_t) { return row; }
+inline const float* tile_row(const at::BFloat16* row, float* buf, int64_t D) {
+  for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(buf + c, load16(row + c));
+  return buf;
+}
+
+// chunk_partial's partials for context [start, stop) of one (sequence, KV head), 16 keys at a time.
+template <typename T>
+void tiles512(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t kh, int64_t D,
+              int64_t group, int64_t block_size, int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
+  alignas(64) float kbuf[TILE * MAX_D], vbuf[TILE * MAX_D], p[TILE];
+  const float* krow[TILE];
+  const float* vrow[TILE];
+  __m512 part[TILE];
+  for (int64_t t0 = start; t0 < stop; t0 += TILE) {
+    const int64_t count = std::min(TILE, stop - t0);
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t t = t0 + j, at = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+      krow[j] = tile_row(kc + at, kbuf + j * D, D);
+      vrow[j] = tile_row(vc + at, vbuf + j * D, D);
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * D;
+      for (int64_t j = 0; j < TILE; ++j) {
+        __m512 d = _mm512_setzero_ps();
+        if (j < count)
+          for (int64_t c = 0; c < D; c += 16) d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), _mm512_loadu_ps(krow[j] + c), d);
+        part[j] = d;
+      }
+      const __m512 scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), reduce16(part));
+      const float top = std::max(mx[g], _mm512_reduce_max_ps(scores));
+      const float factor = std::exp(mx[g] - top);  // 0 on the first tile (mx = -inf)
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(scores, _mm512_set1_ps(top))));
+      sum[g] = sum[g] * factor + _mm512_reduce_add_ps(e);
+      mx[g] = top;
+      _mm512_storeu_ps(p, e);
+      float* a = acc + g * D;
+      const __m512 f = _mm512_set1_ps(factor);
+      for (int64_t c = 0; c < D; c += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a + c), f);
+        for (int64_t j = 0; j < count; ++j) v = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vrow[j] + c), v);
+        _mm512_storeu_ps(a + c, v);
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t splits, int64_t group, int64_t D, T* out) {
   float top = -INFINITY, total = 0;
@@ -53,8 +133,8 @@ void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t s
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(merged[d] / total);
 }
 
-template <typename T>
-void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out,
+template <typename TQ, typename T>
+void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, TQ* out,
                       int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t max_blocks, int64_t block_size,
                       int64_t window, float scale) {
   const int64_t group = H / KVH;
@@ -75,8 +155,16 @@ void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* table
       const int64_t start = first + sp * chunk, stop = std::min(len, start + chunk);
       if (stop <= start) continue;
       for (int64_t g = 0; g < group * D; ++g) qf[g] = load_f(q, (s * H + kh * group) * D + g) * scale;
-      chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores,
-                    part_max.data() + w * group, part_sum.data() + w * group, part_acc.data() + w * group * D);
+      float* mx = part_max.data() + w * group;
+      float* sum = part_sum.data() + w * group;
+      float* acc = part_acc.data() + w * group * D;
+#ifdef Q4_AVX512
+      if (D % 16 == 0 && D <= MAX_D) {
+        tiles512(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, mx, sum, acc);
+        continue;
+      }
+#endif
+      chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores, mx, sum, acc);
     }
   });
   for (int64_t s = 0; s < n; ++s)
@@ -90,28 +178,37 @@ void decode_attention(const T* q, const T* kc, const T* vc, const int64_t* table
 
 }  // namespace
 
-// q [n, H, D]; k_cache, v_cache [slots, KVH, D] (q's dtype: fp32 or bf16); block_tables [n, max_blocks] int64;
-// context_lens [n] int64 (each sequence attends to its positions [max(0, len - window), len); window 0 = all).
+// q [n, H, D] fp32 or bf16; k_cache, v_cache [slots, KVH, D] fp32 or bf16 (the same); block_tables [n, max_blocks]
+// int64; context_lens [n] int64 (each sequence attends to its positions [max(0, len - window), len); window
+// 0 = all). Returns [n, H, D] in q's dtype.
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      int64_t block_size, int64_t window, double scale) {
   const at::Tensor q = q_in.contiguous();
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: dtypes differ");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: k and v caches' dtypes differ");
+  for (const auto dtype : {q.scalar_type(), k_cache.scalar_type()})
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "paged_decode_attention: fp32 or bf16");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "paged_decode_attention: int64 tables");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
   TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && block_tables.size(0) == n && context_lens.size(0) == n, "paged_decode_attention: shapes differ");
   const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
   auto out = at::empty_like(q);
+  const int64_t* tb = tables.data_ptr<int64_t>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+  auto run = [&](auto* qp, auto* op) {
+    if (k_cache.scalar_type() == at::kFloat) {
+      decode_attention(qp, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tb, ln, op, n, H, KVH, D, tables.size(1), block_size, window, sc);
+    } else {
+      decode_attention(qp, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), tb, ln, op, n, H, KVH, D, tables.size(1), block_size,
+                       window, sc);
+    }
+  };
   if (q.scalar_type() == at::kFloat) {
-    decode_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, H, KVH, D, tables.size(1), block_size, window, (float)scale);
+    run(q.data_ptr<float>(), out.data_ptr<float>());
   } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode_attention: fp32 or bf16");
-    decode_attention<at::BFloat16>(q.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
-                                   tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<at::BFloat16>(), n, H, KVH, D,
-                                   tables.size(1), block_size, window, (float)scale);
+    run(q.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
   }
   return out;
 }
-

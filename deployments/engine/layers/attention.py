@@ -117,8 +117,8 @@ def paged_attention(
     """q [T, heads, d], k/v [T, kv_heads, d]; caches [slots, kv_heads, d]. Returns [T, heads, d].
     k and v None: they are in the cache already (written by the fused `rope_kv` kernel)."""
     if k is not None and v is not None:
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     num_heads = q.shape[1]
     n = meta.num_decode_tokens
     if n:
@@ -137,8 +137,8 @@ def paged_attention(
         out[:n] = decoded
     for chunk in meta.prefills:
         mask = chunk.sliding_mask if sliding and chunk.sliding_mask is not None else chunk.mask
-        kc = k_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
-        vc = v_cache.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        kc = k_cache.index_select(0, chunk.slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
+        vc = v_cache.index_select(0, chunk.slots).to(q.dtype).transpose(0, 1).unsqueeze(0)
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             qc, kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=num_heads != kc.shape[1]
@@ -157,8 +157,8 @@ def _decode_attention(
     q = q.contiguous()  # a view into the fused qkv output
     kc = k_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
     vc = v_cache.view(-1, block_size, num_kv_heads, head_dim).index_select(0, block_ids)
-    kc = kc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)  # [n, kvh, L, d]
-    vc = vc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+    kc = kc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)  # [n, kvh, L, d]
+    vc = vc.view(n, -1, num_kv_heads, head_dim).transpose(1, 2).to(q.dtype)
     qg = q.view(n, num_kv_heads, group, head_dim)
     scores = torch.matmul(qg, kc.transpose(-1, -2)).float() * scale  # [n, kvh, group, L]
     scores.masked_fill_(~mask, float("-inf"))
