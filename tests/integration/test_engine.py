@@ -114,6 +114,25 @@ def test_stop_strings_seeds_and_text(tiny_model_dir: Path) -> None:
     assert text_of("s1", seeded) == text_of("s2", seeded)
 
 
+def test_min_tokens_holds_eos_back_only_for_its_own_request(tiny_model_dir: Path) -> None:
+    engine = fp32_engine(tiny_model_dir)
+    prompt = engine.encode("The quick brown fox")
+    engine.add_request("free", prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    free = [t for _ in range(8) for out in engine.step() for t in out.new_token_ids]
+    eos = free[2]  # the token greedy decoding gives third becomes the end of sequence
+    engine.eos_token_ids = engine.scheduler.eos_token_ids = {eos}
+    engine.sampler.eos_token_ids = [eos]
+    held = SamplingParams(max_tokens=6, min_tokens=6, temperature=0.0)
+    engine.add_request("held", prompt, held)  # one greedy batch: min_tokens masks EOS in this row only
+    engine.add_request("stops", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    tokens: dict[str, list[int]] = {"held": [], "stops": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert tokens["stops"] == free[:3]
+    assert len(tokens["held"]) == 6 and eos not in tokens["held"] and tokens["held"][:2] == free[:2]
+
+
 def test_context_limit_is_enforced_with_numbers(tiny_model_dir: Path) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), max_model_len=64))
     with pytest.raises(ValueError, match=r"64 tokens.*\+ 100 max_tokens"):

@@ -45,6 +45,11 @@ def test_min_tokens_masks_eos() -> None:
     logits = torch.tensor([[0.0, 0.0, 0.0, 9.0]])
     assert sampler(logits, [make("m", temperature=0.0, min_tokens=1)]) == [0]
     assert sampler(logits, [make("n", temperature=0.0)]) == [EOS]
+    # one greedy batch: only the row still short of its min_tokens has EOS masked
+    rows = torch.tensor([[0.0, 0.0, 0.0, 9.0], [0.0, 1.0, 0.0, 9.0], [0.0, 1.0, 0.0, 9.0]])
+    done = make("d", temperature=0.0, min_tokens=1)
+    done.append_token(2)
+    assert sampler(rows, [make("m2", temperature=0.0, min_tokens=2), make("n2", temperature=0.0), done]) == [0, EOS, EOS]
 
 
 def test_penalties_push_away_from_seen_tokens() -> None:

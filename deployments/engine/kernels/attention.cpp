@@ -146,7 +146,7 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
   while (n * KVH * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 64) splits *= 2;
   const int64_t items = n * KVH * splits;
   std::vector<float> part_max(items * group, -INFINITY), part_sum(items * group, 0.f), part_acc(items * group * D, 0.f);
-  at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+  llm_kernels::dynamic_for(0, items, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> qf(group * D), scores;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t s = w / (KVH * splits), kh = (w / splits) % KVH, sp = w % splits, len = ctx[s];

@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>  // not torch/extension.h: only module.cpp needs pybind11 and torch's C++ API
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -104,6 +107,27 @@ inline float quantize_group(const T* x, int8_t* q1, int8_t* q2, float* s, int32_
   return d / 256.f;
 }
 #endif
+
+// f(b, e) over [begin, end) in chunks of `chunk`, handed out one at a time to torch's OpenMP team (it is
+// the same libgomp team at::parallel_for uses). at::parallel_for splits the range into one static share
+// per thread: when a thread is descheduled (the serving processes share these cores) the other finishes
+// its share and waits. Here it takes the next chunk instead.
+template <typename F>
+inline void dynamic_for(int64_t begin, int64_t end, int64_t chunk, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (end - begin <= chunk || threads == 1 || at::in_parallel_region()) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{begin};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, (end - begin + chunk - 1) / chunk)))
+  for (int64_t b = next.fetch_add(chunk); b < end; b = next.fetch_add(chunk)) f(b, std::min(end, b + chunk));
+}
+
+// A chunk size giving each of torch's threads about `per_thread` chunks of [0, n).
+inline int64_t chunk_for(int64_t n, int64_t per_thread = 4) {
+  return std::max<int64_t>(1, n / (per_thread * at::get_num_threads()));
+}
 
 // fp32 or bf16 element i as a float (bf16: its bits shifted into the top half, which vectorises).
 inline float load_f(const float* p, int64_t i) { return p[i]; }

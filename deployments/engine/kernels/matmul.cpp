@@ -190,7 +190,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const at::Half* D = scales.data_ptr<at::Half>();
   const at::Half* MN = D + NB * G * 16;
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+  dynamic_for(0, NB, chunk_for(NB), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS)
         rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c.q1, c.q2, c.da, c.sa, r,
@@ -212,7 +212,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const uint8_t* W = packed.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, NB, 16, [&](int64_t b0, int64_t b1) {
+  dynamic_for(0, NB, std::max<int64_t>(16, chunk_for(NB)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS)
         rows8<MAX_ROWS>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
