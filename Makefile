@@ -17,6 +17,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Without this, Ray rewrites --node-ip-address=127.0.0.1 to the host's routable IP and binds
 # its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Ray Serve's throughput mode, without ingress replicas' own HTTP ports (serve_app/ray_env.py says why).
+export RAY_SERVE_THROUGHPUT_OPTIMIZED := 1
+export RAY_SERVE_ENABLE_DIRECT_INGRESS := 0
 
 .PHONY: install serve test test-fast typecheck browser-deps bench clean
 

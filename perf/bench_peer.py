@@ -27,8 +27,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on loopback (read when ray is imported)
+from serve_app import ray_env  # noqa: E402
+
+ray_env.apply()  # loopback, Serve's throughput mode (read when ray is imported)
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402

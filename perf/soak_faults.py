@@ -197,7 +197,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "perf/results/soak_faults.json")
     args = p.parse_args()
     assert args.duration_s <= 480, "the soak is bounded: at most 8 minutes of traffic (10 with start and recovery)"
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from serve_app import ray_env
+
+    ray_env.apply()
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from serve_app import ray_env
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Read by Ray at import: without it Ray swaps 127.0.0.1 for a routable IP and binds all interfaces.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Read by Ray at import (loopback, Serve's throughput mode): serve_app/ray_env.py.
+ray_env.apply()
 
 TIERS = ("unit", "integration", "browser", "e2e")
 
