@@ -1,7 +1,7 @@
 """Our compiled CPU kernels, built on first use by torch's C++ extension builder: `matmul.cpp` (int4
 layers, int8 vocabulary ranking), `attention.cpp` (paged decode attention), `lora.cpp` (LoRA for mixed
 batches), `glue.cpp` (a layer's norms, rotary, cache write and activation, fused), `vocab.cpp` (top
-candidates rescored, argmax), `codes.h` (what they share), `module.cpp` (the Python module).
+candidates rescored, argmax), `decode.cpp` (a Llama decode step's layers in one call), `codes.h` (what they share), `module.cpp` (the Python module).
 
 The build (about 40-60 s on two cores) is cached per source, ISA and torch version under
 `$LLM_SERVE_CACHE_DIR/kernels` (default ~/.cache/llm-serve/kernels); `make install` builds it once
@@ -31,14 +31,14 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "module.cpp", "codes.h")]
+SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp", "module.cpp", "codes.h")]
 ENV = "LLM_SERVE_INT4_KERNEL"
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-DLLM_KERNELS_MATMUL_ONLY"]}
 """`native` is what the engine uses; `avx2` builds the AVX2 path of the matmuls (the only ISA-specific
 code) on any x86 host, for the tests that compare the two: half the build."""
 # module.cpp first: ninja starts jobs in this order, and it is the longest (torch/extension.h), so the
 # others compile beside it rather than after it (the AVX2 build 52 -> ~35 s on two cores).
-ISA_SOURCES = {"native": ("module.cpp", "matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp"), "avx2": ("module.cpp", "matmul.cpp")}
+ISA_SOURCES = {"native": ("module.cpp", "matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp"), "avx2": ("module.cpp", "matmul.cpp")}
 
 _lock = threading.Lock()
 _built: dict[str, ModuleType] = {}

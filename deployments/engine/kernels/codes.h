@@ -178,7 +178,7 @@ struct Codes {
 
 }  // namespace llm_kernels
 
-// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp, vocab.cpp).
+// The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp, vocab.cpp, decode.cpp).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 bool has_q8();
@@ -195,3 +195,7 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& positions, const at:
 at::Tensor act_mul(const at::Tensor& gate_up, int64_t act);
 void rescore_top(at::Tensor logits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t k);
 at::Tensor argmax_rows(const at::Tensor& logits);
+void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
+                   const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                   const at::Tensor& tables, const at::Tensor& context_lens, int64_t H, int64_t KVH, int64_t block_size,
+                   int64_t window, double scale, double eps, int64_t act);

@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 
 from deployments.engine import kernels
 from deployments.engine.layers.attention import AttentionMetadata, paged_attention
+from deployments.engine.layers.linear import Linear
 from deployments.engine.layers.norm import RMSNorm
 from deployments.engine.layers.rotary import RotaryTable, apply_rotary
 from deployments.engine.weights.store import WeightStore
@@ -156,6 +157,8 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             attn: Any = layer.self_attn
             attn.sliding = self.sliding_window is not None
+        self._plan_key: tuple[int, int] | None = None
+        self._plan: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -167,10 +170,42 @@ class LlamaForCausalLM(CausalLM):
         return x
 
 
+    def _decode_plan(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The tensors `decode_layers` takes (per layer: norms, int4 weights and scales; KV caches), or
+        None when a projection is not our int4 kernel's without bias (bf16 layers, LoRA-wrapped ones)."""
+        first = self.layers[0].self_attn
+        key = (id(first.k_cache), id(first.qkv_proj))  # rebinding the cache or wrapping for LoRA changes it
+        if key == self._plan_key:
+            return self._plan
+        self._plan_key, self._plan = key, self._build_decode_plan()
+        return self._plan
+
+    def _build_decode_plan(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        weights: list[torch.Tensor] = []
+        caches: list[torch.Tensor] = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not all(isinstance(p, Linear) and p.direct for p in linears) or attn.k_cache.numel() == 0:
+                return None
+            qkv, o, gate_up, down = linears
+            weights += [layer.input_layernorm.weight, qkv.weight, qkv.scales, o.weight, o.scales,
+                        layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales, down.weight, down.scales]
+            caches += [attn.k_cache, attn.v_cache]
+        return weights, caches
+
     def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
         """The same layers with their glue fused; x (the residual stream) is updated in place, and each
         residual add is fused with the norm that follows it (the next layer's input norm included)."""
         layers, eps = self.layers, self.config.rms_norm_eps
+        if not meta.prefills and (plan := self._decode_plan()) is not None:  # a decode-only step: one call
+            first = layers[0].self_attn
+            assert meta.decode_block_ids is not None
+            glue.decode_layers(x, plan[0], plan[1], positions, self.rotary.cos, self.rotary.sin, meta.slot_mapping,
+                               meta.decode_block_ids.view(x.shape[0], -1), meta.decode_context_lens, first.num_heads,
+                               first.num_kv_heads, first.block_size, meta.sliding_window if first.sliding else 0, first.scale, eps,
+                               layers[0].mlp.fused_act)
+            return x
         h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
             o = layer.self_attn.fused_forward(h, positions, self.rotary, meta, glue)

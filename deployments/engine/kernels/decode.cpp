@@ -1,0 +1,33 @@
+// A Llama-family decode step's layers in one call: what models/llama.py's fused forward does per layer
+// (norms, int4 projections, rotary + cache write, paged attention, gated MLP), looped here so a step
+// makes one call from Python instead of ~9 per layer (their Python and argument conversion were a
+// fifth of a 1-stream step). Only for steps of decodes alone, every projection our int4 kernel's
+// without bias or LoRA; anything else takes the Python loop over the same kernels.
+#include "codes.h"
+
+// x [n, hidden] fp32 (the residual stream, updated in place: on return it is the last layer's output).
+// layers: per layer, in order, input norm weight, qkv packed + scales, o packed + scales, post-attention
+// norm weight, gate_up packed + scales, down packed + scales (10 tensors). caches: per layer k, v.
+// positions, slots [n] int64; tables [n, max_blocks], context_lens [n] int64 (decode metadata).
+void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
+                   const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                   const at::Tensor& tables, const at::Tensor& context_lens, int64_t H, int64_t KVH, int64_t block_size,
+                   int64_t window, double scale, double eps, int64_t act) {
+  constexpr size_t PER_LAYER = 10;
+  const size_t L = caches.size() / 2;
+  TORCH_CHECK(L > 0 && caches.size() == 2 * L && layers.size() == PER_LAYER * L, "decode_layers: ", PER_LAYER, " tensors and 2 caches per layer");
+  const int64_t n = x.size(0);
+  at::Tensor h = residual_norm(x, std::nullopt, std::nullopt, layers[0], eps);
+  for (size_t i = 0; i < L; ++i) {
+    const at::Tensor* w = layers.data() + PER_LAYER * i;
+    const at::Tensor &k_cache = caches[2 * i], &v_cache = caches[2 * i + 1];
+    const at::Tensor qkv = q4_linear(h, w[1], w[2]);
+    const at::Tensor q = rope_kv(qkv, positions, cos, sin, std::nullopt, 0.0, k_cache, v_cache, slots, H, KVH);
+    const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, block_size, window, scale);
+    h = residual_norm(x, q4_linear(attn.view({n, -1}), w[3], w[4]), std::nullopt, w[5], eps);
+    const at::Tensor gated = act_mul(q4_linear(h, w[6], w[7]), act);
+    std::optional<at::Tensor> next;
+    if (i + 1 < L) next = layers[PER_LAYER * (i + 1)];
+    h = residual_norm(x, q4_linear(gated, w[8], w[9]), std::nullopt, next, eps);
+  }
+}
