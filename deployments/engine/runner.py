@@ -49,7 +49,8 @@ class ModelRunner:
             int4 = _gguf_int4(source, directory, hf_config) if self.weights == "int4" else None
             built = build_model(directory, hf_config, self.weights, self.device, max_positions, int4)
             self.model, self.architecture, self.act_dtype = built.model, built.architecture, built.act_dtype
-            self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized}
+            self.facts |= {"implementation": "native", "int4_exact_from_gguf": built.num_exact_int4, "int4_requantized": built.num_requantized,
+                           "linear_formats": _linear_formats(self.model)}
             if self.weights == "int4" and self.device.type == "cpu":
                 self.weights_reason += f"; int4 matmul: {kernels.kernel_status()}"
                 self.facts["weights_reason"] = self.weights_reason
@@ -137,6 +138,17 @@ class ModelRunner:
         """Drop every reference to the weights and the cache so they can be freed."""
         self.model.bind_kv_cache([], self.block_size)
         del self.model, self.tokenizer, self.kv_cache
+
+
+def _linear_formats(model: torch.nn.Module) -> dict[str, int]:
+    """How many of the model's (fused) projections each weight format serves, e.g. {"int4": 27, "int8g": 45}."""
+    from deployments.engine.layers.linear import Linear
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, Linear):
+            counts[module.fmt] = counts.get(module.fmt, 0) + 1
+    return counts
 
 
 def _generation_config(directory: Any) -> GenerationConfig | None:

@@ -116,6 +116,25 @@ def test_int8_vocabulary_ranking_kernel(monkeypatch: pytest.MonkeyPatch) -> None
         torch.testing.assert_close(logits.gather(1, top).double(), exact.gather(1, top), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_features", [16, 40, 960])  # 40: rows padded to 48 inside
+def test_group_int8_layer_matches_its_dequantized_weight(out_features: int) -> None:
+    from deployments.engine.layers import int8
+
+    if not int8.available(torch.device("cpu")):
+        pytest.skip(f"q8_linear needs AVX-512 VNNI; this host's kernel is {native.isa if native else None}")
+    torch.manual_seed(8)
+    w = torch.randn(out_features, 96) * torch.rand(out_features, 1)  # rows of different scales
+    w[0, :32] = 0  # an all-zero group
+    layer = Linear.from_float(w, None, "int8g")
+    assert layer.fmt == "int8g" and layer.direct == (out_features % 16 == 0)
+    dequantized = layer.dequantize()
+    assert dequantized.shape == w.shape and not dequantized[0, :32].any()
+    assert (dequantized - w).abs().max() <= w.abs().max() / 254 + 1e-6  # within half a step of each group's grid
+    for rows in (1, 7, 13):
+        x = torch.randn(rows, 96)
+        assert relative_error(layer(x), x.double() @ dequantized.double().t()) < 1e-4
+
+
 @pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [0, 5, 200])
 @pytest.mark.parametrize("split", [False, True])

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
+from deployments.engine.layers import int8
 from perf.quality import GATE_AGREEMENT, GATE_PERPLEXITY_RISE, MODELS, measure
 
 
@@ -27,3 +29,6 @@ def test_int4_serves_the_shipped_4bit_blocks_as_they_are(figures: dict[str, Any]
     assert facts["implementation"] == "native" and facts["weights"] == "int4"
     if "Q4_1" in facts["source_format"]:  # SmolLM2: every projection is Q4_1 in the GGUF
         assert facts["int4_exact_from_gguf"] == 210 and facts["int4_requantized"] == 0
+        assert facts["linear_formats"] == {"int4": 120}  # 30 layers x (qkv, o, gate_up, down), fused
+    elif int8.available(torch.device("cpu")):  # Gemma 3's Q5_0/Q6_K/Q8_0 projections: group-wise int8, not bf16
+        assert facts["linear_formats"] == {"int4": 27, "int8g": 45}

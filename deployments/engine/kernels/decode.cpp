@@ -1,13 +1,20 @@
 // A Llama-family decode step's layers in one call: what models/llama.py's fused forward does per layer
-// (norms, int4 projections, rotary + cache write, paged attention, gated MLP), looped here so a step
+// (norms, int4 or group-wise int8 projections, rotary + cache write, paged attention, gated MLP), looped here so a step
 // makes one call from Python instead of ~9 per layer (their Python and argument conversion were a
-// fifth of a 1-stream step). Only for steps of decodes alone, every projection our int4 kernel's
+// fifth of a 1-stream step). Only for steps of decodes alone, every projection one of our kernels'
 // without bias or LoRA; anything else takes the Python loop over the same kernels.
 #include "codes.h"
 
+namespace {
+// A projection by its packed layout: int4 ([N/16, K/4, 32]) or group-wise int8 ([N/16, K/4, 64]).
+at::Tensor project(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  return packed.size(2) == 32 ? q4_linear(x, packed, scales) : q8_linear(x, packed, scales);
+}
+}  // namespace
+
 // x [n, hidden] fp32 (the residual stream, updated in place: on return it is the last layer's output).
 // layers: per layer, in order, input norm weight, qkv packed + scales, o packed + scales, post-attention
-// norm weight, gate_up packed + scales, down packed + scales (10 tensors). caches: per layer k, v.
+// norm weight, gate_up packed + scales, down packed + scales (10 tensors; int4 or int8g layouts). caches: per layer k, v.
 // positions, slots [n] int64; tables [n, max_blocks], context_lens [n] int64 (decode metadata).
 void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
                    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
@@ -21,13 +28,13 @@ void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const st
   for (size_t i = 0; i < L; ++i) {
     const at::Tensor* w = layers.data() + PER_LAYER * i;
     const at::Tensor &k_cache = caches[2 * i], &v_cache = caches[2 * i + 1];
-    const at::Tensor qkv = q4_linear(h, w[1], w[2]);
+    const at::Tensor qkv = project(h, w[1], w[2]);
     const at::Tensor q = rope_kv(qkv, positions, cos, sin, std::nullopt, 0.0, k_cache, v_cache, slots, H, KVH);
     const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, block_size, window, scale);
-    h = residual_norm(x, q4_linear(attn.view({n, -1}), w[3], w[4]), std::nullopt, w[5], eps);
-    const at::Tensor gated = act_mul(q4_linear(h, w[6], w[7]), act);
+    h = residual_norm(x, project(attn.view({n, -1}), w[3], w[4]), std::nullopt, w[5], eps);
+    const at::Tensor gated = act_mul(project(h, w[6], w[7]), act);
     std::optional<at::Tensor> next;
     if (i + 1 < L) next = layers[PER_LAYER * (i + 1)];
-    h = residual_norm(x, q4_linear(gated, w[8], w[9]), std::nullopt, next, eps);
+    h = residual_norm(x, project(gated, w[8], w[9]), std::nullopt, next, eps);
   }
 }

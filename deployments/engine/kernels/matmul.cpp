@@ -65,7 +65,9 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
 // Layout [N/16, K/4, 64] uint8: byte 4l + j of entry (b, c) = u[16b + l][4c + j].
 constexpr bool HAS_Q8 = true;
 
-template <int R>
+// GROUPED: one scale per output row per group of 32 inputs (`sb` [K/32, 16] for these 16 rows: GGUF
+// Q8_0/Q5_0 blocks, exactly), instead of one per row.
+template <int R, bool GROUPED>
 void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
            const float* da, const int32_t* cs, int64_t r0, float* y, int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
@@ -86,17 +88,18 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, cons
     for (int r = 0; r < R; ++r) {  // the + 128 comes off in int32, exactly (in fp32 it would cancel ~3 digits)
       const int64_t i = (r0 + r) * G + g;
       __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(da[i]), acc[r]);
+      const __m512 scale = GROUPED ? _mm512_mul_ps(_mm512_loadu_ps(sb + g * 16), _mm512_set1_ps(da[i])) : _mm512_set1_ps(da[i]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
     }
   }
-  const __m512 sv = _mm512_loadu_ps(sb);
+  const __m512 sv = GROUPED ? _mm512_set1_ps(1.f) : _mm512_loadu_ps(sb);
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, _mm512_mul_ps(sv, acc[r]));
 }
 
 #else  // AVX2: two 8-lane halves per 16 output rows
 constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
 constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
-template <int R>
+template <int R, bool GROUPED>
 void tile8(const uint8_t*, const float*, int64_t, const int8_t*, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {}
 
 inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
@@ -160,12 +163,12 @@ void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   }
 }
 
-template <int R>
+template <int R, bool GROUPED>
 void rows8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
            const float* da, const int32_t* cs, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
   if constexpr (R > 0) {
-    if (count == R) tile8<R>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
-    else rows8<R - 1>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
+    if (count == R) tile8<R, GROUPED>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
+    else rows8<R - 1, GROUPED>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
   }
 }
 }  // namespace
@@ -199,24 +202,29 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
-// x [M, K]; packed [N/16, K/4, 64] uint8 (w + 128); scales [N] fp32 (N a multiple of 16). Returns y [M, N] fp32.
+// x [M, K]; packed [N/16, K/4, 64] uint8 (w + 128); scales fp32 [N] (one per row: the vocabulary ranking)
+// or [N/16, K/32, 16] (one per row per group of 32: int8 layers). N a multiple of 16. Returns y [M, N] fp32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
   TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q8_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
   const Codes c(x);
-  const int64_t M = c.M, K = c.K, NB = packed.size(0), N = NB * 16;
-  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == N, "q8_linear: shapes do not match");
+  const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
+  const bool grouped = scales.dim() == 3;
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == (grouped ? N * G : N), "q8_linear: shapes do not match");
   auto y = at::empty({M, N}, at::kFloat);
   if (M == 0) return y;
   const uint8_t* W = packed.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  dynamic_for(0, NB, std::max<int64_t>(16, chunk_for(NB)), [&](int64_t b0, int64_t b1) {
+  // Row blocks per chunk: at least 16 for the vocabulary's tens of thousands of rows (its K is small).
+  dynamic_for(0, NB, std::max<int64_t>(grouped ? 1 : 16, chunk_for(NB)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t r = 0; r < M; r += MAX_ROWS)
-        rows8<MAX_ROWS>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+      for (int64_t r = 0; r < M; r += MAX_ROWS) {
+        const int64_t count = std::min<int64_t>(MAX_ROWS, M - r);
+        if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
+        else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
+      }
   });
   return y;
 }
-

@@ -1,4 +1,4 @@
-"""Linear layers in four weight formats (fp32, bf16, int4, int8) and the token embedding.
+"""Linear layers in five weight formats (fp32, bf16, int4, int8, int8g) and the token embedding.
 
 Fusing: callers concatenate before construction, `torch.cat` for float weights or
 `Int4Weight.cat` for 4-bit parts (q/k/v, gate/up), and split the output themselves.
@@ -16,13 +16,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from deployments.engine.layers import int4
+from deployments.engine import kernels
+from deployments.engine.layers import int4, int8
 from deployments.engine.layers.int4 import Int4Weight
 
 __all__ = ["Embedding", "Int4Weight", "Linear", "TiedLinear", "WEIGHT_FORMATS", "quantize_int8"]
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int4", "int8")
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int4": torch.bfloat16, "int8": torch.bfloat16}
+WEIGHT_FORMATS = ("fp32", "bf16", "int4", "int8", "int8g")
+"""int8: per-row scale, torch's kernel; int8g: per-32-group scale, our CPU kernel (layers/int8.py)."""
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int4": torch.bfloat16, "int8": torch.bfloat16, "int8g": torch.float32}
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +94,8 @@ class Linear(torch.nn.Module):
     def _set_direct(self) -> None:
         """Whether `forward` can hand a 2-D fp32 input straight to our int4 kernel: no bias, no row
         padding to slice off (it runs ~120 times per decode step)."""
-        self.direct = self.fmt == "int4" and int4.is_ours(self.weight) and self.bias is None and self.out_features % int4.ROW_MULTIPLE == 0
+        ours = (self.fmt == "int4" and int4.is_ours(self.weight)) or self.fmt == "int8g"
+        self.direct = ours and self.bias is None and self.out_features % int4.ROW_MULTIPLE == 0
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, group_size: int = 32) -> Linear:
@@ -103,6 +106,9 @@ class Linear(torch.nn.Module):
         if fmt == "int8":
             q, scale = quantize_int8(weight)
             return cls("int8", in_features, out_features, q, scale, bias)
+        if fmt == "int8g":
+            packed, scales = int8.pack(weight)
+            return cls("int8g", in_features, out_features, packed, scales, bias)
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"weight format {fmt!r} is not one of {WEIGHT_FORMATS}")
         return cls(fmt, in_features, out_features, weight.to(COMPUTE_DTYPE[fmt]).contiguous(), None, bias)
@@ -115,6 +121,8 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.direct and x.dim() == 2 and x.dtype == torch.float32:
+            if self.fmt == "int8g":
+                return kernels.load("native").q8_linear(x, self.weight, self.scales)  # type: ignore[union-attr,no-any-return]
             return int4.matmul(x, self.weight, self.group_size, self.scales)
         if self.fmt == "int4" and int4.is_ours(self.weight):  # our CPU kernel codes fp32 or bf16 input as it is
             flat = x.reshape(-1, self.in_features)
@@ -128,6 +136,10 @@ class Linear(torch.nn.Module):
                 out = out + self.bias
         elif self.fmt == "int8":
             out = _int8_matmul(flat, self.weight, self.scales)
+            if self.bias is not None:
+                out = out + self.bias
+        elif self.fmt == "int8g":
+            out = kernels.load("native").q8_linear(flat, self.weight, self.scales)[:, : self.out_features]  # type: ignore[union-attr]
             if self.bias is not None:
                 out = out + self.bias
         else:
@@ -144,6 +156,8 @@ class Linear(torch.nn.Module):
             return self.int4_weight().dequantize()
         if self.fmt == "int8":
             return self.weight.float() * self.scales.float().unsqueeze(-1)
+        if self.fmt == "int8g":
+            return int8.dequantize(self.weight, self.scales, self.out_features)
         return self.weight.float()
 
     def int4_weight(self) -> Int4Weight:
@@ -158,6 +172,8 @@ class Linear(torch.nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         # int4 layouts differ per kernel: repack for a new device before the buffers move.
         target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device)).device
+        if self.fmt == "int8g" and target != self.weight.device:
+            raise NotImplementedError("int8g is our CPU kernel's layout: build the model on the target device instead")
         if self.fmt == "int4" and target != self.weight.device:
             self.weight, self.scales = int4.pack(self.int4_weight(), target)
         moved = super()._apply(_keeping_dtype(fn), recurse)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from deployments.engine.layers import int8
 from deployments.engine.layers.linear import Embedding, Int4Weight, Linear
 from deployments.engine.layers.norm import RMSNorm
 from deployments.engine.layers.vocab import VocabHead, VocabTable
@@ -90,8 +91,12 @@ class WeightStore:
             parts = [self._int4_part(n) for n in names]
             layer = Linear.from_int4(Int4Weight.cat(parts), bias)
         else:
-            fmt = "bf16" if self.fmt == "int4" else self.fmt
-            layer = Linear.from_float(torch.cat([self.get(n) for n in names]), bias, fmt)
+            # In the int4 format, GGUF's 5/6/8-bit tensors (and a fused layer with any of them) go to
+            # group-wise int8 where our kernel runs (layers/int8.py), else bf16.
+            weight, fmt = torch.cat([self.get(n) for n in names]), self.fmt
+            if fmt == "int4":
+                fmt = "int8g" if int8.available(self.device) and weight.shape[1] % int8.GROUP == 0 else "bf16"
+            layer = Linear.from_float(weight, bias, fmt)
         return layer.to(self.device)
 
     def norm(self, name: str, eps: float, offset: float = 0.0) -> RMSNorm:
