@@ -181,6 +181,8 @@ struct Codes {
 // The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp, vocab.cpp, decode.cpp).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
+at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, bool one_code);
 bool has_q8();
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,

@@ -67,7 +67,9 @@ constexpr bool HAS_Q8 = true;
 
 // GROUPED: one scale per output row per group of 32 inputs (`sb` [K/32, 16] for these 16 rows: GGUF
 // Q8_0/Q5_0 blocks, exactly), instead of one per row.
-template <int R, bool GROUPED>
+// ONE_CODE: the activations' first code only (half the dot products; `cs` then holds each group's sum
+// of first codes): the vocabulary's ranking, whose best candidates are rescored exactly afterwards.
+template <int R, bool GROUPED, bool ONE_CODE = false>
 void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
            const float* da, const int32_t* cs, int64_t r0, float* y, int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
@@ -82,12 +84,13 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, cons
       __m512i w = _mm512_loadu_si512((const void*)(wg + k4 * 64));
       for (int r = 0; r < R; ++r) {
         hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
-        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
+        if constexpr (!ONE_CODE) lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
       }
     }
     for (int r = 0; r < R; ++r) {  // the + 128 comes off in int32, exactly (in fp32 it would cancel ~3 digits)
       const int64_t i = (r0 + r) * G + g;
-      __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
+      __m512i dot = ONE_CODE ? _mm512_slli_epi32(_mm512_sub_epi32(hi[r], _mm512_set1_epi32(128 * cs[i])), 8)
+                             : _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
       const __m512 scale = GROUPED ? _mm512_mul_ps(_mm512_loadu_ps(sb + g * 16), _mm512_set1_ps(da[i])) : _mm512_set1_ps(da[i]);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
     }
@@ -99,7 +102,7 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, cons
 #else  // AVX2: two 8-lane halves per 16 output rows
 constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
 constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
-template <int R, bool GROUPED>
+template <int R, bool GROUPED, bool ONE_CODE = false>
 void tile8(const uint8_t*, const float*, int64_t, const int8_t*, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {}
 
 inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
@@ -163,12 +166,12 @@ void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   }
 }
 
-template <int R, bool GROUPED>
+template <int R, bool GROUPED, bool ONE_CODE = false>
 void rows8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
            const float* da, const int32_t* cs, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
   if constexpr (R > 0) {
-    if (count == R) tile8<R, GROUPED>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
-    else rows8<R - 1, GROUPED>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
+    if (count == R) tile8<R, GROUPED, ONE_CODE>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
+    else rows8<R - 1, GROUPED, ONE_CODE>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
   }
 }
 }  // namespace
@@ -204,13 +207,31 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 
 // x [M, K]; packed [N/16, K/4, 64] uint8 (w + 128); scales fp32 [N] (one per row: the vocabulary ranking)
 // or [N/16, K/32, 16] (one per row per group of 32: int8 layers). N a multiple of 16. Returns y [M, N] fp32.
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) { return q8_matmul(x, packed, scales, false); }
+
+// q8_linear with per-row scales from the activations' first code alone (~8 bits: x ~ 256 (d / 256) q1): for
+// ranking a vocabulary, whose top candidates are rescored exactly (layers/vocab.py). Half the work.
+at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(scales.dim() == 1, "q8_rank: per-row scales [N]");
+  return q8_matmul(x, packed, scales, true);
+}
+
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, bool one_code) {
   TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q8_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
   const Codes c(x);
   const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
   const bool grouped = scales.dim() == 3;
+  std::vector<int32_t> first_sums;
+  if (one_code) {  // each group's sum of first codes (the + 128 correction of the dot products)
+    first_sums.resize(M * G);
+    for (int64_t i = 0; i < M * G; ++i) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < GROUP; ++k) total += c.q1[i * GROUP + k];
+      first_sums[i] = total;
+    }
+  }
   TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == (grouped ? N * G : N), "q8_linear: shapes do not match");
   auto y = at::empty({M, N}, at::kFloat);
   if (M == 0) return y;
@@ -223,6 +244,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
       for (int64_t r = 0; r < M; r += MAX_ROWS) {
         const int64_t count = std::min<int64_t>(MAX_ROWS, M - r);
         if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
+        else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, first_sums.data(), r, count, Y, N, b * 16);
         else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
       }
   });

@@ -118,7 +118,7 @@ class Int8Rank(torch.nn.Module):
         blocks = unsigned.view(-1, 16, self.in_features // 4, 4).transpose(1, 2)  # [N/16, K/4, 16 rows, 4]
         self.register_buffer("weight", blocks.reshape(-1, self.in_features // 4, 64).contiguous())
         self.register_buffer("scales", scales.contiguous())
-        self._q8: Callable[..., torch.Tensor] = kernels.load("native").q8_linear  # type: ignore[union-attr]
+        self._q8: Callable[..., torch.Tensor] = kernels.load("native").q8_rank  # type: ignore[union-attr]
 
     @staticmethod
     def available() -> bool:
