@@ -117,6 +117,19 @@ def test_mixed_adapter_batches_equal_peft_through_torchs_ops(
     assert run(lora_engine(tiny_model_dir, adapters), arrive_every) == expected
 
 
+def test_int4_decode_steps_in_one_call_apply_each_tokens_adapter(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    """int4 weights: decode steps run every layer in one kernel call (decode_layers), LoRA included; the
+    tokens equal the per-layer Python loop over the same kernels (and the adapters change them)."""
+    engine = lora_engine(tiny_model_dir, adapters, weights="int4")
+    model = engine.runner.model
+    plan = model._decode_plan()
+    assert plan is not None and plan.lora_owner is engine.runner.lora and len(plan.lora) == 8 * len(model.layers)
+    one_call = run(engine, 3, "a")
+    model._decode_plan = lambda: None  # the Python loop over the same kernels
+    assert run(engine, 3, "b") == one_call
+    assert len(set(map(tuple, one_call))) == len(one_call)
+
+
 def test_prefix_cache_hits_only_under_the_same_adapter(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
     expected = reference(tiny_model_dir, tuple(adapters.items()))
     engine = lora_engine(tiny_model_dir, adapters, block_size=4)

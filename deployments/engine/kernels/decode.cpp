@@ -14,27 +14,42 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 
 // x [n, hidden] fp32 (the residual stream, updated in place: on return it is the last layer's output).
 // layers: per layer, in order, input norm weight, qkv packed + scales, o packed + scales, post-attention
-// norm weight, gate_up packed + scales, down packed + scales (10 tensors; int4 or int8g layouts). caches: per layer k, v.
-// positions, slots [n] int64; tables [n, max_blocks], context_lens [n] int64 (decode metadata).
+// norm weight, gate_up packed + scales, down packed + scales (10 tensors; int4 or int8g layouts).
+// caches: per layer k, v. positions, slots [n] int64; tables [n, max_blocks], context_lens [n] int64.
+// LoRA (issue 11): with lora_slots (each token's adapter slot, -1 none), `lora` holds per layer the A
+// and B^T of qkv, o, gate_up, down (8 tensors, LoRALinear's layout) and lora_parts the output parts of
+// those four ([q, k, v], [o], [gate, up], [down] sizes): each projection then adds its tokens' adapters.
 void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
                    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                    const at::Tensor& tables, const at::Tensor& context_lens, int64_t H, int64_t KVH, int64_t block_size,
-                   int64_t window, double scale, double eps, int64_t act) {
-  constexpr size_t PER_LAYER = 10;
+                   int64_t window, double scale, double eps, int64_t act, const std::vector<at::Tensor>& lora,
+                   const std::optional<at::Tensor>& lora_slots, const std::vector<int64_t>& lora_parts, int64_t rank,
+                   int64_t num_slots) {
+  constexpr size_t PER_LAYER = 10, LORA_PER_LAYER = 8;
   const size_t L = caches.size() / 2;
   TORCH_CHECK(L > 0 && caches.size() == 2 * L && layers.size() == PER_LAYER * L, "decode_layers: ", PER_LAYER, " tensors and 2 caches per layer");
+  TORCH_CHECK(!lora_slots || (lora.size() == LORA_PER_LAYER * L && lora_parts.size() == 7), "decode_layers: LoRA tensors or parts missing");
+  const std::vector<std::vector<int64_t>> parts = lora_slots ? std::vector<std::vector<int64_t>>{
+      {lora_parts[0], lora_parts[1], lora_parts[2]}, {lora_parts[3]}, {lora_parts[4], lora_parts[5]}, {lora_parts[6]}}
+      : std::vector<std::vector<int64_t>>{};
   const int64_t n = x.size(0);
+  // projection `p` (0 qkv, 1 o, 2 gate_up, 3 down) of layer i, plus its tokens' adapters
+  auto projection = [&](size_t i, int p, const at::Tensor& in, const at::Tensor& packed, const at::Tensor& scales) {
+    at::Tensor y = project(in, packed, scales);
+    if (lora_slots) lora_add(y, in, lora[LORA_PER_LAYER * i + 2 * p], lora[LORA_PER_LAYER * i + 2 * p + 1], *lora_slots, parts[p], rank, num_slots);
+    return y;
+  };
   at::Tensor h = residual_norm(x, std::nullopt, std::nullopt, layers[0], eps);
   for (size_t i = 0; i < L; ++i) {
     const at::Tensor* w = layers.data() + PER_LAYER * i;
     const at::Tensor &k_cache = caches[2 * i], &v_cache = caches[2 * i + 1];
-    const at::Tensor qkv = project(h, w[1], w[2]);
+    const at::Tensor qkv = projection(i, 0, h, w[1], w[2]);
     const at::Tensor q = rope_kv(qkv, positions, cos, sin, std::nullopt, 0.0, k_cache, v_cache, slots, H, KVH);
-    const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, block_size, window, scale);
-    h = residual_norm(x, project(attn.view({n, -1}), w[3], w[4]), std::nullopt, w[5], eps);
-    const at::Tensor gated = act_mul(project(h, w[6], w[7]), act);
+    const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, context_lens, block_size, window, scale).view({n, -1});
+    h = residual_norm(x, projection(i, 1, attn, w[3], w[4]), std::nullopt, w[5], eps);
+    const at::Tensor gated = act_mul(projection(i, 2, h, w[6], w[7]), act);
     std::optional<at::Tensor> next;
     if (i + 1 < L) next = layers[PER_LAYER * (i + 1)];
-    h = residual_norm(x, project(gated, w[8], w[9]), std::nullopt, next, eps);
+    h = residual_norm(x, projection(i, 3, gated, w[8], w[9]), std::nullopt, next, eps);
   }
 }

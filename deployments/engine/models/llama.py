@@ -12,6 +12,7 @@ format keeps the torch operators: it is the reference the tests hold to transfor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,6 +99,19 @@ class DecoderLayer(torch.nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class DecodePlan:
+    """The tensors of a decode step in one call (`decode_layers`): per layer norms, packed weights and
+    scales, KV caches, and, where the projections are LoRA-wrapped, their adapter slots."""
+
+    weights: list[torch.Tensor] = field(default_factory=list)
+    caches: list[torch.Tensor] = field(default_factory=list)
+    lora: list[torch.Tensor] = field(default_factory=list)
+    lora_parts: list[int] = field(default_factory=list)
+    lora_owner: Any = None
+    """The LoRAManager whose `batch` says this step's adapter per token."""
+
+
 class CausalLM(torch.nn.Module):
     """What the runner needs of a native model: embed, layers over paged KV, final norm, logits."""
 
@@ -158,7 +172,7 @@ class LlamaForCausalLM(CausalLM):
             attn: Any = layer.self_attn
             attn.sliding = self.sliding_window is not None
         self._plan_key: tuple[int, int] | None = None
-        self._plan: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._plan: DecodePlan | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -170,9 +184,9 @@ class LlamaForCausalLM(CausalLM):
         return x
 
 
-    def _decode_plan(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """The tensors `decode_layers` takes (per layer: norms, int4 weights and scales; KV caches), or
-        None when a projection is not our int4 kernel's without bias (bf16 layers, LoRA-wrapped ones)."""
+    def _decode_plan(self) -> DecodePlan | None:
+        """What `decode_layers` takes, or None when a projection is not one of our kernels' without bias
+        (bf16 layers), or only some are LoRA-wrapped. Cached per cache binding and LoRA wrapping."""
         first = self.layers[0].self_attn
         key = (id(first.k_cache), id(first.qkv_proj))  # rebinding the cache or wrapping for LoRA changes it
         if key == self._plan_key:
@@ -180,19 +194,27 @@ class LlamaForCausalLM(CausalLM):
         self._plan_key, self._plan = key, self._build_decode_plan()
         return self._plan
 
-    def _build_decode_plan(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        weights: list[torch.Tensor] = []
-        caches: list[torch.Tensor] = []
+    def _build_decode_plan(self) -> DecodePlan | None:
+        plan = DecodePlan()
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if not all(isinstance(p, Linear) and p.direct for p in linears) or attn.k_cache.numel() == 0:
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            wrapped = [p for p in projections if hasattr(p, "lora_a")]  # LoRALinear (lora.py): base + adapter slots
+            bases = [p.base if hasattr(p, "lora_a") else p for p in projections]
+            if not all(isinstance(b, Linear) and b.direct for b in bases) or attn.k_cache.numel() == 0:
                 return None
-            qkv, o, gate_up, down = linears
-            weights += [layer.input_layernorm.weight, qkv.weight, qkv.scales, o.weight, o.scales,
-                        layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales, down.weight, down.scales]
-            caches += [attn.k_cache, attn.v_cache]
-        return weights, caches
+            if wrapped and len(wrapped) != len(projections):
+                return None
+            qkv, o, gate_up, down = bases
+            plan.weights += [layer.input_layernorm.weight, qkv.weight, qkv.scales, o.weight, o.scales,
+                             layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales, down.weight, down.scales]
+            plan.caches += [attn.k_cache, attn.v_cache]
+            for p in wrapped:
+                plan.lora += [p.lora_a, p.lora_b]
+            if wrapped and not plan.lora_parts:
+                plan.lora_parts = [size for p in wrapped for size in p.part_sizes]
+                plan.lora_owner = wrapped[0]._owner[0]
+        return plan
 
     def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
         """The same layers with their glue fused; x (the residual stream) is updated in place, and each
@@ -201,10 +223,12 @@ class LlamaForCausalLM(CausalLM):
         if not meta.prefills and (plan := self._decode_plan()) is not None:  # a decode-only step: one call
             first = layers[0].self_attn
             assert meta.decode_block_ids is not None
-            glue.decode_layers(x, plan[0], plan[1], positions, self.rotary.cos, self.rotary.sin, meta.slot_mapping,
+            batch = plan.lora_owner.batch if plan.lora_owner is not None else None  # this step's adapter per token
+            rank, slots = (plan.lora_owner.max_rank, plan.lora_owner.num_slots) if plan.lora_owner is not None else (0, 0)
+            glue.decode_layers(x, plan.weights, plan.caches, positions, self.rotary.cos, self.rotary.sin, meta.slot_mapping,
                                meta.decode_block_ids.view(x.shape[0], -1), meta.decode_context_lens, first.num_heads,
                                first.num_kv_heads, first.block_size, meta.sliding_window if first.sliding else 0, first.scale, eps,
-                               layers[0].mlp.fused_act)
+                               layers[0].mlp.fused_act, plan.lora, None if batch is None else batch.slots, plan.lora_parts, rank, slots)
             return x
         h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
