@@ -1,6 +1,8 @@
 // LoRA for a mixed batch: each token through its own adapter's A and B (a BGMV, as Punica's).
 #include "codes.h"
 
+#include <type_traits>
+
 namespace {
 
 using llm_kernels::dot;
@@ -28,6 +30,23 @@ void lora_add_impl(Y* y, const X* x, const W* a, const W* bt, const int64_t* slo
       for (int64_t p = 0; p < P; ++p) {
         const int64_t lo = std::max(o0, starts[p]), hi = std::min(o1, starts[p + 1]);
         if (lo >= hi) continue;
+        const float* coef = h.data() + (t * P + p) * R;
+#ifdef Q4_AVX512
+        if constexpr (std::is_same_v<Y, float>) {  // 16 outputs in a register across all R ranks
+          int64_t o = lo;
+          for (; o + 16 <= hi; o += 16) {
+            __m512 v = _mm512_loadu_ps(y + t * out + o);
+            for (int64_t r = 0; r < R; ++r) v = _mm512_fmadd_ps(_mm512_set1_ps(coef[r]), llm_kernels::load16(bt + (s * R + r) * out + o), v);
+            _mm512_storeu_ps(y + t * out + o, v);
+          }
+          for (; o < hi; ++o) {
+            float v = y[t * out + o];
+            for (int64_t r = 0; r < R; ++r) v += coef[r] * load_f(bt + (s * R + r) * out, o);
+            y[t * out + o] = v;
+          }
+          continue;
+        }
+#endif
         float* acc = row.data() + (lo - o0);
 #pragma omp simd
         for (int64_t o = 0; o < hi - lo; ++o) acc[o] = load_f(y + t * out, lo + o);
