@@ -80,14 +80,21 @@ def test_act_mul_computes_silu_and_gelu_tanh_gates() -> None:
     torch.testing.assert_close(native.act_mul(gate_up, 1), F.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-5)
 
 
-def test_rescore_top_and_argmax_match_torchs_topk_scatter_and_argmax() -> None:
+@pytest.mark.parametrize("packed", [True, False], ids=["q8-layout", "row-major"])
+def test_rescore_top_and_argmax_match_torchs_topk_scatter_and_argmax(packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     assert native is not None
     from deployments.engine.layers.vocab import VocabTable
 
     torch.manual_seed(4)
+    if not packed:
+        monkeypatch.setenv(kernels.ENV, "torch")  # the table without our kernels' layout
     table = VocabTable(torch.randn(1000, 64))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    if packed and not table.packed:
+        pytest.skip("the q8 layout needs AVX-512 VNNI")
+    assert table.packed is packed
     x = torch.randn(3, 64)
-    approx = table.rank(x).float().contiguous()
+    approx = table.ranking(x).contiguous()
     approx[1, 7] = approx[1, 500] = approx[1].max() + 1  # a tie: the first index wins, as torch's
     top = approx.topk(16, dim=-1).indices
     want = approx.clone().scatter_(1, top, torch.matmul(table.rows(top), x.unsqueeze(-1)).squeeze(-1))

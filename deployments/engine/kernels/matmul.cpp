@@ -209,12 +209,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 // or [N/16, K/32, 16] (one per row per group of 32: int8 layers). N a multiple of 16. Returns y [M, N] fp32.
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) { return q8_matmul(x, packed, scales, false); }
 
-// q8_linear with per-row scales from the activations' first code alone (~8 bits: x ~ 256 (d / 256) q1): for
+// q8_linear from the activations' first code alone (~8 bits: x ~ 256 (d / 256) q1): for
 // ranking a vocabulary, whose top candidates are rescored exactly (layers/vocab.py). Half the work.
-at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  TORCH_CHECK(scales.dim() == 1, "q8_rank: per-row scales [N]");
-  return q8_matmul(x, packed, scales, true);
-}
+at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) { return q8_matmul(x, packed, scales, true); }
 
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, bool one_code) {
   TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
@@ -243,7 +240,8 @@ at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Te
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS) {
         const int64_t count = std::min<int64_t>(MAX_ROWS, M - r);
-        if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
+        if (grouped && one_code) rows8<MAX_ROWS, true, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, first_sums.data(), r, count, Y, N, b * 16);
+        else if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
         else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, first_sums.data(), r, count, Y, N, b * 16);
         else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
       }

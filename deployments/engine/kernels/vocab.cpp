@@ -36,39 +36,56 @@ void top_k(const float* row, int64_t n, int64_t k, std::vector<int64_t>& top) {
 }  // namespace
 
 // logits [n, V] fp32 contiguous (the int8 ranking), updated in place: each row's `k` best are
-// replaced by their exact scores x[r] . (codes[v] * scales[v] per group of 32). x [n, H] fp32,
-// codes [V', H] int8 and scales [V', H / 32] fp32 with V' >= V.
+// replaced by their exact scores x[r] . (codes[v] * scales[v] per group of 32). x [n, H] fp32. The table:
+// row-major codes [V', H] int8 with scales [V', H / 32] fp32, or the q8 kernel's packed layout (codes + 128
+// as uint8 [V'/16, H/4, 64], scales [V'/16, H/32, 16] fp32: layers/int8.py); V' >= V.
 void rescore_top(at::Tensor logits, const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales, int64_t k) {
   const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(), "rescore_top: logits fp32 [n, V]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == logits.size(0), "rescore_top: x fp32 [n, H]");
   const int64_t n = logits.size(0), V = logits.size(1), H = x.size(1), G = H / llm_kernels::GROUP;
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.size(1) == H && codes.size(0) >= V,
-              "rescore_top: codes int8 [V, H]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.size(0) == codes.size(0) && scales.size(1) == G &&
-              H % llm_kernels::GROUP == 0, "rescore_top: scales fp32 [V, H / 32]");
+  const bool packed = codes.dim() == 3;
+  TORCH_CHECK(H % llm_kernels::GROUP == 0 && codes.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kFloat,
+              "rescore_top: contiguous codes, fp32 scales");
+  if (packed) {
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.size(1) * 4 == H && codes.size(2) == 64 && codes.size(0) * 16 >= V &&
+                scales.dim() == 3 && scales.size(0) == codes.size(0) && scales.size(1) == G && scales.size(2) == 16, "rescore_top: packed table");
+  } else {
+    TORCH_CHECK(codes.scalar_type() == at::kChar && codes.size(1) == H && codes.size(0) >= V && scales.size(0) == codes.size(0) &&
+                scales.size(1) == G, "rescore_top: codes int8 [V, H], scales fp32 [V, H / 32]");
+  }
   TORCH_CHECK(k >= 1 && k <= V, "rescore_top: k out of range");
   float* L = logits.data_ptr<float>();
   const float* X = x.data_ptr<float>();
-  const int8_t* C = codes.data_ptr<int8_t>();
   const float* S = scales.data_ptr<float>();
+  auto exact = [&](int64_t v, const float* xr) {
+    float total = 0;
+    if (packed) {  // row v: block v / 16, lane v % 16; 4 consecutive inputs per 32-bit word
+      const uint8_t* blk = codes.data_ptr<uint8_t>() + (v / 16) * (H / 4) * 64 + 4 * (v % 16);
+      const float* sc = S + (v / 16) * G * 16 + v % 16;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0;
+        for (int64_t q = 0; q < llm_kernels::GROUP / 4; ++q)
+          for (int64_t j = 0; j < 4; ++j) s += (static_cast<float>(blk[(g * 8 + q) * 64 + j]) - 128.f) * xr[g * llm_kernels::GROUP + 4 * q + j];
+        total += s * sc[g * 16];
+      }
+    } else {
+      const int8_t* c = codes.data_ptr<int8_t>() + v * H;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < llm_kernels::GROUP; ++i) s += static_cast<float>(c[g * llm_kernels::GROUP + i]) * xr[g * llm_kernels::GROUP + i];
+        total += s * S[v * G + g];
+      }
+    }
+    return total;
+  };
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> top;
     for (int64_t r = r0; r < r1; ++r) {
       float* row = L + r * V;
-      const float* xr = X + r * H;
       top_k(row, V, k, top);
-      for (int64_t v : top) {
-        const int8_t* c = C + v * H;
-        float total = 0;
-        for (int64_t g = 0; g < G; ++g) {
-          float s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < llm_kernels::GROUP; ++i) s += static_cast<float>(c[g * llm_kernels::GROUP + i]) * xr[g * llm_kernels::GROUP + i];
-          total += s * S[v * G + g];
-        }
-        row[v] = total;
-      }
+      for (int64_t v : top) row[v] = exact(v, X + r * H);
     }
   });
 }

@@ -8,7 +8,7 @@ Gemma's bf16 projections took 45 ms per 10-stream step here, perf/README.md). Q8
 integers times a per-32 scale already; their codes here carry a finer scale (absmax / 127), so they
 are kept to within 1/254 of the group's largest weight.
 
-Layout (as `Int8Rank`'s): codes + 128 as uint8 `[N/16, K/4, 64]`, byte 4l + j of entry (b, c) =
+Layout (the vocabulary table's too, layers/vocab.py): codes + 128 as uint8 `[N/16, K/4, 64]`, byte 4l + j of entry (b, c) =
 u[16b + l][4c + j]; scales fp32 `[N/16, K/32, 16]`, lane l = output row 16b + l. N is padded to 16.
 """
 

@@ -1,35 +1,36 @@
-"""Token embeddings and the LM head for the quantized formats: one exact 8-bit table, and a fast
-per-row int8 copy to rank the vocabulary, whose best candidates are then rescored exactly.
+"""Token embeddings and the LM head for the quantized formats: one exact 8-bit table that also ranks
+the vocabulary, whose best candidates are then rescored exactly.
 
 Why: the head decides the argmax. On SmolLM2 an int8 per-row or bf16 head (input rounded to bf16)
 moved greedy agreement with fp32 from 98% to 95-97%, under our 97% gate, while an fp32 head costs
-12 ms per step at batch 1 (113 MB read). So the full vocabulary is ranked by a per-row int8
-copy (`_weight_int8pack_mm`: 28 MB for SmolLM2; bf16 for large vocabularies, see LARGE_VOCAB) and the
-top `num_rescored` candidates of every row are scored again in fp32 from the exact table. A 4-bit
+12 ms per step at batch 1 (113 MB read). So the vocabulary is ranked in int8 and the top
+`num_rescored` candidates of every row are scored again in fp32 from the exact table. A 4-bit
 ranking copy was faster but its tail logits raised perplexity 3.1% (2.2% rescoring the top 128);
-int8's and bf16's tails keep it within 0.6% (perf/quality.py). Greedy picks the fp32 argmax whenever it is among the
-candidates; sampling sees exact logits for the likely tokens.
+int8's and bf16's tails keep it within 0.8% (perf/quality.py). Greedy picks the fp32 argmax whenever
+it is among the candidates; sampling sees exact logits for the likely tokens.
 
 The exact table is int8 codes with one fp32 scale per 32 values (absmax): a GGUF Q8_0 embedding
 (d * q per 32) is recovered exactly from its dequantized values, and any other table keeps 8 bits
-per value with a fine-grained scale. Lookups (embeddings) read it too.
+per value with a fine-grained scale. Lookups (embeddings) read it too. Where our q8 kernel runs
+(AVX-512 VNNI) the table is held in its packed layout (layers/int8.py) and ranks the vocabulary
+itself (`q8_rank`: group scales, the activations' first code): no second copy. Session 6 held a
+per-row int8 ranking copy beside it, 28 MB more for SmolLM2 (resident / file 1.51 -> 1.22 on a reload,
+perf/README.md). Elsewhere a per-row int8 (or, for large vocabularies, bf16) copy ranks it through torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
 from deployments.engine import kernels
+from deployments.engine.layers import int8
 from deployments.engine.layers.linear import Linear
 
 GROUP = 32
 LARGE_VOCAB = 65536
-"""Without our int8 kernel (`Int8Rank`), above this many rows the ranking copy is bf16: torch's int8
-kernel's cost grows with every row of the batch (Gemma 3's 262k-row head: 92 ms per step at 10
-streams with it, 59 ms with bf16; perf/README.md); below it int8 keeps small models lean (SmolLM2:
-RSS/file 1.49 with int8, 1.77 with bf16). Our kernel ranks any vocabulary in int8: half bf16's bytes."""
+"""Without our q8 kernel, above this many rows the ranking copy is bf16: torch's int8 kernel's cost
+grows with every row of the batch (Gemma 3's 262k-row head: 92 ms per step at 10 streams with it,
+59 ms with bf16; perf/README.md); below it int8 keeps small models lean."""
 
 
 def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,27 +53,42 @@ class VocabTable(torch.nn.Module):
         super().__init__()
         if weight.shape[1] % GROUP:
             raise ValueError(f"hidden size {weight.shape[1]} is not a multiple of {GROUP}")
-        codes, scales = quantize_groups(weight)
+        self.num_embeddings, self.embedding_dim = (int(n) for n in weight.shape)
+        self.packed = int8.available(weight.device)  # the q8 kernel's layout: it ranks with the table itself
+        self.rank: torch.nn.Module | None = None
+        if self.packed:
+            codes, scales = int8.pack(weight)  # the same codes and scales as quantize_groups, in 16-row blocks
+        else:
+            codes, scales = quantize_groups(weight)
+            fmt = "int8" if weight.shape[0] <= LARGE_VOCAB else "bf16"
+            self.rank = Linear.from_float(weight, None, fmt)  # a ranking copy; the tail stays as ranked
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
-        ours = weight.device.type == "cpu" and Int8Rank.available()
-        self.rank_fmt = "int8" if weight.shape[0] <= LARGE_VOCAB or ours else "bf16"
-        self.rank: torch.nn.Module = Linear.from_float(weight, None, self.rank_fmt)  # ranks the vocabulary; the tail stays as ranked
-        if self.rank_fmt == "int8" and ours:
-            self.rank = Int8Rank(self.rank)  # the same codes and scales, through our kernel
         self.num_rescored = min(num_rescored, weight.shape[0])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Exact fp32 rows [*ids.shape, H]."""
-        codes = self.codes[ids].float()
-        return (codes.unflatten(-1, (-1, GROUP)) * self.scales[ids].unsqueeze(-1)).flatten(-2)
+        if self.packed:  # row v: block v // 16, lane v % 16 (layers/int8.py)
+            block, lane = ids // int8.ROWS, ids % int8.ROWS
+            codes = self.codes.view(self.codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
+            scales = self.scales[block, :, lane]
+        else:
+            codes, scales = self.codes[ids].float(), self.scales[ids]
+        return (codes.unflatten(-1, (-1, GROUP)) * scales.unsqueeze(-1)).flatten(-2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
 
+    def ranking(self, x: torch.Tensor) -> torch.Tensor:
+        """Approximate fp32 logits [n, V] for every token of the vocabulary."""
+        if self.rank is not None:
+            return self.rank(x).float()  # type: ignore[no-any-return]
+        rank = kernels.load("native").q8_rank  # type: ignore[union-attr]
+        return rank(x.reshape(-1, self.embedding_dim).float(), self.codes, self.scales)[:, : self.num_embeddings]  # type: ignore[no-any-return]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, V]: int8 ranking, the top `num_rescored` per row rescored exactly."""
-        approx = self.rank(x).float()
+        approx = self.ranking(x)
         if approx.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:  # topk + rescoring in one pass
             approx = approx.contiguous()
             kernel.rescore_top(approx, x.float(), self.codes, self.scales, self.num_rescored)
@@ -94,41 +110,3 @@ class VocabHead(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._table[0].logits(x)
-
-
-class Int8Rank(torch.nn.Module):
-    """A per-row int8 ranking layer run by our CPU kernel (`q8_linear`, AVX-512 VNNI): the codes of an
-    int8 `Linear` stored + 128 in 16-row blocks, its scales as fp32. At 10 rows it ranks SmolLM2's
-    49k-row vocabulary in ~1.5 ms where torch's weight-only int8 kernel, whose cost grows with every
-    row, takes ~9 ms (perf/README.md); the activations are two int8 codes (~16 bits), so the ranking
-    is that of the int8 weights themselves."""
-
-    weight: torch.Tensor
-    scales: torch.Tensor
-
-    def __init__(self, layer: Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        codes, scales = layer.weight, layer.scales.float()
-        pad = -self.out_features % 16
-        if pad:
-            codes = torch.cat([codes, codes.new_zeros(pad, self.in_features)])
-            scales = torch.cat([scales, scales.new_zeros(pad)])
-        unsigned = (codes.to(torch.int16) + 128).to(torch.uint8)
-        blocks = unsigned.view(-1, 16, self.in_features // 4, 4).transpose(1, 2)  # [N/16, K/4, 16 rows, 4]
-        self.register_buffer("weight", blocks.reshape(-1, self.in_features // 4, 64).contiguous())
-        self.register_buffer("scales", scales.contiguous())
-        self._q8: Callable[..., torch.Tensor] = kernels.load("native").q8_rank  # type: ignore[union-attr]
-
-    @staticmethod
-    def available() -> bool:
-        module = kernels.cpu_kernels()
-        return module is not None and bool(module.has_q8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._q8(x.reshape(-1, self.in_features), self.weight, self.scales)[:, : self.out_features]
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        if fn(torch.empty(0)).device.type != "cpu":
-            raise NotImplementedError("Int8Rank is a CPU kernel's layout: build the model on the target device instead")
-        return super()._apply(lambda t: t if fn(t).dtype != t.dtype else fn(t), recurse)
