@@ -21,7 +21,6 @@ from transformers.activations import ACT2FN
 from deployments.engine import kernels
 from deployments.engine.layers.attention import AttentionMetadata, paged_attention
 from deployments.engine.layers.linear import Linear
-from deployments.engine.layers.norm import RMSNorm
 from deployments.engine.layers.rotary import RotaryTable, apply_rotary
 from deployments.engine.weights.store import WeightStore
 
@@ -116,7 +115,7 @@ class CausalLM(torch.nn.Module):
     """What the runner needs of a native model: embed, layers over paged KV, final norm, logits."""
 
     sliding_window: int | None = None
-    layers: torch.nn.ModuleList
+    layers: Any  # a ModuleList of decoder layers (Any: their submodules are reached by name per family)
 
     def __init__(self, store: WeightStore, cfg: Any) -> None:
         super().__init__()
