@@ -81,6 +81,18 @@ def test_layer_uses_our_layout_and_round_trips() -> None:
     assert "ours" in kernels.kernel_status()
 
 
+def test_auto_serves_a_4bit_source_through_our_kernel() -> None:
+    from transformers import LlamaConfig
+
+    from deployments.engine.weights.select import choose_weights
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128)
+    fmt, why = choose_weights("auto", "cpu", True, config, 16, stored_4bit=True)
+    assert fmt == "int4" and "our int4 kernel" in why  # no timing, which other replicas' loads can skew
+    fmt, why = choose_weights("auto", "cpu", True, config, 16, stored_4bit=False)  # a plain checkpoint: measured
+    assert fmt in ("bf16", "fp32") and "MLP projection time" in why
+
+
 def test_env_selects_torchs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
     weight = Int4Weight.quantize(torch.randn(32, 64))
