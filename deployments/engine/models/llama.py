@@ -12,6 +12,7 @@ format keeps the torch operators: it is the reference the tests hold to transfor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,11 +144,14 @@ class CausalLM(torch.nn.Module):
 
     def glue(self, x: torch.Tensor) -> Any:
         """Our kernels when this forward can run fused (CPU, int4/bf16, fp32 activations), else None."""
-        if self.weight_format == "fp32" or x.device.type != "cpu" or x.dtype != torch.float32:
-            return None
-        if any(layer.mlp.fused_act is None for layer in self.layers):
+        if not self._fusable or x.device.type != "cpu" or x.dtype != torch.float32:
             return None
         return kernels.cpu_kernels()
+
+    @functools.cached_property
+    def _fusable(self) -> bool:
+        """int4/bf16 weights and an activation our kernel computes in every layer (fixed at build)."""
+        return self.weight_format != "fp32" and all(layer.mlp.fused_act is not None for layer in self.layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         glue = self.glue(hidden)
