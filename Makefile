@@ -17,9 +17,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Without this, Ray rewrites --node-ip-address=127.0.0.1 to the host's routable IP and binds
 # its gRPC servers to every interface; with it, every Ray port stays on 127.0.0.1.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-# Ray Serve's throughput mode, without ingress replicas' own HTTP ports (serve_app/ray_env.py says why).
-export RAY_SERVE_THROUGHPUT_OPTIMIZED := 1
-export RAY_SERVE_ENABLE_DIRECT_INGRESS := 0
+# The rest of Ray's environment (Serve's throughput mode, HAProxy as the HTTP ingress) is set by
+# serve_app/ray_env.py, which `make serve` runs `serve run` under.
 
 .PHONY: install serve test test-fast typecheck browser-deps bench clean
 
@@ -46,8 +45,9 @@ $(VENV)/.kernels-%: $(STAMP) $(KERNEL_SOURCES)
 
 serve: install $(GPTQ_DIR)/config.json $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors
 	# serve run starts a local Ray instance; with cluster mode off its node IP is 127.0.0.1 and
-	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together.
-	$(VENV)/bin/serve run config/serve.yaml
+	# every Ray port binds there. Ctrl-C stops Serve and that Ray instance together. HTTP enters
+	# through HAProxy straight to the router replica (serve_app/ray_env.py).
+	$(PY) -m serve_app.ray_env $(VENV)/bin/serve run config/serve.yaml
 
 # The third configured model: a GPTQ 4-bit checkpoint made once from the shipped SmolLM2 (~1 min).
 $(GPTQ_DIR)/config.json: | $(STAMP)

