@@ -2,7 +2,9 @@
 
 An adapter is read from `adapter_config.json` + `adapter_model.safetensors` (never pickle). The
 runner holds `max_loras` slots, preallocated once per target layer (`LoRALinear`; scale folded into
-B; in bf16 when the base computes in bf16). The base matmul runs once for all rows (Punica/S-LoRA's
+B; fp32 for the fp32 reference, int8 with a scale per row where our CPU kernel runs the int4/bf16
+formats: half of bf16's bytes, which a decode step reads for every adapter in its batch, else
+bf16). The base matmul runs once for all rows (Punica/S-LoRA's
 point), no weights are merged, and a step with no adapter token skips LoRA entirely. On CPU our
 kernel (`lora_add`, a BGMV) takes each token through its own adapter's A and B; elsewhere (GPU, or
 `LLM_SERVE_INT4_KERNEL=torch`) every target layer does one small GEMM for A and one per fused part
@@ -133,6 +135,8 @@ class LoRALinear(torch.nn.Module):
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
+    lora_a_scale: torch.Tensor  # int8 slots: fp32 per row of lora_a / lora_b; else empty
+    lora_b_scale: torch.Tensor
 
     def __init__(self, base: Any, owner: LoRAManager, part_names: list[str], part_sizes: list[int]) -> None:
         super().__init__()
@@ -140,8 +144,12 @@ class LoRALinear(torch.nn.Module):
         self.part_names, self.part_sizes = part_names, part_sizes
         self.row_starts = [sum(part_sizes[:i]) for i in range(len(part_sizes))]
         R, S = owner.max_rank, owner.num_slots
-        self.register_buffer("lora_a", torch.zeros(len(part_names) * S * R, base.in_features, dtype=owner.dtype, device=owner.device))
-        self.register_buffer("lora_b", torch.zeros(S * R, base.out_features, dtype=owner.dtype, device=owner.device))
+        rows_a, rows_b = len(part_names) * S * R, S * R
+        self.register_buffer("lora_a", torch.zeros(rows_a, base.in_features, dtype=owner.dtype, device=owner.device))
+        self.register_buffer("lora_b", torch.zeros(rows_b, base.out_features, dtype=owner.dtype, device=owner.device))
+        quantized = owner.dtype == torch.int8
+        self.register_buffer("lora_a_scale", torch.zeros(rows_a if quantized else 0, device=owner.device))
+        self.register_buffer("lora_b_scale", torch.zeros(rows_b if quantized else 0, device=owner.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -156,40 +164,59 @@ class LoRALinear(torch.nn.Module):
             # (perf/bench_lora_kernel.py, perf/README.md).
             flat = y.reshape(-1, y.shape[-1])
             flat = flat if flat.is_contiguous() else flat.contiguous()
-            kernel.lora_add(flat, x.reshape(-1, self.base.in_features), self.lora_a, self.lora_b, batch.slots, self.part_sizes, R, S)
+            kernel.lora_add(flat, x.reshape(-1, self.base.in_features), self.lora_a, self.lora_b, batch.slots, self.part_sizes, R, S,
+                            self.lora_a_scale, self.lora_b_scale)
             return flat.view(y.shape)
+        lora_a, lora_b = self._dense()
         cols = slice(batch.lo * R, batch.hi * R)
-        mask = batch.mask(R, self.lora_a.dtype)
-        xa = x.to(self.lora_a.dtype)
+        mask = batch.mask(R, lora_a.dtype)
+        xa = x.to(lora_a.dtype)
         if len(self.part_sizes) == 1:
-            h = F.linear(xa, self.lora_a[cols]).mul_(mask)
+            h = F.linear(xa, lora_a[cols]).mul_(mask)
             if y.dim() == 2 and y.dtype == h.dtype:
-                return torch.addmm(y, h, self.lora_b[cols])  # the add fused into the GEMM
-            return y + (h @ self.lora_b[cols]).to(y.dtype)
-        h = F.linear(xa, self.lora_a).view(-1, len(self.part_sizes), S * R)[:, :, cols]
+                return torch.addmm(y, h, lora_b[cols])  # the add fused into the GEMM
+            return y + (h @ lora_b[cols]).to(y.dtype)
+        h = F.linear(xa, lora_a).view(-1, len(self.part_sizes), S * R)[:, :, cols]
         h = h * mask.unsqueeze(1)
         deltas = [
-            h[:, p] @ self.lora_b[cols, start : start + size]
+            h[:, p] @ lora_b[cols, start : start + size]
             for p, (start, size) in enumerate(zip(self.row_starts, self.part_sizes))
         ]
         return y + torch.cat(deltas, dim=-1).to(y.dtype)
 
+    def _dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B^T as floats for the masked GEMMs (int8 slots dequantized: only where our kernel does
+        not run, which is where slots are not int8 in the first place)."""
+        if self.lora_a.dtype != torch.int8:
+            return self.lora_a, self.lora_b
+        return self.lora_a.float() * self.lora_a_scale[:, None], self.lora_b.float() * self.lora_b_scale[:, None]
+
     def write(self, slot: int, weights: LoRAWeights | None) -> None:
         """Fill (or with None, clear) `slot` with this layer's parts of `weights`."""
         R, S = self._owner[0].max_rank, self._owner[0].num_slots
-        for p in range(len(self.part_sizes)):
-            self.lora_a[(p * S + slot) * R : (p * S + slot + 1) * R].zero_()
-        self.lora_b[slot * R : (slot + 1) * R].zero_()
-        if weights is None:
-            return
-        r = weights.rank
+        a_rows = [torch.zeros(R, self.base.in_features) for _ in self.part_sizes]  # fp32, then stored
+        b_rows = torch.zeros(R, self.base.out_features)
+        tensors, r, scaling = (weights.tensors, weights.rank, weights.scaling) if weights is not None else ({}, 0, 1.0)
         for p, (module, start, size) in enumerate(zip(self.part_names, self.row_starts, self.part_sizes)):
-            pair = weights.tensors.get(module)
+            pair = tensors.get(module)
             if pair is not None:
                 a, b = pair
-                row = (p * S + slot) * R
-                self.lora_a[row : row + r] = a.to(self.lora_a)
-                self.lora_b[slot * R : slot * R + r, start : start + size] = (b.float() * weights.scaling).t().to(self.lora_b)
+                a_rows[p][:r] = a.float()
+                b_rows[:r, start : start + size] = (b.float() * scaling).t()
+        for p, rows in enumerate(a_rows):
+            self._store(self.lora_a, self.lora_a_scale, (p * S + slot) * R, rows)
+        self._store(self.lora_b, self.lora_b_scale, slot * R, b_rows)
+
+    @staticmethod
+    def _store(dst: torch.Tensor, scales: torch.Tensor, row: int, values: torch.Tensor) -> None:
+        """values [n, cols] into dst[row : row + n]: as they are, or int8 with an absmax scale per row."""
+        n = values.shape[0]
+        if dst.dtype != torch.int8:
+            dst[row : row + n] = values.to(dst)
+            return
+        scale = values.abs().amax(dim=1) / 127
+        dst[row : row + n] = torch.where(scale[:, None] > 0, values / scale.clamp(min=1e-30)[:, None], 0).round().to(dst)
+        scales[row : row + n] = scale.to(scales)
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """PEFT module name -> (out, in) of the base projection it adapts."""
@@ -243,7 +270,8 @@ class LoRAManager:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.lora_a, layer.lora_b))
+        tensors = ("lora_a", "lora_b", "lora_a_scale", "lora_b_scale")
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (getattr(layer, name) for name in tensors))
 
 
 def _part_sizes(out_features: int, parts: tuple[str, ...], attn: Any) -> list[int]:

@@ -64,8 +64,11 @@ class ModelRunner:
         if config.max_loras:
             if not native:
                 raise ValueError(f"LoRA adapters need our native model code; {self.architecture} runs through transformers")
-            # The dtype the base linears compute in: bf16 slots take half the memory and run as fast here.
+            # fp32 for the reference; where our CPU kernel runs, int8 slots (a scale per row): a decode step
+            # reads every adapter of its batch, and int8 halves bf16's bytes (perf/README.md, session 8).
             lora_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+            if lora_dtype == torch.bfloat16 and self.device.type == "cpu" and kernels.cpu_kernels() is not None:
+                lora_dtype = torch.int8
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, lora_dtype, self.device)
             self.facts["lora_slot_bytes"] = self.lora.slot_bytes
         self._allocate_kv_cache()

@@ -123,7 +123,8 @@ def test_int4_decode_steps_in_one_call_apply_each_tokens_adapter(tiny_model_dir:
     engine = lora_engine(tiny_model_dir, adapters, weights="int4")
     model = engine.runner.model
     plan = model._decode_plan()
-    assert plan is not None and plan.lora_owner is engine.runner.lora and len(plan.lora) == 8 * len(model.layers)
+    assert plan is not None and plan.lora_owner is engine.runner.lora and len(plan.lora) == 16 * len(model.layers)
+    assert engine.runner.lora is not None and engine.runner.lora.dtype == torch.int8  # slots int8 where our kernel runs
     one_call = run(engine, 3, "a")
     model._decode_plan = lambda: None  # the Python loop over the same kernels
     assert run(engine, 3, "b") == one_call

@@ -183,26 +183,40 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dty
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_add_takes_each_token_through_its_own_adapter(dtype: torch.dtype) -> None:
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, cols] as int8 with an absmax scale per row (LoRALinear's int8 slots)."""
+    scale = w.abs().amax(dim=1) / 127
+    return (w / scale[:, None]).round().to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype,y_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.int8, torch.float32), (torch.int8, torch.bfloat16)])
+def test_lora_add_takes_each_token_through_its_own_adapter(dtype: torch.dtype, y_dtype: torch.dtype) -> None:
     assert native is not None
     torch.manual_seed(6)
     parts, rank, slots, hidden = [48, 16, 16], 4, 3, 64  # a fused q/k/v with 3 adapter slots
-    a = torch.randn(len(parts) * slots * rank, hidden).to(dtype)
-    b = torch.randn(sum(parts), slots * rank).to(dtype)
-    bt = b.t().contiguous()  # the kernel's layout: [slots * rank, out]
-    x = torch.randn(7, hidden)
-    token_slots = torch.tensor([0, -1, 2, 2, 1, -1, 0])
-    y = torch.randn(7, sum(parts))
+    a = torch.randn(len(parts) * slots * rank, hidden)
+    bt = torch.randn(slots * rank, sum(parts))  # the kernel's layout of B: [slots * rank, out]
+    a_scale = b_scale = torch.empty(0)
+    if dtype == torch.int8:
+        (a, a_scale), (bt, b_scale) = int8_rows(a), int8_rows(bt)
+    else:
+        a, bt = a.to(dtype), bt.to(dtype)
+    a_f = a.double() * a_scale.double()[:, None] if dtype == torch.int8 else a.double()  # what the kernel should apply
+    b = (bt.double() * b_scale.double()[:, None] if dtype == torch.int8 else bt.double()).t()
+    token_slots = torch.tensor([0, -1, 2, 2, 1, -1, 0, 0, 0, 0, 0])  # slot 0's six tokens share its rows in two groups
+    x = torch.randn(len(token_slots), hidden)
+    y = torch.randn(len(token_slots), sum(parts)).to(y_dtype)
     expected = y.double().clone()
     for t, s in enumerate(token_slots.tolist()):
         if s < 0:
             continue
         start = 0
         for p, size in enumerate(parts):
-            a_ps = a[(p * slots + s) * rank : (p * slots + s + 1) * rank].double()
-            b_ps = b[start : start + size, s * rank : (s + 1) * rank].double()
+            a_ps = a_f[(p * slots + s) * rank : (p * slots + s + 1) * rank]
+            b_ps = b[start : start + size, s * rank : (s + 1) * rank]
             expected[t, start : start + size] += b_ps @ (a_ps @ x[t].double())
             start += size
-    native.lora_add(y, x, a, bt, token_slots, parts, rank, slots)  # in place
-    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    native.lora_add(y, x, a, bt, token_slots, parts, rank, slots, a_scale, b_scale)  # in place
+    tolerance = 1e-4 if y_dtype == torch.float32 else 1e-2  # a bf16 output is rounded to 8 bits
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance * 10)

@@ -34,6 +34,7 @@ inline int32_t load4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return
 
 #ifdef Q4_AVX512
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -131,6 +132,7 @@ inline int64_t chunk_for(int64_t n, int64_t per_thread = 4) {
 
 // fp32 or bf16 element i as a float (bf16: its bits shifted into the top half, which vectorises).
 inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const int8_t* p, int64_t i) { return static_cast<float>(p[i]); }
 inline float load_f(const at::BFloat16* p, int64_t i) {
   uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
   float f;
@@ -188,7 +190,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                                      int64_t block_size, int64_t window, double scale);
 void lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
-              const at::Tensor& slots, std::vector<int64_t> parts, int64_t R, int64_t S);
+              const at::Tensor& slots, std::vector<int64_t> parts, int64_t R, int64_t S, const at::Tensor& a_scale,
+              const at::Tensor& b_scale);
 at::Tensor residual_norm(at::Tensor x, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& w_y,
                          const std::optional<at::Tensor>& w_out, double eps);
 at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,

@@ -16,8 +16,9 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 // layers: per layer, in order, input norm weight, qkv packed + scales, o packed + scales, post-attention
 // norm weight, gate_up packed + scales, down packed + scales (10 tensors; int4 or int8g layouts).
 // caches: per layer k, v. positions, slots [n] int64; tables [n, max_blocks], context_lens [n] int64.
-// LoRA (issue 11): with lora_slots (each token's adapter slot, -1 none), `lora` holds per layer the A
-// and B^T of qkv, o, gate_up, down (8 tensors, LoRALinear's layout) and lora_parts the output parts of
+// LoRA (issue 11): with lora_slots (each token's adapter slot, -1 none), `lora` holds per layer the A,
+// B^T and their row scales (empty unless int8) of qkv, o, gate_up, down (16 tensors, LoRALinear's
+// layout) and lora_parts the output parts of
 // those four ([q, k, v], [o], [gate, up], [down] sizes): each projection then adds its tokens' adapters.
 void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
                    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
@@ -25,7 +26,7 @@ void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const st
                    int64_t window, double scale, double eps, int64_t act, const std::vector<at::Tensor>& lora,
                    const std::optional<at::Tensor>& lora_slots, const std::vector<int64_t>& lora_parts, int64_t rank,
                    int64_t num_slots) {
-  constexpr size_t PER_LAYER = 10, LORA_PER_LAYER = 8;
+  constexpr size_t PER_LAYER = 10, LORA_PER_LAYER = 16;
   const size_t L = caches.size() / 2;
   TORCH_CHECK(L > 0 && caches.size() == 2 * L && layers.size() == PER_LAYER * L, "decode_layers: ", PER_LAYER, " tensors and 2 caches per layer");
   TORCH_CHECK(!lora_slots || (lora.size() == LORA_PER_LAYER * L && lora_parts.size() == 7), "decode_layers: LoRA tensors or parts missing");
@@ -36,7 +37,10 @@ void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const st
   // projection `p` (0 qkv, 1 o, 2 gate_up, 3 down) of layer i, plus its tokens' adapters
   auto projection = [&](size_t i, int p, const at::Tensor& in, const at::Tensor& packed, const at::Tensor& scales) {
     at::Tensor y = project(in, packed, scales);
-    if (lora_slots) lora_add(y, in, lora[LORA_PER_LAYER * i + 2 * p], lora[LORA_PER_LAYER * i + 2 * p + 1], *lora_slots, parts[p], rank, num_slots);
+    if (lora_slots) {
+      const at::Tensor* t = lora.data() + LORA_PER_LAYER * i + 4 * p;  // A, B^T, their row scales (int8) or empty
+      lora_add(y, in, t[0], t[1], *lora_slots, parts[p], rank, num_slots, t[2], t[3]);
+    }
     return y;
   };
   at::Tensor h = residual_norm(x, std::nullopt, std::nullopt, layers[0], eps);

@@ -213,7 +213,7 @@ class LlamaForCausalLM(CausalLM):
                              layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales, down.weight, down.scales]
             plan.caches += [attn.k_cache, attn.v_cache]
             for p in wrapped:
-                plan.lora += [p.lora_a, p.lora_b]
+                plan.lora += [p.lora_a, p.lora_b, p.lora_a_scale, p.lora_b_scale]
             if wrapped and not plan.lora_parts:
                 plan.lora_parts = [size for p in wrapped for size in p.part_sizes]
                 plan.lora_owner = wrapped[0]._owner[0]
