@@ -200,7 +200,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--streams", type=int, default=10)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--routing-requests", type=int, default=120)
     p.add_argument("--zipf-s", type=float, default=1.1)
