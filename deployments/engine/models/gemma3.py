@@ -56,14 +56,12 @@ class Gemma3ForCausalLM(CausalLM):
         return x
 
     def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
-        """As `forward`, glue fused (models/llama.py): each sandwich norm and residual add and the norm
-        after it are one call."""
-        layers, eps = self.layers, self.config.rms_norm_eps
-        h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
-        for i, layer in enumerate(layers):
-            rotary = self.rotary["sliding_attention" if layer.is_sliding else "full_attention"]
-            o = layer.self_attn.fused_forward(h, positions, rotary, meta, glue)
-            h = glue.residual_norm(x, o, layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight, eps)
-            following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
-            h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), layer.post_feedforward_layernorm.weight, following, eps)
-        return x
+        """As `forward`, glue fused (CausalLM._fused_layers): each sandwich norm, residual add and the
+        norm after it are one call."""
+        return self._fused_layers(x, positions, meta, glue)
+
+    def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        return layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight
+
+    def _rotary(self, layer: Any) -> Any:
+        return self.rotary["sliding_attention" if layer.is_sliding else "full_attention"]

@@ -153,6 +153,28 @@ class CausalLM(torch.nn.Module):
         """int4/bf16 weights and an activation our kernel computes in every layer (fixed at build)."""
         return self.weight_format != "fp32" and all(layer.mlp.fused_act is not None for layer in self.layers)
 
+    def _fused_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
+        """The layers with their glue fused, for every family: x (the residual stream) is updated in
+        place, and each residual add is one call with the norms around it (a family's `_norms`: the
+        attention output's, the MLP input's, the MLP output's), the next layer's input norm included."""
+        layers, eps = self.layers, self.config.rms_norm_eps
+        h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            attn_out, mlp_in, mlp_out = self._norms(layer)
+            o = layer.self_attn.fused_forward(h, positions, self._rotary(layer), meta, glue)
+            h = glue.residual_norm(x, o, attn_out, mlp_in, eps)
+            following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
+            h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), mlp_out, following, eps)
+        return x
+
+    def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(attention output norm, MLP input norm, MLP output norm) weights; None where the family has none."""
+        raise NotImplementedError
+
+    def _rotary(self, layer: Any) -> Any:
+        """The layer's rotary table."""
+        raise NotImplementedError
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         glue = self.glue(hidden)
         normed = self.norm(hidden) if glue is None else glue.residual_norm(hidden.contiguous(), None, None, self.norm.weight, self.norm.eps)
@@ -220,8 +242,8 @@ class LlamaForCausalLM(CausalLM):
         return plan
 
     def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
-        """The same layers with their glue fused; x (the residual stream) is updated in place, and each
-        residual add is fused with the norm that follows it (the next layer's input norm included)."""
+        """The same layers with their glue fused (CausalLM._fused_layers); a decode-only step whose
+        projections are all our kernels' runs every layer in one kernel call (decode_layers)."""
         layers, eps = self.layers, self.config.rms_norm_eps
         if not meta.prefills and (plan := self._decode_plan()) is not None:  # a decode-only step: one call
             first = layers[0].self_attn
@@ -233,10 +255,10 @@ class LlamaForCausalLM(CausalLM):
                                first.num_kv_heads, first.block_size, meta.sliding_window if first.sliding else 0, first.scale, eps,
                                layers[0].mlp.fused_act, plan.lora, None if batch is None else batch.slots, plan.lora_parts, rank, slots)
             return x
-        h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
-        for i, layer in enumerate(layers):
-            o = layer.self_attn.fused_forward(h, positions, self.rotary, meta, glue)
-            h = glue.residual_norm(x, o, None, layer.post_attention_layernorm.weight, eps)
-            following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
-            h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), None, following, eps)
-        return x
+        return self._fused_layers(x, positions, meta, glue)
+
+    def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        return None, layer.post_attention_layernorm.weight, None
+
+    def _rotary(self, layer: Any) -> Any:
+        return self.rotary
