@@ -1,5 +1,5 @@
 """Serving overhead: one workload in process (engine only) and through the full path
-(Ray Serve proxy -> router -> model deployment, SSE), in the same run, on 127.0.0.1.
+(HAProxy -> router -> model deployment, SSE; serve_app/ray_env.py), in the same run, on 127.0.0.1.
 
 Reports HTTP/in-process output throughput at N concurrent streams, TTFT overhead at concurrency 1,
 and ITL p99/p50 at N streams; with --sweep it then runs perf/bench_serving.py's sweep against the
