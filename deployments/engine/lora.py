@@ -193,30 +193,34 @@ class LoRALinear(torch.nn.Module):
 
     def write(self, slot: int, weights: LoRAWeights | None) -> None:
         """Fill (or with None, clear) `slot` with this layer's parts of `weights`."""
-        R, S = self._owner[0].max_rank, self._owner[0].num_slots
-        a_rows = [torch.zeros(R, self.base.in_features) for _ in self.part_sizes]  # fp32, then stored
+        R, S, P = self._owner[0].max_rank, self._owner[0].num_slots, len(self.part_sizes)
+        a_rows = torch.zeros(P * R, self.base.in_features)  # fp32, then stored: part by part, R rows each
         b_rows = torch.zeros(R, self.base.out_features)
         tensors, r, scaling = (weights.tensors, weights.rank, weights.scaling) if weights is not None else ({}, 0, 1.0)
         for p, (module, start, size) in enumerate(zip(self.part_names, self.row_starts, self.part_sizes)):
             pair = tensors.get(module)
             if pair is not None:
                 a, b = pair
-                a_rows[p][:r] = a.float()
+                a_rows[p * R : p * R + r] = a.float()
                 b_rows[:r, start : start + size] = (b.float() * scaling).t()
-        for p, rows in enumerate(a_rows):
-            self._store(self.lora_a, self.lora_a_scale, (p * S + slot) * R, rows)
-        self._store(self.lora_b, self.lora_b_scale, slot * R, b_rows)
+        a_stored, a_scale = self._encode(a_rows, self.lora_a.dtype)
+        for p in range(P):
+            row = (p * S + slot) * R
+            self.lora_a[row : row + R] = a_stored[p * R : (p + 1) * R]
+            if a_scale is not None:
+                self.lora_a_scale[row : row + R] = a_scale[p * R : (p + 1) * R]
+        b_stored, b_scale = self._encode(b_rows, self.lora_b.dtype)
+        self.lora_b[slot * R : (slot + 1) * R] = b_stored
+        if b_scale is not None:
+            self.lora_b_scale[slot * R : (slot + 1) * R] = b_scale
 
     @staticmethod
-    def _store(dst: torch.Tensor, scales: torch.Tensor, row: int, values: torch.Tensor) -> None:
-        """values [n, cols] into dst[row : row + n]: as they are, or int8 with an absmax scale per row."""
-        n = values.shape[0]
-        if dst.dtype != torch.int8:
-            dst[row : row + n] = values.to(dst)
-            return
+    def _encode(values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """values [rows, cols] in the slots' dtype; int8 with an absmax scale per row (else no scale)."""
+        if dtype != torch.int8:
+            return values.to(dtype), None
         scale = values.abs().amax(dim=1) / 127
-        dst[row : row + n] = torch.where(scale[:, None] > 0, values / scale.clamp(min=1e-30)[:, None], 0).round().to(dst)
-        scales[row : row + n] = scale.to(scales)
+        return (values / scale.clamp(min=1e-30)[:, None]).round_().to(torch.int8), scale
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
         """PEFT module name -> (out, in) of the base projection it adapts."""
