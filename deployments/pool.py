@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.engine import EngineConfig
-from deployments.engine.lora import AdapterError, load_adapter
+from deployments.engine.adapter_loader import AdapterError, load_adapter
 from deployments.errors import ModelNotLoadedError, NotFoundError
 from deployments.protocol import Chunk, GenerateRequest
 from deployments.server import ModelServer

@@ -19,7 +19,7 @@ import torch
 
 from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
-from deployments.engine.lora import AdapterError
+from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError

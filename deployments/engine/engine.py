@@ -7,7 +7,8 @@ import torch
 from deployments.engine.block_manager import BlockManager
 from deployments.engine.config import EngineConfig
 from deployments.engine.detokenizer import IncrementalDetokenizer
-from deployments.engine.lora import AdapterError, AdapterSlots, LoRAWeights
+from deployments.engine.adapter_loader import AdapterError, LoRAWeights
+from deployments.engine.lora import AdapterSlots
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams, Sequence
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler

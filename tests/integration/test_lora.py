@@ -19,7 +19,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels
-from deployments.engine.lora import AdapterError, load_adapter
+from deployments.engine.adapter_loader import AdapterError, load_adapter
 from tests.tiny_models import save_lora_adapter
 
 PROMPTS = ["The quick brown fox", "Ray Serve hosts models behind one", "Hi", "Continuous batching admits new requests", "naïve café"]
