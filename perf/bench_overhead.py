@@ -14,7 +14,6 @@ import asyncio
 import gc
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -69,9 +68,7 @@ def start_server(weights: str) -> tuple[str, Any]:
     from serve_app.app import build_app
 
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ray_env.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [{"id": MODEL_ID, "source": SOURCE, "weights": weights, "max_num_seqs": 16,
                                      "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")

