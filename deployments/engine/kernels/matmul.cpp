@@ -1,11 +1,10 @@
 // int4 weights x int8 activations on x86 CPUs: the decode-shaped matmul of our int4 layers.
 //
 // y[M, N] = x[M, K] @ W.T with W = d * q + m per group of 32 input columns (q in 0..15, d and m fp16),
-// the layout of GGUF Q4_1/Q4_0 blocks. Each call writes x per group of 32 as two int8 codes,
-// x ~ da * (q1 + q2 / 256) (absmax, q2 the rounded residual: about 16 bits, finer than bf16's 8; one
-// int8 code alone, as llama.cpp's Q8_1 activations, cost SmolLM2 3 points of greedy agreement), and
-// sums q * q1 and q * q2 in int32 with VNNI (vpdpbusd; AVX2: maddubs + madd), one instruction per
-// 64 multiply-adds; the scales enter once per group:
+// the layout of GGUF Q4_1/Q4_0 blocks. Each call codes x per group of 32 as int8 (codes.h): one code
+// x ~ 256 da * q1 for most groups, two, x ~ da * (256 q1 + q2) (about 16 bits), for a group holding an
+// outlier of its row. It sums q * q1 (and q * q2 where there is one) in int32 with VNNI (vpdpbusd;
+// AVX2: maddubs + madd), one instruction per 64 multiply-adds; the scales enter once per group:
 //   y = sum_g d_g * (da_g / 256) * (256 * sum(q * q1) + sum(q * q2)) + m_g * sa_g,  sa_g = sum of x's codes * scale.
 // Output rows come 16 at a time in a vector's lanes (no horizontal sums), activation rows up to 8
 // at a time share each weight load. torch's _weight_int4pack_mm_for_cpu dequantizes to fp32 and
@@ -27,33 +26,35 @@ namespace {
 constexpr int MAX_ROWS = Q4_MAX_ROWS;
 
 template <int R>
-void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
-          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
+          int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i hi[R], lo[R];
-    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    __m512i w[8], hi[R];  // the group's weights stay unpacked in registers for the second codes
+    for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
     for (int k4 = 0; k4 < 8; ++k4) {
       __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
-      __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pk, mask)),
-                                     _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask), 1);
-      for (int r = 0; r < R; ++r) {
-        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
-        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
-      }
+      w[k4] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pk, mask)),
+                                 _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask), 1);
+      for (int r = 0; r < R; ++r) hi[r] = _mm512_dpbusd_epi32(hi[r], w[k4], _mm512_set1_epi32(load4(c.q1 + at + r * K + k4 * 4)));
     }
     __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
     __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * G + g;
-      __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(da[i])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa[i]), acc[r]);
+      __m512i dot = _mm512_slli_epi32(hi[r], 8);
+      if (c.two[i]) {
+        __m512i lo = _mm512_setzero_si512();
+        for (int k4 = 0; k4 < 8; ++k4) lo = _mm512_dpbusd_epi32(lo, w[k4], _mm512_set1_epi32(load4(c.q2 + at + r * K + k4 * 4)));
+        dot = _mm512_add_epi32(dot, lo);
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(c.da[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c.sa[i]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
@@ -70,28 +71,31 @@ constexpr bool HAS_Q8 = true;
 // ONE_CODE: the activations' first code only (half the dot products; `cs` then holds each group's sum
 // of first codes): the vocabulary's ranking, whose best candidates are rescored exactly afterwards.
 template <int R, bool GROUPED, bool ONE_CODE = false>
-void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
-           const float* da, const int32_t* cs, int64_t r0, float* y, int64_t N, int64_t n0) {
+void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const int32_t* cs, int64_t r0, float* y,
+           int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i hi[R], lo[R];
-    for (int r = 0; r < R; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
+    __m512i hi[R];
+    for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
     const uint8_t* wg = wb + g * 8 * 64;
     const int64_t at = r0 * K + g * GROUP;
     for (int k4 = 0; k4 < 8; ++k4) {
       __m512i w = _mm512_loadu_si512((const void*)(wg + k4 * 64));
-      for (int r = 0; r < R; ++r) {
-        hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(q1 + at + r * K + k4 * 4)));
-        if constexpr (!ONE_CODE) lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(load4(q2 + at + r * K + k4 * 4)));
-      }
+      for (int r = 0; r < R; ++r) hi[r] = _mm512_dpbusd_epi32(hi[r], w, _mm512_set1_epi32(load4(c.q1 + at + r * K + k4 * 4)));
     }
     for (int r = 0; r < R; ++r) {  // the + 128 comes off in int32, exactly (in fp32 it would cancel ~3 digits)
       const int64_t i = (r0 + r) * G + g;
-      __m512i dot = ONE_CODE ? _mm512_slli_epi32(_mm512_sub_epi32(hi[r], _mm512_set1_epi32(128 * cs[i])), 8)
-                             : _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r]), _mm512_set1_epi32(128 * cs[i]));
-      const __m512 scale = GROUPED ? _mm512_mul_ps(_mm512_loadu_ps(sb + g * 16), _mm512_set1_ps(da[i])) : _mm512_set1_ps(da[i]);
+      __m512i dot = _mm512_slli_epi32(hi[r], 8);
+      if (!ONE_CODE && c.two[i]) {
+        __m512i lo = _mm512_setzero_si512();
+        for (int k4 = 0; k4 < 8; ++k4)
+          lo = _mm512_dpbusd_epi32(lo, _mm512_loadu_si512((const void*)(wg + k4 * 64)), _mm512_set1_epi32(load4(c.q2 + at + r * K + k4 * 4)));
+        dot = _mm512_add_epi32(dot, lo);
+      }
+      dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(ONE_CODE ? 256 * 128 * cs[i] : 128 * cs[i]));
+      const __m512 scale = GROUPED ? _mm512_mul_ps(_mm512_loadu_ps(sb + g * 16), _mm512_set1_ps(c.da[i])) : _mm512_set1_ps(c.da[i]);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
     }
   }
@@ -103,7 +107,7 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, cons
 constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
 constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
 template <int R, bool GROUPED, bool ONE_CODE = false>
-void tile8(const uint8_t*, const float*, int64_t, const int8_t*, const int8_t*, const float*, const int32_t*, int64_t, float*, int64_t, int64_t) {}
+void tile8(const uint8_t*, const float*, int64_t, const Codes&, const int32_t*, int64_t, float*, int64_t, int64_t) {}
 
 inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
 #if defined(__AVXVNNI__)
@@ -114,26 +118,37 @@ inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
 }
 
 template <int R>
-void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
-          const float* da, const float* sa, int64_t r0, float* y, int64_t N, int64_t n0) {
+void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
+          int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256 lo[R], hi[R];  // output rows n0..n0+7 and n0+8..n0+15
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i lo1[R], lo2[R], hi1[R], hi2[R];
-    for (int r = 0; r < R; ++r) lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
+    bool second[R], any = false;
+    for (int r = 0; r < R; ++r) {
+      lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
+      any |= second[r] = c.two[(r0 + r) * G + g];
+    }
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
     for (int k4 = 0; k4 < 8; ++k4) {
       __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
       __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
       for (int r = 0; r < R; ++r) {
-        __m256i a1 = _mm256_set1_epi32(load4(q1 + at + r * K + k4 * 4));
-        __m256i a2 = _mm256_set1_epi32(load4(q2 + at + r * K + k4 * 4));
+        __m256i a1 = _mm256_set1_epi32(load4(c.q1 + at + r * K + k4 * 4));
         lo1[r] = dot4(lo1[r], wl, a1);
-        lo2[r] = dot4(lo2[r], wl, a2);
         hi1[r] = dot4(hi1[r], wh, a1);
+      }
+    }
+    for (int k4 = 0; any && k4 < 8; ++k4) {  // the second codes, for the rows whose group has them
+      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+      __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      for (int r = 0; r < R; ++r) {
+        if (!second[r]) continue;
+        __m256i a2 = _mm256_set1_epi32(load4(c.q2 + at + r * K + k4 * 4));
+        lo2[r] = dot4(lo2[r], wl, a2);
         hi2[r] = dot4(hi2[r], wh, a2);
       }
     }
@@ -143,7 +158,7 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * G + g;
-      const __m256 a = _mm256_set1_ps(da[i]), s = _mm256_set1_ps(sa[i]);
+      const __m256 a = _mm256_set1_ps(c.da[i]), s = _mm256_set1_ps(c.sa[i]);
       __m256i dotl = _mm256_add_epi32(_mm256_slli_epi32(lo1[r], 8), lo2[r]);
       __m256i doth = _mm256_add_epi32(_mm256_slli_epi32(hi1[r], 8), hi2[r]);
       lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
@@ -158,20 +173,20 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
 #endif
 
 template <int R>
-void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const int8_t* q1, const int8_t* q2,
-          const float* da, const float* sa, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
+          float* y, int64_t N, int64_t n0) {
   if constexpr (R > 0) {
-    if (count == R) tile<R>(wb, db, mb, K, q1, q2, da, sa, r0, y, N, n0);
-    else rows<R - 1>(wb, db, mb, K, q1, q2, da, sa, r0, count, y, N, n0);
+    if (count == R) tile<R>(wb, db, mb, K, c, r0, y, N, n0);
+    else rows<R - 1>(wb, db, mb, K, c, r0, count, y, N, n0);
   }
 }
 
 template <int R, bool GROUPED, bool ONE_CODE = false>
-void rows8(const uint8_t* wb, const float* sb, int64_t K, const int8_t* q1, const int8_t* q2,
-           const float* da, const int32_t* cs, int64_t r0, int64_t count, float* y, int64_t N, int64_t n0) {
+void rows8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const int32_t* cs, int64_t r0, int64_t count,
+           float* y, int64_t N, int64_t n0) {
   if constexpr (R > 0) {
-    if (count == R) tile8<R, GROUPED, ONE_CODE>(wb, sb, K, q1, q2, da, cs, r0, y, N, n0);
-    else rows8<R - 1, GROUPED, ONE_CODE>(wb, sb, K, q1, q2, da, cs, r0, count, y, N, n0);
+    if (count == R) tile8<R, GROUPED, ONE_CODE>(wb, sb, K, c, cs, r0, y, N, n0);
+    else rows8<R - 1, GROUPED, ONE_CODE>(wb, sb, K, c, cs, r0, count, y, N, n0);
   }
 }
 }  // namespace
@@ -199,8 +214,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   dynamic_for(0, NB, chunk_for(NB), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS)
-        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c.q1, c.q2, c.da, c.sa, r,
-                       std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
   });
   return y;
 }
@@ -240,10 +254,10 @@ at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Te
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t r = 0; r < M; r += MAX_ROWS) {
         const int64_t count = std::min<int64_t>(MAX_ROWS, M - r);
-        if (grouped && one_code) rows8<MAX_ROWS, true, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, first_sums.data(), r, count, Y, N, b * 16);
-        else if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
-        else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, first_sums.data(), r, count, Y, N, b * 16);
-        else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c.q1, c.q2, c.da, c.cs, r, count, Y, N, b * 16);
+        if (grouped && one_code) rows8<MAX_ROWS, true, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, first_sums.data(), r, count, Y, N, b * 16);
+        else if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, c.cs, r, count, Y, N, b * 16);
+        else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c, first_sums.data(), r, count, Y, N, b * 16);
+        else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c, c.cs, r, count, Y, N, b * 16);
       }
   });
   return y;
