@@ -118,7 +118,7 @@ def kernel_status() -> str:
         return f"torch _weight_int4pack_mm_for_cpu ({ENV}=torch)"
     module = _built.get("native")
     if module is not None:
-        return f"ours, activations as two int8 codes ({module.isa})"
+        return f"ours, activations as int8 codes, two in outlier groups ({module.isa})"
     if "native" in _failed:
         return f"torch _weight_int4pack_mm_for_cpu (ours unavailable: {_failed['native']})"
     return "not loaded"
