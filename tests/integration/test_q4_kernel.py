@@ -74,6 +74,9 @@ def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_feat
             assert relative_error(out[:, :out_features], reference(x, weight)) < 1.5e-2  # the codes against x: ~8 bits
             if in_features > 64:
                 assert two[:, 1].all() and two.float().mean() < 0.5  # the large group keeps its second code
+            both = module.q4_linear(x, packed, scales, 0.0)  # outlier 0: two codes in every group (~16 bits)
+            assert relative_error(both[:, :out_features], reference(coded(x, 0.0)[0], weight)) < 1e-5
+            assert relative_error(both[:, :out_features], reference(x, weight)) < 2e-4
             assert not padded or float(out[:, out_features:].abs().max()) == 0.0  # zero padding rows
 
 

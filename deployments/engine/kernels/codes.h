@@ -165,9 +165,12 @@ struct Codes {
   const int32_t* cs;
   const uint8_t* two;
   int64_t M, K, G;
+  float outlier;
   // fp32 inputs are coded as they are (the residual stream's precision); other dtypes go through bf16.
-  explicit Codes(const at::Tensor& x_in)
-      : x(x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kBFloat16).contiguous()) {
+  // `outlier` 0: every group keeps two codes (perf/bench_codes.py's baseline).
+  explicit Codes(const at::Tensor& x_in, double outlier_ = OUTLIER)
+      : x(x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kBFloat16).contiguous()),
+        outlier(static_cast<float>(outlier_)) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) % GROUP == 0, "the input's last dimension must be a multiple of 32");
     M = x.size(0), K = x.size(1), G = K / GROUP;
     scratch = at::empty({2 * M * K + 13 * M * G}, at::kChar);
@@ -185,24 +188,27 @@ struct Codes {
  private:
   template <typename T>
   void code(const T* X, int8_t* c1, int8_t* c2, float* d, float* s, int32_t* c, uint8_t* t) const {
-    std::vector<float> amax(G), order(G);
-    for (int64_t r = 0; r < M; ++r) {
-      for (int64_t g = 0; g < G; ++g) order[g] = amax[g] = group_absmax(X + (r * G + g) * GROUP);
-      std::nth_element(order.begin(), order.begin() + G / 2, order.end());
-      const float limit = OUTLIER * order[G / 2];
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t i = r * G + g;
-        t[i] = amax[g] > limit;
-        d[i] = quantize_group(X + i * GROUP, amax[g], t[i], c1 + i * GROUP, c2 + i * GROUP, s + i, c + i);
+    // rows in parallel once there are a few thousand values per thread (a prefill's were ~10% of its matmuls' time)
+    dynamic_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
+      std::vector<float> amax(G), order(G);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t g = 0; g < G; ++g) order[g] = amax[g] = group_absmax(X + (r * G + g) * GROUP);
+        std::nth_element(order.begin(), order.begin() + G / 2, order.end());
+        const float limit = outlier * order[G / 2];
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = r * G + g;
+          t[i] = amax[g] > limit;
+          d[i] = quantize_group(X + i * GROUP, amax[g], t[i], c1 + i * GROUP, c2 + i * GROUP, s + i, c + i);
+        }
       }
-    }
+    });
   }
 };
 
 }  // namespace llm_kernels
 
 // The functions the module exports (matmul.cpp, attention.cpp, lora.cpp, glue.cpp, vocab.cpp, decode.cpp).
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, double outlier = llm_kernels::OUTLIER);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, bool one_code);

@@ -29,7 +29,8 @@ template <int R>
 void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
           int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
-  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const __m512i nibble = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);  // the upper 256 bits take the high nibbles
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -37,23 +38,25 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
-    for (int k4 = 0; k4 < 8; ++k4) {
-      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
-      w[k4] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(pk, mask)),
-                                 _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask), 1);
+    for (int k4 = 0; k4 < 8; ++k4) {  // 32 bytes in both halves, shifted per half, masked: 2 operations
+      w[k4] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wg + k4 * 32))), nibble), mask);
       for (int r = 0; r < R; ++r) hi[r] = _mm512_dpbusd_epi32(hi[r], w[k4], _mm512_set1_epi32(load4(c.q1 + at + r * K + k4 * 4)));
     }
     __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
     __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * G + g;
-      __m512i dot = _mm512_slli_epi32(hi[r], 8);
+      __m512 dot;
+      float scale = c.da[i];
       if (c.two[i]) {
         __m512i lo = _mm512_setzero_si512();
         for (int k4 = 0; k4 < 8; ++k4) lo = _mm512_dpbusd_epi32(lo, w[k4], _mm512_set1_epi32(load4(c.q2 + at + r * K + k4 * 4)));
-        dot = _mm512_add_epi32(dot, lo);
+        dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo));
+      } else {  // one code: 256 q1 * da, the shift folded into the scale
+        dot = _mm512_cvtepi32_ps(hi[r]);
+        scale *= 256.f;
       }
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(c.da[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(scale)), acc[r]);
       acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c.sa[i]), acc[r]);
     }
   }
@@ -197,11 +200,11 @@ using namespace llm_kernels;
 bool has_q8() { return HAS_Q8; }
 
 // x [M, K] (fp32 or bf16; other dtypes through bf16); packed [N/16, K/4, 32] uint8; scales [2, N/16, K/32, 16]
-// fp16 (d, then m). Returns y [M, N] fp32.
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+// fp16 (d, then m); outlier: codes.h's rule (0: two codes everywhere). Returns y [M, N] fp32.
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, double outlier) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q4_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "q4_linear: scales must be contiguous fp16");
-  const Codes c(x);
+  const Codes c(x, outlier);
   const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
   TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
   TORCH_CHECK(scales.numel() == 2 * NB * G * 16, "q4_linear: scales do not match the weight");

@@ -9,7 +9,8 @@
 using nogil = py::call_guard<py::gil_scoped_release>;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_linear", &q4_linear, nogil(), "int4 weights (GGUF Q4_1 layout) x activations as int8 codes (two for outlier groups) -> fp32");
+  mod.def("q4_linear", &q4_linear, nogil(), "int4 weights (GGUF Q4_1 layout) x activations as int8 codes (two for outlier groups) -> fp32",
+          py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("outlier") = llm_kernels::OUTLIER);
   mod.def("q8_linear", &q8_linear, nogil(), "int8 weights (per-row or per-32 scales, stored + 128) x the same activation codes -> fp32");
   mod.def("q8_rank", &q8_rank, nogil(), "q8_linear (per-row scales) from the activations' first code alone: vocabulary ranking");
 #ifndef LLM_KERNELS_MATMUL_ONLY  // the AVX2 test build: only the matmuls have ISA-specific code
