@@ -26,7 +26,6 @@ from serve_app import ray_env  # noqa: E402
 
 ray_env.apply()  # loopback, Serve's throughput mode (read when ray is imported)
 
-import httpx  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
@@ -99,7 +98,7 @@ async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> d
         return argparse.Namespace(base_url=f"{url}/v1", model=MODEL_ID, endpoint="completions", output_len=output_len,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+    async with bench_serving.client_session(64, 600.0) as client:
         await bench_serving.run_point(client, point_args(4), prompts[:2], concurrency=2)  # warm-up
         before = cpu_seconds_by_process()
         streams = await bench_serving.run_point(client, point_args(args.output_len), prompts, concurrency=args.streams)

@@ -1,6 +1,6 @@
 """Group-wise 4-bit weights and their kernels: packing, unpacking, matmul.
 
-On x86 CPUs, group size 32, our kernel (`deployments/engine/kernels/matmul.cpp`: activations as two int8 codes,
+On x86 CPUs, group size 32, our kernel (`deployments/engine/kernels/matmul.cpp`: activations as int8 codes (two in a row's outlier groups),
 VNNI dot products, fp16 scales and mins, the GGUF Q4_1 layout) where it builds; otherwise torch's
 int4 ("tinygemm") kernels, described below. `pack` picks, and `matmul`/`unpack_q` read either layout.
 
