@@ -165,12 +165,10 @@ struct Codes {
   const int32_t* cs;
   const uint8_t* two;
   int64_t M, K, G;
-  float outlier;
   // fp32 inputs are coded as they are (the residual stream's precision); other dtypes go through bf16.
   // `outlier` 0: every group keeps two codes (perf/bench_codes.py's baseline).
-  explicit Codes(const at::Tensor& x_in, double outlier_ = OUTLIER)
-      : x(x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kBFloat16).contiguous()),
-        outlier(static_cast<float>(outlier_)) {
+  explicit Codes(const at::Tensor& x_in, double outlier = OUTLIER)
+      : x(x_in.scalar_type() == at::kFloat ? x_in.contiguous() : x_in.to(at::kBFloat16).contiguous()) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) % GROUP == 0, "the input's last dimension must be a multiple of 32");
     M = x.size(0), K = x.size(1), G = K / GROUP;
     scratch = at::empty({2 * M * K + 13 * M * G}, at::kChar);
@@ -180,14 +178,15 @@ struct Codes {
     float* s = d + M * G;
     int32_t* c = reinterpret_cast<int32_t*>(s + M * G);
     uint8_t* t = reinterpret_cast<uint8_t*>(c + M * G);
-    if (x.scalar_type() == at::kFloat) code(x.data_ptr<float>(), c1, c2, d, s, c, t);
-    else code(x.data_ptr<at::BFloat16>(), c1, c2, d, s, c, t);
+    const float o = static_cast<float>(outlier);
+    if (x.scalar_type() == at::kFloat) code(x.data_ptr<float>(), o, c1, c2, d, s, c, t);
+    else code(x.data_ptr<at::BFloat16>(), o, c1, c2, d, s, c, t);
     q1 = c1, q2 = c2, da = d, sa = s, cs = c, two = t;
   }
 
  private:
   template <typename T>
-  void code(const T* X, int8_t* c1, int8_t* c2, float* d, float* s, int32_t* c, uint8_t* t) const {
+  void code(const T* X, float outlier, int8_t* c1, int8_t* c2, float* d, float* s, int32_t* c, uint8_t* t) const {
     // rows in parallel once there are a few thousand values per thread (a prefill's were ~10% of its matmuls' time)
     dynamic_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
       std::vector<float> amax(G), order(G);
