@@ -13,6 +13,7 @@ from deployments.engine import kernels
 from deployments.engine.layers import int4
 from deployments.engine.layers.int4 import Int4Weight
 from deployments.engine.layers.linear import Linear
+from perf.bench_codes import second_code_groups
 
 native = kernels.load("native")
 pytestmark = pytest.mark.skipif(native is None, reason=f"int4 CPU kernel not built here: {kernels._failed.get('native')}")
@@ -29,7 +30,7 @@ def coded(x: torch.Tensor, outlier: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows, k = x.shape
     g = x.float().view(rows, k // 32, 32)
     amax = g.abs().amax(-1)
-    two = amax > outlier * amax.sort(-1).values[:, k // 64 : k // 64 + 1]
+    two = second_code_groups(x, outlier)
     scaled = g * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)[..., None]  # (127 / amax: reciprocal, then x 127)
     q1 = scaled.round()
     q2 = ((scaled - q1) * 256).round().clamp(-127, 127) * two[..., None]
