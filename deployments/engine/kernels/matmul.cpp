@@ -4,7 +4,8 @@
 // the layout of GGUF Q4_1/Q4_0 blocks. Each call codes x per group of 32 as int8 (codes.h): one code
 // x ~ 256 da * q1 for most groups, two, x ~ da * (256 q1 + q2) (about 16 bits), for a group holding an
 // outlier of its row. It sums q * q1 (and q * q2 where there is one) in int32 with VNNI (vpdpbusd;
-// AVX2: maddubs + madd), one instruction per 64 multiply-adds; the scales enter once per group:
+// AVX2: maddubs summed in int16 over a group, one madd per group), one instruction per 64 multiply-adds
+// (AVX2: per 32); the scales enter once per group:
 //   y = sum_g d_g * (da_g / 256) * (256 * sum(q * q1) + sum(q * q2)) + m_g * sa_g,  sa_g = sum of x's codes * scale.
 // Output rows come 16 at a time in a vector's lanes (no horizontal sums), activation rows up to 8
 // at a time share each weight load. torch's _weight_int4pack_mm_for_cpu dequantizes to fp32 and
@@ -107,17 +108,74 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
 }
 
 #else  // AVX2: two 8-lane halves per 16 output rows
-constexpr int MAX_ROWS = 2;  // 16 ymm registers: 6 accumulators per row
-constexpr bool HAS_Q8 = false;  // maddubs would saturate on u8 x s8; torch's int8 kernel ranks instead
-template <int R, bool GROUPED, bool ONE_CODE = false>
-void tile8(const uint8_t*, const float*, int64_t, const Codes&, const int32_t*, int64_t, float*, int64_t, int64_t) {}
-
-inline __m256i dot4(__m256i acc, __m256i w, __m256i a) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, w, a);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+#ifndef Q4_MAX_ROWS
+#define Q4_MAX_ROWS 2  // 16 ymm registers
 #endif
+constexpr int MAX_ROWS = Q4_MAX_ROWS;
+constexpr bool HAS_Q8 = true;
+
+// Sums of 4 products u8 x s8 per int32 lane: vpdpbusd where AVX-VNNI exists; else maddubs, whose int16
+// pair sums (|w a + w' a'| <= 2 * 15 * 127 = 3810 for int4 weights) add up in int16 over a whole group
+// of 32 (8 x 3810 < 32767) and widen to int32 once per group (madd): 2 operations per 32 products, not 4.
+#if defined(__AVXVNNI__)
+inline __m256i step4(__m256i acc, __m256i w, __m256i a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
+inline __m256i widen(__m256i acc) { return acc; }
+#else
+inline __m256i step4(__m256i acc, __m256i w, __m256i a) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, a)); }
+inline __m256i widen(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+#endif
+
+// int8 weights (vocabulary ranking, int8 layers), the layout tile8 reads above: u = w + 128 turns back
+// into w by flipping the top bit; maddubs takes |w| (unsigned) and a with w's sign, |2 * 127 * 127| <
+// 32767, so nothing saturates (llama.cpp's AVX2 Q8_0 trick), and products widen to int32 at once.
+inline __m256i dot8(__m256i acc, __m256i wabs, __m256i w, __m256i a) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1)));
+}
+
+template <int R, bool GROUPED, bool ONE_CODE = false>
+void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const int32_t*, int64_t r0, float* y,
+           int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  const __m256i top = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 lo[R], hi[R];  // output rows n0..n0+7 and n0+8..n0+15
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = wb + g * 8 * 64;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int pass = 0; pass < (ONE_CODE ? 1 : 2); ++pass) {  // pass 1: the second codes, where a row's group has them
+      bool any = pass == 0;
+      for (int r = 0; r < R && !any; ++r) any = c.two[(r0 + r) * G + g];
+      if (!any) break;
+      const int8_t* q = pass == 0 ? c.q1 : c.q2;
+      __m256i il[R], ih[R];
+      for (int r = 0; r < R; ++r) il[r] = ih[r] = _mm256_setzero_si256();
+      for (int k4 = 0; k4 < 8; ++k4) {
+        const __m256i wl = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wg + k4 * 64)), top);
+        const __m256i wh = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(wg + k4 * 64 + 32)), top);
+        const __m256i al = _mm256_abs_epi8(wl), ah = _mm256_abs_epi8(wh);
+        for (int r = 0; r < R; ++r) {
+          const __m256i a = _mm256_set1_epi32(load4(q + at + r * K + k4 * 4));
+          il[r] = dot8(il[r], al, wl, a);
+          ih[r] = dot8(ih[r], ah, wh, a);
+        }
+      }
+      const __m256 sl = GROUPED ? _mm256_loadu_ps(sb + g * 16) : _mm256_set1_ps(1.f);
+      const __m256 sh = GROUPED ? _mm256_loadu_ps(sb + g * 16 + 8) : _mm256_set1_ps(1.f);
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (r0 + r) * G + g;
+        if (pass == 1 && !c.two[i]) continue;
+        const __m256 a = _mm256_set1_ps(pass == 0 ? 256.f * c.da[i] : c.da[i]);
+        lo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il[r]), _mm256_mul_ps(sl, a), lo[r]);
+        hi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[r]), _mm256_mul_ps(sh, a), hi[r]);
+      }
+    }
+  }
+  const __m256 svl = GROUPED ? _mm256_set1_ps(1.f) : _mm256_loadu_ps(sb);
+  const __m256 svh = GROUPED ? _mm256_set1_ps(1.f) : _mm256_loadu_ps(sb + 8);
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N + n0, _mm256_mul_ps(svl, lo[r]));
+    _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, _mm256_mul_ps(svh, hi[r]));
+  }
 }
 
 template <int R>
@@ -141,8 +199,8 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
       __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
       for (int r = 0; r < R; ++r) {
         __m256i a1 = _mm256_set1_epi32(load4(c.q1 + at + r * K + k4 * 4));
-        lo1[r] = dot4(lo1[r], wl, a1);
-        hi1[r] = dot4(hi1[r], wh, a1);
+        lo1[r] = step4(lo1[r], wl, a1);
+        hi1[r] = step4(hi1[r], wh, a1);
       }
     }
     for (int k4 = 0; any && k4 < 8; ++k4) {  // the second codes, for the rows whose group has them
@@ -151,8 +209,8 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
       for (int r = 0; r < R; ++r) {
         if (!second[r]) continue;
         __m256i a2 = _mm256_set1_epi32(load4(c.q2 + at + r * K + k4 * 4));
-        lo2[r] = dot4(lo2[r], wl, a2);
-        hi2[r] = dot4(hi2[r], wh, a2);
+        lo2[r] = step4(lo2[r], wl, a2);
+        hi2[r] = step4(hi2[r], wh, a2);
       }
     }
     __m256 dl = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16)));
@@ -161,9 +219,16 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * G + g;
-      const __m256 a = _mm256_set1_ps(c.da[i]), s = _mm256_set1_ps(c.sa[i]);
-      __m256i dotl = _mm256_add_epi32(_mm256_slli_epi32(lo1[r], 8), lo2[r]);
-      __m256i doth = _mm256_add_epi32(_mm256_slli_epi32(hi1[r], 8), hi2[r]);
+      const __m256 s = _mm256_set1_ps(c.sa[i]);
+      __m256i dotl = widen(lo1[r]), doth = widen(hi1[r]);
+      float scale = c.da[i];
+      if (second[r]) {
+        dotl = _mm256_add_epi32(_mm256_slli_epi32(dotl, 8), widen(lo2[r]));
+        doth = _mm256_add_epi32(_mm256_slli_epi32(doth, 8), widen(hi2[r]));
+      } else {  // one code: the x256 folded into the scale
+        scale *= 256.f;
+      }
+      const __m256 a = _mm256_set1_ps(scale);
       lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
       hi[r] = _mm256_fmadd_ps(mh, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(doth), _mm256_mul_ps(dh, a), hi[r]));
     }
@@ -231,7 +296,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 at::Tensor q8_rank(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) { return q8_matmul(x, packed, scales, true); }
 
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, bool one_code) {
-  TORCH_CHECK(HAS_Q8, "q8_linear needs AVX-512 VNNI");
+  TORCH_CHECK(HAS_Q8, "q8_linear is not built for this instruction set");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q8_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
   const Codes c(x);

@@ -1,4 +1,4 @@
-"""Group-wise int8 weights for our CPU kernel (`q8_linear` with per-group scales, AVX-512 VNNI).
+"""Group-wise int8 weights for our CPU kernel (`q8_linear` with per-group scales: AVX-512 VNNI, or AVX2).
 
 What GGUF's 5-, 6- and 8-bit tensors become in the `int4` format where that kernel runs (Gemma 3's
 Q4_K_M keeps q/k/v and gate/up in Q5_0/Q8_0, half of down in Q6_K): one int8 code per weight with an
@@ -21,7 +21,7 @@ ROWS = 16
 
 
 def available(device: torch.device) -> bool:
-    """Whether this layout's kernel runs here (CPU, our kernels built with AVX-512 VNNI)."""
+    """Whether this layout's kernel runs here (CPU, our kernels built: AVX-512 VNNI or AVX2)."""
     from deployments.engine import kernels
 
     module = kernels.cpu_kernels() if device.type == "cpu" else None
