@@ -178,10 +178,12 @@ def test_group_int8_layer_matches_its_dequantized_weight(out_features: int) -> N
 @pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [0, 5, 200])
 @pytest.mark.parametrize("split", [False, True])
-def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dtype: torch.dtype, window: int, split: bool) -> None:
+@pytest.mark.parametrize("isa", ["native", "avx2"])  # tiles of 16 keys (AVX-512) or 8 (AVX2)
+def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dtype: torch.dtype, window: int, split: bool, isa: str) -> None:
     from deployments.engine.layers.attention import _decode_attention, build_metadata
 
-    assert native is not None
+    module = kernels.load(isa)
+    assert module is not None, kernels._failed.get(isa)
     torch.manual_seed(5)
     block_size, num_blocks, kv_heads, heads, head_dim = 4, 16, 2, 6, 64
     k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
@@ -199,7 +201,7 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dty
     mask = meta.decode_sliding_mask if meta.decode_sliding_mask is not None else meta.decode_mask
     assert meta.decode_block_ids is not None and mask is not None
     expected = _decode_attention(q, k_cache, v_cache, meta.decode_block_ids, mask, 0.125, block_size)
-    out = native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_ids.view(n, -1), meta.decode_context_lens,
+    out = module.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_ids.view(n, -1), meta.decode_context_lens,
                                         block_size, window, 0.125)
     tolerance = 1e-5 if q_dtype == torch.float32 else 2e-2
     assert out.dtype == q_dtype

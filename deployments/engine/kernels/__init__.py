@@ -34,11 +34,11 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp", "module.cpp", "codes.h")]
 ENV = "LLM_SERVE_INT4_KERNEL"
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-DLLM_KERNELS_MATMUL_ONLY"]}
-"""`native` is what the engine uses; `avx2` builds the AVX2 path of the matmuls (the only ISA-specific
-code) on any x86 host, for the tests that compare the two: half the build."""
+"""`native` is what the engine uses; `avx2` builds the AVX2 paths of the matmuls and the attention (the
+only ISA-specific code) on any x86 host, for the tests that compare the two: half the build."""
 # module.cpp first: ninja starts jobs in this order, and it is the longest (torch/extension.h), so the
 # others compile beside it rather than after it (the AVX2 build 52 -> ~35 s on two cores).
-ISA_SOURCES = {"native": ("module.cpp", "matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp"), "avx2": ("module.cpp", "matmul.cpp")}
+ISA_SOURCES = {"native": ("module.cpp", "matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp"), "avx2": ("module.cpp", "matmul.cpp", "attention.cpp")}
 
 _lock = threading.Lock()
 _built: dict[str, ModuleType] = {}

@@ -1,9 +1,9 @@
 // Paged decode attention: one query per sequence, keys and values read in place from their blocks
 // (fp32 or bf16 caches; queries fp32 or bf16). Work items are (sequence, KV head, context chunk).
-// With AVX-512 and head_dim a multiple of 16 (up to 256), each item runs tiles of 16 keys: the group's
-// 16 scores per tile come out of one transpose-add of 16 partial-dot vectors, the softmax is online
-// (running max and sum per query head), exp is a polynomial in the vector lanes, and bf16 tiles are
-// widened once per tile. Elsewhere a portable loop (`chunk_partial`) computes the same partials.
+// With head_dim a multiple of the vector width (up to 256), each item runs tiles of 16 keys (AVX-512) or
+// 8 (AVX2): the group's scores per tile come out of one transpose-add of partial-dot vectors, the softmax
+// is online (running max and sum per query head), exp is a polynomial in the vector lanes, and bf16
+// tiles are widened once per tile. Elsewhere a portable loop (`chunk_partial`) computes the same partials.
 #include "codes.h"
 
 namespace {
@@ -44,12 +44,26 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
 
 // One output row from its chunks' partials (`splits` of them, `group` heads apart): rescaled to the
 // largest max and normalised; empty chunks (sum 0) are skipped.
+// The vector tile: W keys per tile, one W-lane register per vector (AVX-512: 16, AVX2: 8), and the
+// operations the tile loop below needs, named alike for both.
 #ifdef Q4_AVX512
-using llm_kernels::load16;
-constexpr int64_t TILE = 16, MAX_D = 256;
+using Vec = __m512;
+constexpr int64_t TILE = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float f) { return _mm512_set1_ps(f); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load16(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
+inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+// lanes [0, count) of v, the rest `fill`
+inline Vec first(int64_t count, Vec v, float fill) { return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << count) - 1), vset(fill), v); }
 
 // exp of each lane (x <= 0 here: scores minus their running max), as glue.cpp's exp_approx.
-inline __m512 exp512(__m512 x) {
+inline Vec vexp(Vec x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -60,7 +74,7 @@ inline __m512 exp512(__m512 x) {
 }
 
 // Lane j = the sum of v[j]'s lanes, for 16 vectors (a transpose-add: 45 operations instead of 16 reductions).
-inline __m512 reduce16(const __m512* v) {
+inline Vec reduce(const Vec* v) {
   __m512 a[8], b[4];
   for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   for (int i = 0; i < 4; ++i) b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
@@ -69,21 +83,73 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
 }
 
-// The 16 rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
+#else  // AVX2
+using Vec = __m256;
+constexpr int64_t TILE = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float f) { return _mm256_set1_ps(f); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load8(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline float hmax(Vec v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float hsum(Vec v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+inline Vec first(int64_t count, Vec v, float fill) {
+  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  return _mm256_blendv_ps(vset(fill), v, keep);
+}
+
+// AVX-512's vexp without scalef: 2^n built in the exponent bits (n >= -126 for x >= -87).
+inline Vec vexp(Vec x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// Lane j = the sum of v[j]'s lanes, for 8 vectors (a transpose-add).
+inline Vec reduce(const Vec* v) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+#endif
+
+constexpr int64_t LANES = sizeof(Vec) / sizeof(float), MAX_D = 256;
+
+// The rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
 inline const float* tile_row(const float* row, float*, int64_t) { return row; }
 inline const float* tile_row(const at::BFloat16* row, float* buf, int64_t D) {
-  for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(buf + c, load16(row + c));
+  for (int64_t c = 0; c < D; c += LANES) vstore(buf + c, vwiden(row + c));
   return buf;
 }
 
-// chunk_partial's partials for context [start, stop) of one (sequence, KV head), 16 keys at a time.
+// chunk_partial's partials for context [start, stop) of one (sequence, KV head), TILE keys at a time:
+// the group's TILE scores per tile come out of one transpose-add of TILE partial-dot vectors, the softmax
+// is online (running max and sum per query head), exp is a polynomial in the lanes.
 template <typename T>
-void tiles512(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t kh, int64_t D,
-              int64_t group, int64_t block_size, int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
+void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t kh, int64_t D,
+           int64_t group, int64_t block_size, int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
   alignas(64) float kbuf[TILE * MAX_D], vbuf[TILE * MAX_D], p[TILE];
   const float* krow[TILE];
   const float* vrow[TILE];
-  __m512 part[TILE];
+  Vec part[TILE];
   for (int64_t t0 = start; t0 < stop; t0 += TILE) {
     const int64_t count = std::min(TILE, stop - t0);
     for (int64_t j = 0; j < count; ++j) {
@@ -91,33 +157,31 @@ void tiles512(const float* qf, const T* kc, const T* vc, const int64_t* table, i
       krow[j] = tile_row(kc + at, kbuf + j * D, D);
       vrow[j] = tile_row(vc + at, vbuf + j * D, D);
     }
-    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1);
+    for (int64_t j = count; j < TILE; ++j) krow[j] = krow[0], vrow[j] = vrow[0];  // a short last tile: fixed trip counts
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = qf + g * D;
-      for (int64_t j = 0; j < TILE; ++j) {
-        __m512 d = _mm512_setzero_ps();
-        if (j < count)
-          for (int64_t c = 0; c < D; c += 16) d = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), _mm512_loadu_ps(krow[j] + c), d);
-        part[j] = d;
+      for (int64_t j = 0; j < TILE; ++j) part[j] = vzero();
+      for (int64_t c = 0; c < D; c += LANES) {  // the keys' partial dots are independent chains (one per key)
+        const Vec qc = vload(qg + c);
+        for (int64_t j = 0; j < TILE; ++j) part[j] = vfmadd(qc, vload(krow[j] + c), part[j]);  // (lanes past count are masked)
       }
-      const __m512 scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), reduce16(part));
-      const float top = std::max(mx[g], _mm512_reduce_max_ps(scores));
+      const Vec scores = first(count, reduce(part), -INFINITY);
+      const float top = std::max(mx[g], hmax(scores));
       const float factor = std::exp(mx[g] - top);  // 0 on the first tile (mx = -inf)
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(scores, _mm512_set1_ps(top))));
-      sum[g] = sum[g] * factor + _mm512_reduce_add_ps(e);
+      const Vec e = first(count, vexp(vsub(scores, vset(top))), 0.f);
+      sum[g] = sum[g] * factor + hsum(e);
       mx[g] = top;
-      _mm512_storeu_ps(p, e);
+      vstore(p, e);
       float* a = acc + g * D;
-      const __m512 f = _mm512_set1_ps(factor);
-      for (int64_t c = 0; c < D; c += 16) {
-        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(a + c), f);
-        for (int64_t j = 0; j < count; ++j) v = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(vrow[j] + c), v);
-        _mm512_storeu_ps(a + c, v);
+      const Vec f = vset(factor);
+      for (int64_t c = 0; c < D; c += LANES) {
+        Vec v = vmul(vload(a + c), f);
+        for (int64_t j = 0; j < TILE; ++j) v = vfmadd(vset(p[j]), vload(vrow[j] + c), v);  // p[j] = 0 past count
+        vstore(a + c, v);
       }
     }
   }
 }
-#endif
 
 template <typename T>
 void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t splits, int64_t group, int64_t D, T* out) {
@@ -158,12 +222,10 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
       float* mx = part_max.data() + w * group;
       float* sum = part_sum.data() + w * group;
       float* acc = part_acc.data() + w * group * D;
-#ifdef Q4_AVX512
-      if (D % 16 == 0 && D <= MAX_D) {
-        tiles512(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, mx, sum, acc);
+      if (D % LANES == 0 && D <= MAX_D) {
+        tiles(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, mx, sum, acc);
         continue;
       }
-#endif
       chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores, mx, sum, acc);
     }
   });

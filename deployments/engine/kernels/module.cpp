@@ -13,8 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("outlier") = llm_kernels::OUTLIER);
   mod.def("q8_linear", &q8_linear, nogil(), "int8 weights (per-row or per-32 scales, stored + 128) x the same activation codes -> fp32");
   mod.def("q8_rank", &q8_rank, nogil(), "q8_linear (per-row scales) from the activations' first code alone: vocabulary ranking");
-#ifndef LLM_KERNELS_MATMUL_ONLY  // the AVX2 test build: only the matmuls have ISA-specific code
   mod.def("paged_decode_attention", &paged_decode_attention, nogil(), "one query per sequence over its cache blocks, read in place");
+#ifndef LLM_KERNELS_MATMUL_ONLY  // the AVX2 test build: only the matmuls and attention have ISA-specific code
   mod.def("lora_add", &lora_add, nogil(), "each token through its own LoRA adapter, added to y in place");
   mod.def("residual_norm", &residual_norm, nogil(), "x += y (or rms_norm(y) * w_y) in place; returns rms_norm(x) * w_out");
   mod.def("rope_kv", &rope_kv, nogil(), "q/k norms + rotary on a fused qkv, k and v written to their cache slots; returns q");
