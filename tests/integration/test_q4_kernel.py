@@ -64,7 +64,7 @@ def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_feat
     s = torch.cat([weight.scales, weight.scales.new_zeros(padded, in_features // 32)])
     z = torch.cat([weight.zeros, weight.zeros.new_zeros(padded, in_features // 32)])
     packed, scales = int4._pack_ours(q, s, z)
-    for rows in range(0, 14):  # every remainder of the 6-row (AVX-512) and 2-row (AVX2) tiles
+    for rows in range(0, 14):  # every remainder of the 6-row (AVX-512) and 4-row (AVX2) tiles
         x = torch.randn(rows, in_features).bfloat16()
         x[:, 32:64] *= 50  # a group with large values next to ordinary ones
         out = module.q4_linear(x, packed, scales)

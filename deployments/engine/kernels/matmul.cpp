@@ -109,7 +109,7 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
 
 #else  // AVX2: two 8-lane halves per 16 output rows
 #ifndef Q4_MAX_ROWS
-#define Q4_MAX_ROWS 2  // 16 ymm registers
+#define Q4_MAX_ROWS 4  // 2, 3, 4, 5, 6, 8 measured (session 10, perf/README.md): 4 best, though its accumulators spill
 #endif
 constexpr int MAX_ROWS = Q4_MAX_ROWS;
 constexpr bool HAS_Q8 = true;
