@@ -60,7 +60,7 @@ $(ADAPTER_DIR)/smollm2-shouty/adapter_model.safetensors: | $(STAMP)
 
 test:
 	$(MAKE) -j3 --output-sync=target install $(VENV)/.kernels-avx2 typecheck browser-deps
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 # tests/browser drive Debian's Chromium through Playwright (which never downloads a browser here);
 # without root and without chromium they are skipped, saying why.
