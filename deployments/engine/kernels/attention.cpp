@@ -42,8 +42,6 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
   }
 }
 
-// One output row from its chunks' partials (`splits` of them, `group` heads apart): rescaled to the
-// largest max and normalised; empty chunks (sum 0) are skipped.
 // The vector tile: W keys per tile, one W-lane register per vector (AVX-512: 16, AVX2: 8), and the
 // operations the tile loop below needs, named alike for both.
 #ifdef Q4_AVX512
@@ -62,16 +60,11 @@ inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 // lanes [0, count) of v, the rest `fill`
 inline Vec first(int64_t count, Vec v, float fill) { return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << count) - 1), vset(fill), v); }
 
-// exp of each lane (x <= 0 here: scores minus their running max), as glue.cpp's exp_approx.
-inline Vec vexp(Vec x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f))), n);
-}
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vscale2(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
 
 // Lane j = the sum of v[j]'s lanes, for 16 vectors (a transpose-add: 45 operations instead of 16 reductions).
 inline Vec reduce(const Vec* v) {
@@ -109,17 +102,13 @@ inline Vec first(int64_t count, Vec v, float fill) {
   return _mm256_blendv_ps(vset(fill), v, keep);
 }
 
-// AVX-512's vexp without scalef: 2^n built in the exponent bits (n >= -126 for x >= -87).
-inline Vec vexp(Vec x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// y * 2^n without scalef: 2^n built in the exponent bits (n >= -126 here: vexp clamps x at -87)
+inline Vec vscale2(Vec y, Vec n) {
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
 }
 
 // Lane j = the sum of v[j]'s lanes, for 8 vectors (a transpose-add).
@@ -132,6 +121,18 @@ inline Vec reduce(const Vec* v) {
 #endif
 
 constexpr int64_t LANES = sizeof(Vec) / sizeof(float), MAX_D = 256;
+
+// exp of each lane (x <= 0 here: scores minus their running max), as glue.cpp's exp_approx: x = n ln2 + r,
+// a degree-6 polynomial for e^r, times 2^n.
+inline Vec vexp(Vec x) {
+  x = vmax(x, vset(-87.f));
+  const Vec n = vround(vmul(x, vset(1.44269504088896341f)));
+  Vec r = vfnmadd(n, vset(0.693359375f), x);
+  r = vfnmadd(n, vset(-2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = vfmadd(p, r, vset(c));
+  return vscale2(vfmadd(vmul(p, r), r, vadd(r, vset(1.f))), n);
+}
 
 // The rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
 inline const float* tile_row(const float* row, float*, int64_t) { return row; }
@@ -183,6 +184,8 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
   }
 }
 
+// One output row from its chunks' partials (`splits` of them, `group` heads apart): rescaled to the
+// largest max and normalised; empty chunks (sum 0) are skipped.
 template <typename T>
 void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t splits, int64_t group, int64_t D, T* out) {
   float top = -INFINITY, total = 0;
