@@ -5,7 +5,7 @@
 // x ~ 256 da * q1 for most groups, two, x ~ da * (256 q1 + q2) (about 16 bits), for a group holding an
 // outlier of its row. It sums q * q1 (and q * q2 where there is one) in int32 with VNNI (vpdpbusd;
 // AVX2: maddubs summed in int16 over a group, one madd per group), one instruction per 64 multiply-adds
-// (AVX2: per 32); the scales enter once per group:
+// (AVX2: two per 32); the scales enter once per group:
 //   y = sum_g d_g * (da_g / 256) * (256 * sum(q * q1) + sum(q * q2)) + m_g * sa_g,  sa_g = sum of x's codes * scale.
 // Output rows come 16 at a time in a vector's lanes (no horizontal sums), activation rows up to 8
 // at a time share each weight load. torch's _weight_int4pack_mm_for_cpu dequantizes to fp32 and
