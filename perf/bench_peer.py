@@ -5,6 +5,9 @@ and 10 streams (closed loop), through one system at a time: llama.cpp's llama-se
 process, no HTTP: perf/peer_openvino.py in its own venv), our AsyncLLMEngine in process, our Ray Serve app (HTTP/SSE).
 Output tokens come from usage / engine token counts, never chunk counts; ITL is between content chunks. Every
 request starts with its own tag, so no system gets a prefix-cache hit.
+With --rounds N every system runs N times, in reversed order every other round (a host whose speed drifts
+by 20-40% within minutes otherwise decides the ratios by run order): the table shows each system's median
+round, and each ratio is the median of the rounds' ratios (each round against that round's best peer).
 Writes perf/results/bench_peer.json + .png. Run: python perf/bench_peer.py -h
 """
 
@@ -17,6 +20,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -227,6 +231,32 @@ def run_system(args: argparse.Namespace, model: str, system: str) -> dict[str, A
     return result
 
 
+def median_round(runs: list[dict[str, Any]], concs: list[str]) -> dict[str, Any]:
+    """One system's rounds as one result: per concurrency, the point of the round with the median tok/s
+    (the lower middle of an even count); the first round's other fields."""
+    out = dict(runs[0])
+    points = {}
+    for c in concs:
+        have = sorted((r["points"][c] for r in runs if c in r.get("points", {})), key=lambda p: p["output_throughput"])
+        if have:
+            points[c] = {**have[(len(have) - 1) // 2], "rounds_output_throughput": [p["output_throughput"] for p in have]}
+    if points:
+        out["points"] = points
+    return out
+
+
+def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of each ratio (each round's against that round's best peer)."""
+    out: dict[str, Any] = {"best_peer": statistics.mode([r["best_peer"] for r in per_round]), "over_best_peer": {}}
+    for system in {s for r in per_round for s in r["over_best_peer"]}:
+        out["over_best_peer"][system] = statistics.median(r["over_best_peer"][system] for r in per_round if system in r["over_best_peer"])
+    if all("http_over_inproc" in r for r in per_round):
+        out["http_over_inproc"] = statistics.median(r["http_over_inproc"] for r in per_round)
+    if len(per_round) > 1:
+        out["by_round"] = per_round
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS), help=",".join(MODELS))
@@ -243,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "other processes' CPU load to go (it is recorded either way)")
     p.add_argument("--llama-server", type=Path, default=REPO_ROOT.parent / "shared/peers/llama-server/run")
     p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
+    p.add_argument("--rounds", type=int, default=1, help="run every system this many times, alternating the order")
     p.add_argument("--name", default="bench_peer")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "perf/results")
     args = p.parse_args(argv)
@@ -255,12 +286,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = {m: {s: run_system(args, m, s) for s in args.systems} for m in args.models}
+    rounds = []
+    for r in range(args.rounds):
+        order = args.systems if r % 2 == 0 else args.systems[::-1]
+        rounds.append({m: {s: run_system(args, m, s) for s in order} for m in args.models})
     concs = ["1", str(args.concurrency)]
-    rat = {m: {c: ratios(runs, c) for c in concs} for m, runs in results.items()}
+    results = {m: {s: median_round([rd[m][s] for rd in rounds], concs) for s in args.systems} for m in args.models}
+    rat = {m: {c: median_ratios([ratios(rd[m], c) for rd in rounds]) for c in concs} for m in args.models}
     report = {"environment": {**machine(), **{pkg: version(pkg) for pkg in ("torch", "transformers", "ray", "httpx")}},
               "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "results": results, "ratios": rat, "wall_s": time.perf_counter() - t0}
+    if args.rounds > 1:
+        report["rounds"] = rounds
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
     print_report(results, rat)
     write_plot(results, concs, args.out_dir / f"{args.name}.png")
