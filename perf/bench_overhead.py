@@ -47,9 +47,8 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
     return LLMEngine(EngineConfig(model=SOURCE, weights=args.weights, max_num_seqs=16))
 
 
-def in_process(args: argparse.Namespace, engine: LLMEngine, prompts: list[str], c1: bool) -> dict[str, Any]:
-    """One round of the workload through the engine in this process (and, with `c1`, TTFT at one stream)."""
-    ids = [engine.encode(p) for p in prompts]
+def in_process(args: argparse.Namespace, engine: LLMEngine, ids: list[list[int]], c1: bool) -> dict[str, Any]:
+    """One round of the workload (prompt token ids) through the engine in this process (and, with `c1`, TTFT at one stream)."""
     cpu = torch.device("cpu")
 
     def bench(concurrency: int) -> Bench:
@@ -159,11 +158,12 @@ def main() -> None:
     args = p.parse_args()
     prompts = bench_serving.build_prompts(args.streams)
     engine = load_engine(args)
+    ids = [engine.encode(p) for p in prompts]  # once: every round sends the same prompts
     url, ray = start_server(engine_facts(engine)["weights"])
     try:
         rounds = []
         for r in range(args.rounds):  # the first round also measures TTFT at one stream on both paths
-            local = in_process(args, engine, prompts, c1=r == 0)
+            local = in_process(args, engine, ids, c1=r == 0)
             http = asyncio.run(over_http(args, url, prompts, c1=r == 0))
             rounds.append((local, http))
             print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP {http['streams']['output_throughput']:.1f}", flush=True)
