@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
 from serve_app import ray_env
+from tests import prepare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,6 +32,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if index < len(TIERS):
             item.add_marker(getattr(pytest.mark, TIERS[index]))
     items.sort(key=tier_of)  # stable: file and test order kept within a tier
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start making the heavy artefacts the collected tests need, on idle CPU (tests/prepare.py)."""
+    if session.config.option.collectonly:
+        return
+    files = {Path(str(item.fspath)).name for item in session.items}
+    jobs = set()
+    if "test_gptq.py" in files and importlib.util.find_spec("gptqmodel") is not None:
+        jobs |= {"smollm2", "gptq"}
+    if "test_quality.py" in files:
+        jobs |= {"smollm2", "gemma"}
+    prepare.start(sorted(jobs, key=prepare.JOBS.index))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    prepare.stop()
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def converted_checkpoint(gguf_path: Path, dtype: str) -> Path:
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     extra = {"gguf_file": gguf_path.name, "local_files_only": True}
-    with _one_gguf_reader():
+    with one_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **extra)
         network = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=getattr(torch, dtype), **extra)
     # save_pretrained refuses models loaded from GGUF (it treats them as quantized), though the
@@ -145,7 +145,7 @@ def converted_checkpoint(gguf_path: Path, dtype: str) -> Path:
 
 
 @contextlib.contextmanager
-def _one_gguf_reader() -> Iterator[None]:
+def one_gguf_reader() -> Iterator[None]:
     """transformers parses the file's metadata anew for the config, the tokenizer and the weights, each
     time a `gguf.GGUFReader` (a field per vocabulary entry: 17 s for Gemma 3's 262k tokens here); within
     this block every reader of one file is the first, read-only one."""

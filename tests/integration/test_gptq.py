@@ -1,7 +1,8 @@
 """GPTQ checkpoints (the optional `.[gptq]` extra): made here from the shipped SmolLM2, served by the engine.
 
 The checkpoint is quantized on CPU (transformers GPTQConfig -> optimum -> gptqmodel) with a small
-calibration set, so the module takes about a minute; without gptqmodel it is skipped.
+calibration set (about a minute), in the background on idle CPU while earlier tests run
+(tests/prepare.py), or here if that did not happen; without gptqmodel the module is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from perf.make_gptq import make_gptq_checkpoint  # noqa: E402
+from tests import prepare  # noqa: E402
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 12
@@ -24,9 +26,12 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def gptq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-gptq")
-    made = make_gptq_checkpoint(out, samples=32)
-    assert made["weights_file_bytes"] < 200 * 2**20  # fp32 SmolLM2 is 538 MB; fp32 tied embeddings keep 113 MB
+    out = prepare.prepared_gptq_checkpoint()  # made in the background on idle CPU (tests/prepare.py)
+    if out is None:
+        out = tmp_path_factory.mktemp("smollm2-gptq")
+        make_gptq_checkpoint(out, samples=prepare.GPTQ_SAMPLES)
+    weights_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert weights_bytes < 200 * 2**20  # fp32 SmolLM2 is 538 MB; fp32 tied embeddings keep 113 MB
     return out
 
 

@@ -10,10 +10,12 @@ import torch
 
 from deployments.engine.layers import int8
 from perf.quality import GATE_AGREEMENT, GATE_PERPLEXITY_RISE, MODELS, measure
+from tests import prepare
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma"])
 def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
+    prepare.wait_for(request.param)  # the GGUF's conversion, made in the background on idle CPU (tests/prepare.py)
     return measure(MODELS[request.param])
 
 
