@@ -44,8 +44,9 @@ def start(jobs: list[str]) -> None:
     _root, _jobs = Path(tempfile.mkdtemp(prefix="llm-serve-prepared-")), list(jobs)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parent.parent
-    _process = subprocess.Popen([sys.executable, "-m", "tests.prepare", str(_root), *jobs], cwd=root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=(_root / "log").open("wb"), preexec_fn=_idle_priority)
+    with (_root / "log").open("wb") as log:  # its errors, for a look while the session runs
+        _process = subprocess.Popen([sys.executable, "-m", "tests.prepare", str(_root), *jobs], cwd=root, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_idle_priority)
 
 
 def _idle_priority() -> None:
@@ -55,10 +56,10 @@ def _idle_priority() -> None:
         os.nice(19)
 
 
-def wait_for(job: str, timeout_s: float = 900) -> bool:
+def wait_for(job: str, timeout_s: float = 240) -> bool:
     """True once the background process has done `job`; False at once if it was not asked to, and
     False if it failed or ended without it (the caller then does the job itself). While a test
-    waits here the CPU is idle, so the background process has it all."""
+    waits here the CPU is idle, so the background process has it all (under the tests' 300 s timeout)."""
     if _process is None or _root is None or job not in _jobs:
         return False
     deadline = time.monotonic() + timeout_s
