@@ -148,23 +148,28 @@ def converted_checkpoint(gguf_path: Path, dtype: str) -> Path:
 def one_gguf_reader() -> Iterator[None]:
     """transformers parses the file's metadata anew for the config, the tokenizer and the weights, each
     time a `gguf.GGUFReader` (a field per vocabulary entry: 17 s for Gemma 3's 262k tokens here); within
-    this block every reader of one file is the first, read-only one."""
+    this block every reader of one file is the first, read-only one. One block at a time per process
+    (the lock): two threads restoring each other's patch would leave one installed for good."""
     import gguf
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
+    with _gguf_reader_patch:
+        original = gguf.GGUFReader
+        readers: dict[tuple[str, str], Any] = {}
 
-    def shared_reader(path: Any, mode: str = "r") -> Any:
-        key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        def shared_reader(path: Any, mode: str = "r") -> Any:
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = shared_reader  # type: ignore[misc,assignment]
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original  # type: ignore[misc]
+        gguf.GGUFReader = shared_reader  # type: ignore[misc,assignment]
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original  # type: ignore[misc]
+
+
+_gguf_reader_patch = threading.Lock()
 
 
 def _sha256(path: Path) -> str:
