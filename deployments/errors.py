@@ -95,6 +95,12 @@ class ModelUnloadingError(ServiceUnavailableError):
     default_code = "model_unloading"
 
 
+class ChannelClosedError(ServiceUnavailableError):
+    """The router's channel to the replica closed while one of its requests was running (deployments.channel)."""
+
+    default_code = "channel_closed"
+
+
 class DeadlineExceededError(APIError):
     """The request's `timeout` (or the server's default) ran out while it queued or ran (504)."""
 

@@ -1,7 +1,8 @@
 """The wire between the router and the model replicas: typed, picklable, no Ray or FastAPI import.
 
 A request goes down as a `GenerateRequest`; chunks come back as `Chunk` (the last one has a
-`finish_reason` and `Usage`); `ReplicaStatus` answers status/load/unload. Errors are the classes in
+`finish_reason` and `Usage`), on the request's own stream or, batched per engine step with the
+caller's other requests on that replica, through a channel (`Routed`, `ChannelBatch`); `ReplicaStatus` answers status/load/unload. Errors are the classes in
 deployments.errors, matched with `isinstance`. The router adds `LoadProgress` items of its own while
 a model autoloads (they never cross the wire). Each rule (sampling ranges, durations, byte sizes)
 lives in one place: sampling in deployments.engine.request.SamplingParams, durations and sizes in
@@ -24,6 +25,9 @@ class GenerateRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     sent_at: float | None = None  # wall clock when the router handed it to Ray Serve (queue time)
+    # The caller's open channels (deployments.channel). None: a caller that does not speak the channel
+    # protocol (in process, pools): chunks come on the request's own stream and no `Routed` is sent.
+    channels: tuple[str, ...] | None = None
 
     def stamped(self, sent_at: float) -> "GenerateRequest":
         return dataclasses.replace(self, sent_at=sent_at)
@@ -50,6 +54,26 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A replica's first item for a request that names channels (and for a channel itself): which
+    replica took it, and whether the request's chunks come through one of the caller's channels
+    instead of its own stream."""
+
+    replica: str
+    via_channel: bool = False
+
+
+# What a channel carries per message: the chunks of the caller's requests on this replica since the
+# last message, as (request_id, chunk) in order.
+ChannelBatch = list[tuple[str, Chunk]]
+
+
+def merge_chunks(first: Chunk, second: Chunk) -> Chunk:
+    """One chunk for two consecutive ones of a request (a consumer that fell behind gets one event)."""
+    return Chunk(first.text + second.text, first.token_ids + second.token_ids, second.finish_reason, second.usage)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError
-from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError
-from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus, Usage
+from deployments.channel import ChannelRegistry
+from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
+from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
 from deployments.metrics import ReplicaMetrics
 
@@ -72,6 +73,8 @@ class ModelServer:
         self._estimate: MemoryEstimate | None = None
         self._lock: asyncio.Lock | None = None
         self.metrics = ReplicaMetrics(self)  # exported through Ray; no-ops without it
+        self.replica_name = "local"  # Ray Serve's replica id when deployed (serve_app.app sets it)
+        self.channels = ChannelRegistry()
         if load_on_start:
             self._load_sync()
 
@@ -209,27 +212,37 @@ class ModelServer:
         )
 
     # --- generation --------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerateRequest, adapter: str | None = None) -> AsyncIterator[Chunk | Routed]:
         """Stream `Chunk`s; the last has a finish_reason and usage. Bad requests raise before the
-        first chunk. `adapter`: a LoRA adapter loaded into this engine (deployments.pool)."""
+        first chunk. `adapter`: a LoRA adapter loaded into this engine (deployments.pool).
+        A request that names channels (`request.channels` not None) gets `Routed` first; if one of
+        them is open here its chunks go through that channel and this stream carries nothing more."""
         engine = self._require_loaded()
         self.last_used = time.time()
         timer = self.metrics.request(request)
+        channel = self.channels.find(request.channels)
+        if channel is not None:
+            channel.num_running += 1
+        via_channel = channel is not None and channel.num_running > 1  # alone, its own stream is one hop shorter
         try:
             prompt_ids = engine.engine.encode(request.prompt, request.messages)
             fields = dict(request.params)
             fields["stop"] = tuple(fields.get("stop") or ())
             fields["max_tokens"] = engine.engine.resolve_max_tokens(len(prompt_ids), fields.get("max_tokens"))
             params = SamplingParams(**fields)
-            outputs = engine.generate(request.request_id or engine.next_request_id(), prompt_ids, params, adapter)
+            request_id = request.request_id or engine.next_request_id()
+            outputs = engine.generate(request_id, prompt_ids, params, adapter)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
+                if request.channels is not None:
+                    yield Routed(self.replica_name, via_channel)
                 async for out in outputs:
                     timer.output(out)
-                    if not out.finished:
-                        yield Chunk(out.text, out.new_token_ids)
-                        continue
-                    reason = out.finish_reason.value if out.finish_reason else None
-                    yield Chunk(out.text, out.new_token_ids, reason, Usage(out.num_prompt_tokens, out.num_output_tokens))
+                    usage = Usage(out.num_prompt_tokens, out.num_output_tokens) if out.finished else None
+                    chunk = Chunk(out.text, out.new_token_ids, out.finish_reason.value if out.finish_reason else None, usage)
+                    if via_channel and channel is not None:
+                        channel.push(request_id, chunk)
+                    else:
+                        yield chunk
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         except AdapterError as exc:
@@ -237,8 +250,24 @@ class ModelServer:
         except EngineDeadError as exc:
             raise ModelUnloadingError(f"model {self.model_id!r}: {exc}", code="model_unloaded") from None
         finally:
+            if channel is not None:
+                channel.num_running -= 1
             self.last_used = time.time()
             timer.finish()
+
+    async def subscribe(self, channel_id: str, replica: str) -> AsyncIterator[Routed | ChannelBatch]:
+        """A caller's channel to this replica (deployments.channel): `Routed` once open, then batches
+        of its requests' chunks until the caller closes it. `replica`: the replica the caller meant
+        (Ray Serve may hand the call to another one; that one refuses it)."""
+        if replica != self.replica_name:
+            raise ServiceUnavailableError(f"channel for replica {replica!r} reached {self.replica_name!r}", code="wrong_replica")
+        channel = self.channels.open(channel_id)
+        try:
+            yield Routed(self.replica_name, True)
+            async for batch in channel.batches():
+                yield batch
+        finally:
+            self.channels.close(channel_id, channel)
 
     def _require_loaded(self) -> AsyncLLMEngine:
         if self.engine is not None and self.state is ModelStatus.LOADED:

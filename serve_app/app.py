@@ -11,11 +11,13 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from deployments.memory import replica_allocator_env
 from deployments.server import ModelServer
 from serve_app.api import create_api
+from serve_app.channels import ChannelRouter
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, PoolSettings, parse_app_settings
 from serve_app.lifecycle import LifecycleManager
@@ -59,7 +61,8 @@ class Router:
         timeout = self.settings.load_timeout_s
         control = control_plane(app_name)  # one per app: the config's one writer, the shared records
         clients: dict[str, Any] = {
-            m.id: HandleModelClient(m.id, models[m.id], app_name, timeout, control, capacity=capacity(m)) for m in self.settings.models
+            m.id: HandleModelClient(m.id, models[m.id], app_name, timeout, control, capacity=capacity(m), use_channels=m.uses_channels)
+            for m in self.settings.models
         }
         for pool in self.settings.pools:
             for member in pool.members():
@@ -87,6 +90,7 @@ class ModelReplica(ModelServer):
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         log_through_serve()
         super().__init__(*args, **kwargs)
+        self.replica_name = serve.get_replica_context().replica_id.unique_id  # what a channel call names
         self._on_release = release_counter()
 
     def __del__(self) -> None:
@@ -111,6 +115,9 @@ def model_deployment(model: ModelSettings) -> Any:
         # The wanted state; `reconfigure` applies it on every replica, new ones included.
         "user_config": {"loaded": model.load_on_start, "epoch": 0},
     }
+    if model.uses_channels:  # a channel call goes to the replica it names; it holds one slot of its own
+        options["request_router_config"] = RequestRouterConfig(request_router_class=ChannelRouter)
+        options["max_ongoing_requests"] = model.max_ongoing_requests + 1
     if model.autoscaling is not None:
         options["autoscaling_config"] = model.autoscaling.model_dump(exclude_none=True)
     else:

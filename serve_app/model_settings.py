@@ -24,6 +24,9 @@ class AutoscalingSettings(BaseModel):
     look_back_period_s: float | None = Field(None, gt=0, description="Window the load is averaged over (Ray default 30).")
 
 
+MIN_ONGOING_FOR_CHANNELS = 4
+
+
 class ModelSettings(BaseModel):
     """One served model: where its weights are, how it runs, and how much load it accepts."""
 
@@ -55,6 +58,10 @@ class ModelSettings(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica; beyond: 503.")
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSettings | None = None
+    channels: bool = Field(
+        True, description="Stream the router's requests on a replica through one channel (one message per engine step, "
+        "not per request); used with max_ongoing_requests >= 4 and no autoscaling (a channel holds one extra slot)."
+    )
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) each replica reserves.")
     pool: str | None = Field(None, description="Set for the members of a pool (from `pools`), not by hand.")
@@ -75,6 +82,13 @@ class ModelSettings(BaseModel):
     def scales_to_zero(self) -> bool:
         """Ray Serve's autoscaler removes the last replica when idle (it is the idle release then)."""
         return self.autoscaling is not None and self.autoscaling.min_replicas == 0
+
+    @property
+    def uses_channels(self) -> bool:
+        """Channels (serve_app.channels) for this model: an open channel is one more ongoing call on its
+        replica (given as an extra slot), so not for small limits, and not where ongoing calls drive
+        an autoscaler."""
+        return self.channels and self.max_ongoing_requests >= MIN_ONGOING_FOR_CHANNELS and self.autoscaling is None and self.pool is None
 
     @property
     def memory_device(self) -> str:

@@ -15,12 +15,13 @@ the other, each on the config the previous one wrote.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import ray
@@ -31,13 +32,59 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus
-from deployments.errors import OverloadedError, ServiceUnavailableError
+from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus, merge_chunks
+from deployments.errors import ChannelClosedError, OverloadedError, ServiceUnavailableError
+from serve_app.channels import ChannelSet
 from serve_app.control_store import ControlStore, ModelRecord
 from serve_app.errors import unwrap_error
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
+CHANNEL_ERROR_GRACE_S = 2.0  # a closed channel waits this long for its request's own stream to say why
+
+
+async def _from_inbox(inbox: asyncio.Queue[Chunk | BaseException], response: Any) -> AsyncGenerator[Chunk, None]:
+    """A request's chunks from its channel inbox, merged when several wait; the request's own stream
+    is watched meanwhile and its error (the replica died, the request failed) is raised here."""
+
+    async def watch() -> None:
+        try:
+            async for _ in response:  # nothing but the end (or an error) comes here
+                pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            if not isinstance(exc, asyncio.CancelledError):
+                inbox.put_nowait(exc)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        while True:
+            item = await inbox.get()
+            while isinstance(item, Chunk) and item.finish_reason is None and not inbox.empty():
+                nxt = inbox.get_nowait()
+                if isinstance(nxt, BaseException):
+                    yield item
+                    item = nxt
+                    break
+                item = merge_chunks(item, nxt)
+            if isinstance(item, ChannelClosedError):  # the replica may have died: prefer its own stream's error
+                await asyncio.wait({watcher}, timeout=CHANNEL_ERROR_GRACE_S)
+                item = _other_error(inbox) or item
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        watcher.cancel()
+
+
+def _other_error(inbox: asyncio.Queue[Chunk | BaseException]) -> BaseException | None:
+    """The first error waiting in the inbox other than a closed channel's."""
+    while not inbox.empty():
+        item = inbox.get_nowait()
+        if isinstance(item, BaseException) and not isinstance(item, ChannelClosedError):
+            return item
+    return None
 
 
 def deployment_name(model_id: str) -> str:
@@ -55,6 +102,7 @@ class HandleModelClient:
         timeout_s: float = 900.0,
         control: Any = None,
         capacity: int = 0,
+        use_channels: bool = False,
     ) -> None:
         self.model_id = model_id
         self.handle = handle
@@ -63,9 +111,14 @@ class HandleModelClient:
         self.control = control  # the ControlPlane actor handle; None: write the config directly
         self.capacity = capacity  # requests its replicas run or queue (for Retry-After)
         self.service_rate = ServiceRate()
+        # Per-replica channels (serve_app.channels); only for a deployment built with ChannelRouter.
+        self.channels = ChannelSet(handle) if use_channels else None
 
     async def status(self) -> dict[str, Any]:
-        return await self._call("status") | {"replicas": await self.num_replicas()}
+        status = await self._call("status") | {"replicas": await self.num_replicas()}
+        if self.channels is not None:
+            status["channels"] = self.channels.stats()  # this router's, to the model's replicas
+        return status
 
     async def load(self) -> dict[str, Any]:
         return await self._apply({"loaded": True})
@@ -78,11 +131,24 @@ class HandleModelClient:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         response = None
         settled = False  # finished or failed: nothing left to cancel (cancel() would re-raise the failure)
+        channels = self.channels
+        request_id = request.request_id
+        inbox: asyncio.Queue[Chunk | BaseException] | None = None
+        from_inbox: AsyncGenerator[Chunk, None] | None = None
+        if channels is not None:
+            request_id, inbox = channels.register(request_id)
+            request = dataclasses.replace(request, request_id=request_id, channels=channels.channel_ids())
         try:
             # .remote() itself raises BackPressureError when the model's queue is full.
             # Stamped: the replica measures the time the request waited in Ray Serve's queue from it.
             response = self.handle.options(stream=True).generate.remote(request.stamped(time.time()))
-            async for chunk in response:
+            chunks: AsyncIterator[Chunk] = response
+            if channels is not None and inbox is not None:
+                routed = await response.__anext__()  # which replica took it, and where its chunks come from
+                channels.routed(request_id, routed)
+                if routed.via_channel:
+                    chunks = from_inbox = _from_inbox(inbox, response)
+            async for chunk in chunks:
                 yield chunk
             settled = True
             self.service_rate.record(time.monotonic())
@@ -99,6 +165,10 @@ class HandleModelClient:
             settled = True
             raise (unwrap_error(exc) or exc) from None
         finally:
+            if from_inbox is not None:
+                await from_inbox.aclose()
+            if channels is not None:
+                channels.release(request_id)
             if response is not None and not settled:
                 response.cancel()  # the client left or failed: stop generating for it
 

@@ -36,6 +36,11 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(items: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]]) -> None:
+    for queue_, output in items:
+        queue_.put_nowait(output)
+
+
 def _coalesce(
     first: RequestOutput | BaseException, pending: asyncio.Queue[RequestOutput | BaseException]
 ) -> tuple[RequestOutput | None, BaseException | None]:
@@ -154,13 +159,20 @@ class AsyncLLMEngine:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                for output in self.engine.step():
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        stream.put(output)
+                self._deliver(self.engine.step())
         except Exception as exc:  # noqa: BLE001 - a crashed step must reach every waiting request
             self._stopped = True
             self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One hand-over per event loop per step (one wakeup of the serving loop, not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_inbox(self) -> None:
         while True:

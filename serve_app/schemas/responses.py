@@ -106,6 +106,9 @@ class ModelInfo(BaseModel):
     weights_reason: str | None = None
     implementation: str | None = None
     kv_cache: dict[str, int] | None = None
+    channels: dict[str, int] | None = Field(
+        None, description="This router's channels to the model's replicas: open, batches received, requests running through them."
+    )
     context_length: int | None = None
     replicas: int = 0
     has_chat_template: bool | None = None

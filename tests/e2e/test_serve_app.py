@@ -183,3 +183,24 @@ def test_chat_page_is_served(serve_url: str) -> None:
     page = requests.get(f"{serve_url}/", timeout=10)
     assert page.status_code == 200 and "<select" in page.text
     assert requests.get(f"{serve_url}/ui/app.js", timeout=10).status_code == 200
+
+
+def test_concurrent_streams_share_one_channel_per_replica(serve_url: str) -> None:
+    """tiny-pair (2 replicas, channels on): concurrent streams' tokens come through the router's
+    channel to each replica (serve_app.channels), and every stream gets exactly the tokens it would alone."""
+    body = {"model": "tiny-pair", "prompt": "The quick brown", "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+
+    def streamed(_: int = 0) -> tuple[str, dict]:
+        with requests.post(f"{serve_url}/infer", params={"stream": "true"}, json=body, stream=True, timeout=120) as r:
+            assert r.status_code == 200, r.text
+            events = stream_events(r)
+        assert events[-1] == "[DONE]"
+        return "".join(e["text"] for e in events[:-1]), events[-2]["usage"]
+
+    reference = streamed()
+    before = model_status(serve_url, "tiny-pair")["channels"]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):  # the first burst opens the channels; the next ones use them
+            assert list(pool.map(streamed, range(8))) == [reference] * 8
+    after = model_status(serve_url, "tiny-pair")["channels"]
+    assert after["batches"] > before["batches"] and after["open"] >= 1, (before, after)

@@ -1,0 +1,138 @@
+"""The router's end of the channels (deployments.channel): one stream per model replica carrying the
+chunks of all this router's requests running there, one message per engine step instead of one per
+request per step.
+
+A channel is opened to a replica once one of our requests ran there, and closed when none has run for
+`IDLE_CLOSE_S`, so an idle model holds no call open. The replica sends a request's chunks through it
+only while another of ours runs there (alone, the request's own stream is one hop shorter). A
+request sends the ids of the open channels; the replica that takes it answers `Routed`, saying whether
+its chunks come through one of them. `ChannelRouter` is the model deployments' Ray Serve request
+router: it sends a channel's call to the replica it names and routes every other call as Ray Serve's
+default router does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+from ray.serve.request_router import PendingRequest, RunningReplica
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+from deployments.errors import ChannelClosedError
+from deployments.protocol import Chunk, Routed
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_PREFIX = "channel:"  # a channel call's multiplexed model id: this prefix and the replica's id
+OPEN_TIMEOUT_S = 5.0  # a channel not open by then is given up (and not retried for RETRY_AFTER_S)
+RETRY_AFTER_S = 10.0
+IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
+Item = Chunk | BaseException
+
+
+class ChannelRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's power-of-two-choices routing, except that a channel call goes to the replica it names."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if model_id.startswith(CHANNEL_PREFIX):
+            target = model_id[len(CHANNEL_PREFIX):]
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            return [chosen] if chosen else []
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+class ChannelSet:
+    """This router's channels to one model's replicas, and the inboxes of its requests that use them."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+        self.prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count()
+        self.inbox: dict[str, asyncio.Queue[Item]] = {}
+        self.via: dict[str, str] = {}  # request id -> the replica whose channel carries it
+        self.open: dict[str, str] = {}  # replica -> channel id, for channels that are open
+        self.readers: dict[str, asyncio.Task[None]] = {}  # replica -> its channel's reader (opening or open)
+        self.refused_until: dict[str, float] = {}
+        self.num_batches = 0  # messages received through channels (tests and benchmarks read it)
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def channel_ids(self) -> tuple[str, ...]:
+        return tuple(self.open.values())
+
+    def stats(self) -> dict[str, int]:
+        """For the router's view of the model (GET /models)."""
+        return {"open": len(self.open), "batches": self.num_batches, "running_via_channels": len(self.via)}
+
+    def register(self, request_id: str = "") -> tuple[str, asyncio.Queue[Item]]:
+        """The request's id (one of ours if it has none, or if a running request has it) and its inbox."""
+        if not request_id or request_id in self.inbox:
+            request_id = f"{self.prefix}-{next(self._ids)}"
+        inbox: asyncio.Queue[Item] = asyncio.Queue()
+        self.inbox[request_id] = inbox
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        return request_id, inbox
+
+    def release(self, request_id: str) -> None:
+        self.inbox.pop(request_id, None)
+        self.via.pop(request_id, None)
+        if not self.inbox and self.readers and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self.close_all)
+
+    def routed(self, request_id: str, routed: Routed) -> None:
+        """A replica took one of our requests: note where its chunks come from; open a channel to
+        that replica if none is open or opening."""
+        if routed.via_channel:
+            self.via[request_id] = routed.replica
+            return
+        replica = routed.replica
+        if replica in self.readers or self.refused_until.get(replica, 0.0) > time.monotonic():
+            return
+        self.readers[replica] = asyncio.ensure_future(self._read(replica))
+
+    def close_all(self) -> None:
+        """Close every channel (no request is running): the open set first, so no new request names one."""
+        self._idle_timer = None
+        if self.inbox:
+            return
+        self.open.clear()
+        for reader in list(self.readers.values()):
+            reader.cancel()
+
+    async def _read(self, replica: str) -> None:
+        channel_id = f"{self.prefix}-{replica}-{next(self._ids)}"
+        options: dict[str, Any] = {"stream": True, "multiplexed_model_id": CHANNEL_PREFIX + replica}
+        stream = self.handle.options(**options).subscribe.remote(channel_id, replica)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), OPEN_TIMEOUT_S)
+            if not (isinstance(first, Routed) and first.replica == replica):
+                raise ChannelClosedError(f"channel answered {first!r}")
+            self.open[replica] = channel_id
+            async for batch in stream:
+                self.num_batches += 1
+                for request_id, chunk in batch:
+                    inbox = self.inbox.get(request_id)
+                    if inbox is not None:
+                        inbox.put_nowait(chunk)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a refused or broken channel: its requests get the error
+            logger.info("channel to replica %s ended: %r", replica, exc)
+            self.refused_until[replica] = time.monotonic() + RETRY_AFTER_S
+        finally:
+            self.open.pop(replica, None)
+            self.readers.pop(replica, None)
+            stream.cancel()
+            for request_id, where in list(self.via.items()):
+                if where == replica and request_id in self.inbox:
+                    self.inbox[request_id].put_nowait(ChannelClosedError("the channel to the model's replica closed; retry"))

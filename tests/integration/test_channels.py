@@ -1,0 +1,93 @@
+"""Channels on the model server (deployments.channel), the real engine on a tiny model, no Ray: a
+request alone streams on its own stream; with another of its caller's requests running it sends its
+chunks through the caller's channel, one message per step for all of them, with the same tokens; a channel that closes
+under a request fails that request; a channel call reaching the wrong replica is refused."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from deployments.engine import EngineConfig
+from deployments.errors import ChannelClosedError, ServiceUnavailableError
+from deployments.protocol import Chunk, GenerateRequest, Routed
+from deployments.server import ModelServer
+
+PARAMS = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> ModelServer:
+    return ModelServer("tiny", EngineConfig(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8))
+
+
+def request(request_id: str, prompt: str, channels: tuple[str, ...] | None) -> GenerateRequest:
+    return GenerateRequest(request_id, dict(PARAMS), prompt=prompt, channels=channels)
+
+
+async def collect(server: ModelServer, req: GenerateRequest) -> tuple[list[object], list[int]]:
+    items = [item async for item in server.generate(req)]
+    return items, [t for item in items if isinstance(item, Chunk) for t in item.token_ids]
+
+
+def test_requests_share_the_callers_channel(server: ModelServer) -> None:
+    async def run() -> None:
+        _, alone = await collect(server, request("ref-a", "hello world", None))
+        _, alone_b = await collect(server, request("ref-b", "the cat sat", None))
+        channel = server.subscribe("ch-1", "local")
+        assert await channel.__anext__() == Routed("local", True)
+        batches: list[list[tuple[str, Chunk]]] = []
+
+        async def read() -> None:
+            async for batch in channel:
+                batches.append(batch)  # type: ignore[arg-type]
+
+        reader = asyncio.ensure_future(read())
+        first = asyncio.ensure_future(collect(server, request("a", "hello world", ("ch-0", "ch-1"))))
+        await asyncio.sleep(0)  # `a` is running when `b` starts
+        (items_b, own_b), (items_c, _) = await asyncio.gather(
+            collect(server, request("b", "the cat sat", ("ch-1",))), collect(server, request("c", "hello world", ("ch-1",)))
+        )
+        items_a, tokens_a = await first
+        await asyncio.sleep(0.05)
+        reader.cancel()  # the router closes its channel: the replica forgets it
+        await asyncio.gather(reader, return_exceptions=True)
+        # `a` ran alone when it started: its own stream; `b` went through the channel, its stream held only `Routed`.
+        assert items_a[0] == Routed("local", False) and tokens_a == alone
+        assert items_b == items_c == [Routed("local", True)] and own_b == []
+        for rid, reference in (("b", alone_b), ("c", alone)):
+            via = [chunk for batch in batches for r, chunk in batch if r == rid]
+            assert [t for c in via for t in c.token_ids] == reference
+            assert via[-1].finish_reason == "length" and via[-1].usage is not None and via[-1].usage.completion_tokens == 12
+        assert {r for batch in batches for r, _ in batch} == {"b", "c"}
+        assert any({r for r, _ in batch} == {"b", "c"} for batch in batches)  # one message carries both requests' step
+        assert len(server.channels) == 0
+
+    asyncio.run(run())
+
+
+def test_a_channel_closing_fails_its_requests(server: ModelServer) -> None:
+    async def run() -> None:
+        channel = server.subscribe("ch-2", "local")
+        await channel.__anext__()
+        first = asyncio.ensure_future(collect(server, request("c", "hello world", ("ch-2",))))
+        await asyncio.sleep(0)
+        second = server.generate(request("d", "the cat sat", ("ch-2",)))
+        assert await second.__anext__() == Routed("local", True)
+        await channel.aclose()  # the router went away
+        with pytest.raises(ChannelClosedError):
+            await second.__anext__()
+        await first  # the request on its own stream is unaffected
+        assert server.engine is not None and server.engine.num_requests == 0
+
+    asyncio.run(run())
+
+
+def test_a_channel_call_for_another_replica_is_refused(server: ModelServer) -> None:
+    async def run() -> None:
+        with pytest.raises(ServiceUnavailableError, match="reached"):
+            await server.subscribe("ch-3", "some-other-replica").__anext__()
+
+    asyncio.run(run())
