@@ -7,7 +7,10 @@ same server. Writes perf/results/<name>.json (+ .png with matplotlib).
 The two paths take turns (`--rounds`: in process, then HTTP, with the server up and the in-process
 engine loaded throughout), and the ratio is the median of the rounds' ratios: a host whose speed
 drifts by 20-40% over minutes (session 10's) otherwise decides the ratio by which path ran first.
-Run: python perf/bench_overhead.py [--sweep] [--rounds 3]
+Also reports the serving path's CPU per output token by part (engine threads, the replica's other
+threads, router, HAProxy, the client, the rest of Ray). With --compare-channels the same model is
+served twice, with channels (serve_app.channels) on and off, and the two alternate over HTTP.
+Run: python perf/bench_overhead.py [--sweep] [--rounds 3] [--compare-channels]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -65,7 +69,12 @@ def in_process(args: argparse.Namespace, engine: LLMEngine, ids: list[list[int]]
     return result
 
 
-def start_server(weights: str) -> tuple[str, Any]:
+NO_CHANNELS_ID = MODEL_ID + "-no-channels"
+
+
+def start_server(weights: str, compare_channels: bool = False) -> tuple[str, Any]:
+    """The app on 127.0.0.1: our model (channels on, as configured by default) and, to compare, the
+    same model again as a second deployment with `channels: false`."""
     import ray
     from ray import serve
 
@@ -74,8 +83,9 @@ def start_server(weights: str) -> tuple[str, Any]:
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     port = ray_env.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [{"id": MODEL_ID, "source": SOURCE, "weights": weights, "max_num_seqs": 16,
-                                     "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
+    model = {"id": MODEL_ID, "source": SOURCE, "weights": weights, "max_num_seqs": 16, "max_ongoing_requests": 64, "num_cpus": 1}
+    models = [model] + ([model | {"id": NO_CHANNELS_ID, "channels": False}] if compare_channels else [])
+    serve.run(build_app({"models": models}), name="llm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
@@ -84,35 +94,53 @@ def start_server(weights: str) -> tuple[str, Any]:
     raise SystemExit("the server did not become ready")
 
 
-def cpu_seconds_by_process() -> dict[str, float]:
-    """CPU seconds (user + system) so far of every process under this one, by process name."""
+def thread_cpu(model_id: str) -> dict[tuple[str, int], float]:
+    """CPU seconds so far (user + system) of every thread of this process and its children, keyed by
+    (role, thread id): the model replica, the router, HAProxy, this process (the HTTP client), another
+    model's replica, or the rest of Ray's processes."""
     import psutil
 
-    totals: dict[str, float] = {}
-    for proc in psutil.Process().children(recursive=True):
+    seconds: dict[tuple[str, int], float] = {}
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
-            name, times = proc.name(), proc.cpu_times()
+            command, threads = " ".join(proc.cmdline()), proc.threads()
         except psutil.Error:
             continue
-        totals[name] = totals.get(name, 0.0) + times.user + times.system
-    return totals
+        if re.search(rf"model-{re.escape(model_id)}(\s|$)", command):
+            role = "model replica"
+        elif proc.pid == os.getpid():
+            role = "client (this process)"
+        elif "llm:router" in command or "haproxy" in command:
+            role = "router" if "llm:router" in command else "haproxy"
+        else:
+            role = "other model replica" if ":model-" in command else "Ray (other processes)"
+        for t in threads:
+            seconds[(role, t.id)] = t.user_time + t.system_time
+    return seconds
 
 
-async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: bool) -> dict[str, Any]:
+def cpu_us_per_token(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], tokens: float) -> dict[str, int]:
+    """Per output token, by part; the model replica's two busiest threads over the run are the engine's
+    OpenMP team, its other threads the serving loop, gRPC and Ray's."""
+    used: dict[str, list[float]] = {}
+    for key, total in after.items():
+        used.setdefault(key[0], []).append(total - before.get(key, 0.0))
+    replica = sorted(used.pop("model replica", []), reverse=True)
+    used["model replica: engine threads"], used["model replica: other threads"] = replica[:2], replica[2:]
+    return {role: round(1e6 * sum(values) / tokens) for role, values in used.items() if tokens}
+
+
+async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: bool, model_id: str = MODEL_ID) -> dict[str, Any]:
     def point_args(output_len: int) -> argparse.Namespace:
-        return argparse.Namespace(base_url=f"{url}/v1", model=MODEL_ID, endpoint="completions", output_len=output_len,
+        return argparse.Namespace(base_url=f"{url}/v1", model=model_id, endpoint="completions", output_len=output_len,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
 
     async with bench_serving.client_session(64, 600.0) as client:
         await bench_serving.run_point(client, point_args(4), prompts[:2], concurrency=2)  # warm-up
-        before = cpu_seconds_by_process()
+        before = thread_cpu(model_id)
         streams = await bench_serving.run_point(client, point_args(args.output_len), prompts, concurrency=args.streams)
-        after = cpu_seconds_by_process()
-        wall = streams["duration_s"]
-        streams["cpu_cores_used_by_process"] = {  # where the 2 cores went during the 10-stream run
-            name: round((after[name] - before.get(name, 0.0)) / wall, 3) for name in after
-            if after[name] - before.get(name, 0.0) > 0.01 * wall
-        }
+        # where the cores went during the N-stream run, per output token
+        streams["cpu_us_per_token"] = cpu_us_per_token(before, thread_cpu(model_id), streams["output_throughput"] * streams["duration_s"])
         single = await bench_serving.run_point(client, point_args(args.c1_output_len), prompts[: args.c1_requests],
                                                concurrency=1) if c1 else {}
     for point in (streams, single):
@@ -138,7 +166,7 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
     print(f"summary: HTTP/in-process throughput {figures['http_over_in_process_throughput']:.2f} (median of rounds), TTFT overhead "
           f"{figures['ttft_overhead_ms_c1']:.1f} ms at c=1, ITL p99/p50 {figures['itl_p99_over_p50']:.2f} "
           f"(p50 {itl['p50']:.1f} ms, p99 {itl['p99']:.1f} ms) at {args.streams} streams")
-    print("CPU cores used per process during the streams:", json.dumps(streams.get("cpu_cores_used_by_process")))
+    print("CPU per output token during the streams (us):", json.dumps(streams.get("cpu_us_per_token")))
     return figures
 
 
@@ -150,6 +178,8 @@ def main() -> None:
     p.add_argument("--c1-requests", type=int, default=5)
     p.add_argument("--c1-output-len", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="turns of in process then HTTP; the ratio is their median")
+    p.add_argument("--compare-channels", action="store_true",
+                   help="also serve the model with channels off (serve_app.channels) and alternate the two over HTTP")
     p.add_argument("--sweep", action="store_true", help="then run bench_serving's sweep against the same server")
     p.add_argument("--sweep-prompts", type=int, default=10, help="requests per sweep point")
     p.add_argument("--sweep-output-len", type=int, default=32)
@@ -159,22 +189,33 @@ def main() -> None:
     prompts = bench_serving.build_prompts(args.streams)
     engine = load_engine(args)
     ids = [engine.encode(p) for p in prompts]  # once: every round sends the same prompts
-    url, ray = start_server(engine_facts(engine)["weights"])
+    url, ray = start_server(engine_facts(engine)["weights"], args.compare_channels)
+    variants = {"channels": MODEL_ID} | ({"no channels": NO_CHANNELS_ID} if args.compare_channels else {})
     try:
-        rounds = []
+        rounds: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = []
         for r in range(args.rounds):  # the first round also measures TTFT at one stream on both paths
             local = in_process(args, engine, ids, c1=r == 0)
-            http = asyncio.run(over_http(args, url, prompts, c1=r == 0))
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternated: the host drifts
+            http = {name: asyncio.run(over_http(args, url, prompts, c1=r == 0, model_id=variants[name])) for name in order}
             rounds.append((local, http))
-            print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP {http['streams']['output_throughput']:.1f}", flush=True)
-        ratios = [h["streams"]["output_throughput"] / loc["output_throughput"] for loc, h in rounds]
-        local, http = rounds[0]
-        figures = report(args, local, http, ratios)
+            print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP "
+                  + ", ".join(f"{name} {h['streams']['output_throughput']:.1f}" for name, h in http.items()), flush=True)
+        by_variant = {}
+        for name in variants:
+            ratios = [h[name]["streams"]["output_throughput"] / loc["output_throughput"] for loc, h in rounds]
+            print(f"--- {name}")
+            by_variant[name] = report(args, rounds[0][0], rounds[0][1][name], ratios) | {
+                "cpu_us_per_token_median": {role: statistics.median(h[name]["streams"]["cpu_us_per_token"].get(role, 0) for _, h in rounds)
+                                            for role in rounds[0][1][name]["streams"]["cpu_us_per_token"]}}
+            print("median over rounds:", json.dumps(by_variant[name]["cpu_us_per_token_median"]))
+        local, http = rounds[0][0], rounds[0][1]["channels"]
+        figures = by_variant["channels"] | {"variants": by_variant}
         target = argparse.Namespace(base_url=url, model=MODEL_ID, endpoint="completions")
         environment = bench_serving.environment(target)
         data = {"environment": {**environment, **cpu_features()},
                 "workload": vars(args), "in_process": local, "http": http, "figures": figures,
-                "rounds": [{"in_process": loc["output_throughput"], "http": h["streams"]["output_throughput"]} for loc, h in rounds]}
+                "rounds": [{"in_process": loc["output_throughput"], "http": {n: v["streams"]["output_throughput"] for n, v in h.items()}}
+                           for loc, h in rounds]}
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.json").write_text(json.dumps(data, indent=2, default=str))

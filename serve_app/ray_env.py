@@ -17,6 +17,11 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
   One HAProxy thread (it idles at ~1% of a core here); its own metrics poller off (the replicas
   export ours). Its stats and Prometheus frontends, and Serve's fallback proxy, get free loopback
   ports per Ray instance (two instances on one host must not collide) and `serve_app/haproxy-loopback` keeps them on 127.0.0.1.
+- Ray's idle work, for a single host where every background cycle is taken from the engine's cores:
+  Serve's control loop every 0.5 s (not 0.1 s: loads, unloads and scaling react up to 0.4 s later),
+  Serve's metrics exported every 1 s (not 0.1 s) from each replica, Ray's task events reported every
+  10 s and resource reports every 1 s, its internal event-loop stats off. An idle app (SmolLM2, router,
+  HAProxy) went from 0.145 to 0.085 cores on a 2-core host (perf/README.md, session 12).
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ RAY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_task_events_report_interval_ms": "10000",
+    "RAY_raylet_report_resources_period_milliseconds": "1000",
+    "RAY_event_stats": "0",
 }
 HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
 
