@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -25,13 +26,14 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 from deployments.errors import ChannelClosedError
-from deployments.protocol import Chunk, Routed
+from deployments.protocol import Chunk, Routed, merge_chunks
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_PREFIX = "channel:"  # a channel call's multiplexed model id: this prefix and the replica's id
 OPEN_TIMEOUT_S = 5.0  # a channel not open by then is given up (and not retried for RETRY_AFTER_S)
 RETRY_AFTER_S = 10.0
+CHANNEL_ERROR_GRACE_S = 2.0  # a closed channel waits this long for its request's own stream to say why
 IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
 Item = Chunk | BaseException
 
@@ -136,3 +138,47 @@ class ChannelSet:
             for request_id, where in list(self.via.items()):
                 if where == replica and request_id in self.inbox:
                     self.inbox[request_id].put_nowait(ChannelClosedError("the channel to the model's replica closed; retry"))
+
+
+async def from_inbox(inbox: asyncio.Queue[Chunk | BaseException], response: Any) -> AsyncGenerator[Chunk, None]:
+    """A request's chunks from its channel inbox, merged when several wait; the request's own stream
+    is watched meanwhile and its error (the replica died, the request failed) is raised here."""
+
+    async def watch() -> None:
+        try:
+            async for _ in response:  # nothing but the end (or an error) comes here
+                pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            if not isinstance(exc, asyncio.CancelledError):
+                inbox.put_nowait(exc)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        while True:
+            item = await inbox.get()
+            while isinstance(item, Chunk) and item.finish_reason is None and not inbox.empty():
+                nxt = inbox.get_nowait()
+                if isinstance(nxt, BaseException):
+                    yield item
+                    item = nxt
+                    break
+                item = merge_chunks(item, nxt)
+            if isinstance(item, ChannelClosedError):  # the replica may have died: prefer its own stream's error
+                await asyncio.wait({watcher}, timeout=CHANNEL_ERROR_GRACE_S)
+                item = _other_error(inbox) or item
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+    finally:
+        watcher.cancel()
+
+
+def _other_error(inbox: asyncio.Queue[Chunk | BaseException]) -> BaseException | None:
+    """The first error waiting in the inbox other than a closed channel's."""
+    while not inbox.empty():
+        item = inbox.get_nowait()
+        if isinstance(item, BaseException) and not isinstance(item, ChannelClosedError):
+            return item
+    return None

@@ -32,59 +32,14 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus, merge_chunks
-from deployments.errors import ChannelClosedError, OverloadedError, ServiceUnavailableError
-from serve_app.channels import ChannelSet
+from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus
+from deployments.errors import OverloadedError, ServiceUnavailableError
+from serve_app.channels import ChannelSet, from_inbox as _from_inbox
 from serve_app.control_store import ControlStore, ModelRecord
 from serve_app.errors import unwrap_error
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.2
-CHANNEL_ERROR_GRACE_S = 2.0  # a closed channel waits this long for its request's own stream to say why
-
-
-async def _from_inbox(inbox: asyncio.Queue[Chunk | BaseException], response: Any) -> AsyncGenerator[Chunk, None]:
-    """A request's chunks from its channel inbox, merged when several wait; the request's own stream
-    is watched meanwhile and its error (the replica died, the request failed) is raised here."""
-
-    async def watch() -> None:
-        try:
-            async for _ in response:  # nothing but the end (or an error) comes here
-                pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the reader
-            if not isinstance(exc, asyncio.CancelledError):
-                inbox.put_nowait(exc)
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        while True:
-            item = await inbox.get()
-            while isinstance(item, Chunk) and item.finish_reason is None and not inbox.empty():
-                nxt = inbox.get_nowait()
-                if isinstance(nxt, BaseException):
-                    yield item
-                    item = nxt
-                    break
-                item = merge_chunks(item, nxt)
-            if isinstance(item, ChannelClosedError):  # the replica may have died: prefer its own stream's error
-                await asyncio.wait({watcher}, timeout=CHANNEL_ERROR_GRACE_S)
-                item = _other_error(inbox) or item
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
-    finally:
-        watcher.cancel()
-
-
-def _other_error(inbox: asyncio.Queue[Chunk | BaseException]) -> BaseException | None:
-    """The first error waiting in the inbox other than a closed channel's."""
-    while not inbox.empty():
-        item = inbox.get_nowait()
-        if isinstance(item, BaseException) and not isinstance(item, ChannelClosedError):
-            return item
-    return None
 
 
 def deployment_name(model_id: str) -> str:
