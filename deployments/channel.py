@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from deployments.errors import ChannelClosedError
 from deployments.protocol import ChannelBatch, Chunk
 
+IDLE_CLOSE_S = 2.0
+
 class Channel:
     """One caller's open channel on this replica: chunks pushed by its requests, sent as one batch per wakeup."""
 
@@ -32,10 +34,19 @@ class Channel:
         self._items.append((request_id, chunk))
         self._ready.set()
 
-    async def batches(self) -> AsyncIterator[ChannelBatch]:
-        """Everything pushed since the last batch; the requests of one engine step arrive together."""
+    async def batches(self, idle_close_s: float = IDLE_CLOSE_S) -> AsyncIterator[ChannelBatch]:
+        """Everything pushed since the last batch; the requests of one engine step arrive together.
+        Ends once none of the caller's requests has run here for `idle_close_s`: an open channel is
+        an ongoing call, which Ray Serve's graceful shutdown of the replica would wait for."""
         while True:
-            await self._ready.wait()
+            try:
+                async with asyncio.timeout(idle_close_s):
+                    await self._ready.wait()
+            except TimeoutError:
+                if self.num_running == 0:
+                    self.closed = True
+                    return
+                continue
             self._ready.clear()
             items, self._items = self._items, []
             yield items

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.channel import Channel
 from deployments.engine import EngineConfig
 from deployments.errors import ChannelClosedError, ServiceUnavailableError
 from deployments.protocol import Chunk, GenerateRequest, Routed
@@ -89,5 +90,23 @@ def test_a_channel_call_for_another_replica_is_refused(server: ModelServer) -> N
     async def run() -> None:
         with pytest.raises(ServiceUnavailableError, match="reached"):
             await server.subscribe("ch-3", "some-other-replica").__anext__()
+
+    asyncio.run(run())
+
+
+def test_an_idle_channel_ends_itself() -> None:
+    """An open channel is an ongoing call (Ray Serve's graceful shutdown waits for those): it ends
+    once none of its caller's requests has run for the idle time, and not while one runs."""
+
+    async def run() -> None:
+        channel = Channel()
+        channel.num_running = 1
+        task = asyncio.ensure_future(channel.batches(idle_close_s=0.05).__anext__())
+        await asyncio.sleep(0.2)
+        assert not task.done()  # a request is running (its tokens just have not come yet)
+        channel.num_running = 0
+        with pytest.raises(StopAsyncIteration):
+            await task
+        assert channel.closed
 
     asyncio.run(run())
