@@ -98,9 +98,20 @@ def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_comes_back(serv
     before = model_status(serve_url, SMOLLM2)
     assert before["status"] == "loaded"
     killed = threading.Event()
+    others_streaming = threading.Barrier(3)  # two more streams, started while the first runs: they go through the router's channel
+    others: list[list[object]] = []
+    via: list[int] = []
+
+    def other_stream() -> None:
+        others.append(events_of(open_stream(serve_url, max_tokens=600), lambda n: n == 2 and others_streaming.wait(timeout=60)))
 
     def kill_at_fifth_event(n: int) -> None:
+        if n == 2:
+            for _ in range(2):
+                threading.Thread(target=other_stream).start()
+            others_streaming.wait(timeout=60)
         if n == 5 and not killed.is_set():
+            via.append(model_status(serve_url, SMOLLM2)["channels"]["running_via_channels"])
             os.kill(before["pid"], signal.SIGKILL)
             killed.set()
 
@@ -122,6 +133,10 @@ def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_comes_back(serv
         assert events[-1] == "[DONE]"
         error = events[-2]["error"]  # type: ignore[index]
         assert error["code"] == "replica_died" and "Traceback" not in error["message"]
+        assert via and via[0] >= 1  # at least one of the streams the kill ended came through a channel
+        seconds_until(lambda: len(others) == 2, within_s=30)
+        for streamed in others:  # through the channel: the same clean end, the replica's death named
+            assert streamed[-1] == "[DONE]" and streamed[-2]["error"]["code"] == "replica_died", streamed[-3:]  # type: ignore[index]
         seconds_until(lambda: model_status(serve_url, SMOLLM2).get("pid") not in (None, before["pid"]), within_s=180)
         seconds_until(lambda: model_status(serve_url, SMOLLM2)["status"] == "loaded", within_s=180)
     finally:
