@@ -23,6 +23,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import PendingRequest, RunningReplica
+# Serve's default router; Ray 2.60 exports the mixins and base class publicly but not this one.
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 from deployments.errors import ChannelClosedError
