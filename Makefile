@@ -80,7 +80,7 @@ bench: $(VENV)/.perf-installed
 	$(PY) perf/bench_engine.py --name bench_engine
 	$(PY) perf/quality.py
 	$(PY) perf/profile_engine.py
-	$(PY) perf/bench_overhead.py --sweep
+	$(PY) perf/bench_overhead.py --sweep --compare-channels
 	$(PY) perf/bench_reload.py
 	$(PY) perf/bench_lora_kernel.py
 	$(PY) perf/bench_codes.py
