@@ -20,12 +20,13 @@ from serve_app.api import create_api
 from serve_app.channels import ChannelRouter
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings, PoolSettings, parse_app_settings
+from serve_app.control_plane import ActorRecordStore, control_plane
 from serve_app.lifecycle import LifecycleManager
 from serve_app.loopback import keep_serve_grpc_on_loopback
 from serve_app.metrics import release_counter
 from serve_app.pool_app import pool_deployment
 from serve_app.pool_client import PoolMemberClient
-from serve_app.ray_client import ActorRecordStore, HandleModelClient, control_plane, deployment_name
+from serve_app.ray_client import HandleModelClient, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 it is believed loaded, and why it was released.
 
 A router replica holds a working copy and writes every change through to a `RecordStore`. With
-Ray the store is one named actor per application (serve_app.ray_client.ActorRecordStore), so a
+Ray the store is one named actor per application (serve_app.control_plane.ActorRecordStore), so a
 restarted router, or a second router replica, finds the same clocks; without Ray (tests, one
 process) it is `LocalRecordStore`. Requests in flight and pending transitions stay per replica.
 """
@@ -35,7 +35,7 @@ class ModelRecord:
 
 
 class ControlStore:
-    """Records by model id. Plain Python: the Ray actor in serve_app.ray_client subclasses it."""
+    """Records by model id. Plain Python: the Ray actor in serve_app.control_plane subclasses it."""
 
     def __init__(self) -> None:
         self.records: dict[str, ModelRecord] = {}

@@ -23,7 +23,7 @@ from deployments.protocol import Chunk, GenerateRequest
 from serve_app.config import PoolSettings
 from serve_app.loopback import keep_serve_grpc_on_loopback
 from serve_app.pool_client import pool_deployment_name
-from serve_app.ray_client import call_control, control_plane
+from serve_app.control_plane import call_control, control_plane
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5

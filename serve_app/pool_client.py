@@ -18,8 +18,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.errors import APIError, ServiceUnavailableError
 from serve_app.clients import member_status
 from serve_app.config import ModelSettings
+from serve_app.control_plane import call_control
 from serve_app.errors import unwrap_error
-from serve_app.ray_client import POLL_S, HandleModelClient, call_control
+from serve_app.ray_client import POLL_S, HandleModelClient
 
 
 REPORTS_TTL_S = 0.2

@@ -6,10 +6,7 @@ deployed config, and Ray Serve calls `reconfigure` on each replica, and on every
 later. An app deployed from Python (`serve.run`) has no deployed config; there they fall back to
 one handle call (one replica), which is exact for the usual single replica.
 
-The application's config has one writer: a named actor per application (`ControlPlane`), which
-also keeps the lifecycle records (serve_app.control_store) where a restarted or second router
-replica finds them. Changes of different models, from any router replica, are applied one after
-the other, each on the config the previous one wrote.
+The application's config has one writer, the `ControlPlane` actor (serve_app.control_plane).
 """
 
 from __future__ import annotations
@@ -18,24 +15,20 @@ import asyncio
 import dataclasses
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from deployments.protocol import Chunk, GenerateRequest, ReplicaStatus
 from deployments.errors import OverloadedError, ServiceUnavailableError
 from serve_app.channels import ChannelSet, from_inbox as _from_inbox
-from serve_app.control_store import ControlStore, ModelRecord
+from serve_app.control_plane import call_control, write_user_config
 from serve_app.errors import unwrap_error
 
 logger = logging.getLogger(__name__)
@@ -208,95 +201,3 @@ class ServiceRate:
         if rate is None:
             return unknown_s
         return int(min(max_s, max(1, math.ceil(max(queued, 1) / rate))))
-
-
-def write_user_config(app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
-    """Set one deployment's `user_config` in the application's deployed config (read, change,
-    write). False if the app has no deployed config (it was deployed with `serve.run`). Callers
-    must not run this concurrently: `ControlPlane` is its one writer."""
-    client = _get_global_client()
-    if client is None:
-        raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
-    configs: dict[str, ServeApplicationSchema] = ray.get(client._controller.get_app_configs.remote())
-    if app_name not in configs:
-        return False
-    data = configs[app_name].model_dump(exclude_unset=True)
-    deployments = [d for d in data.get("deployments", []) if d["name"] != deployment]
-    current = next((d for d in data.get("deployments", []) if d["name"] == deployment), {"name": deployment})
-    deployments.append(current | {"user_config": user_config})
-    configs[app_name] = ServeApplicationSchema.model_validate(data | {"deployments": deployments})
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema(applications=list(configs.values()))))
-    return True
-
-
-class ControlPlane(ControlStore):
-    """A named actor per application (methods run one at a time): the one writer of the app's
-    config, and the lifecycle records that outlive any router replica. It ends itself once its
-    application has been deleted (`serve delete`, `serve shutdown`), so nothing is left behind."""
-
-    def __init__(self, app_name: str = "", check_every_s: float = 5.0) -> None:
-        super().__init__()
-        if app_name:
-            threading.Thread(target=self._end_with_app, args=(app_name, check_every_s), daemon=True).start()
-
-    @staticmethod
-    def _end_with_app(app_name: str, check_every_s: float) -> None:
-        missing = 0
-        while missing < 2:  # twice in a row: a redeploy may briefly list no app
-            time.sleep(check_every_s)
-            try:
-                client = _get_global_client()
-                missing = missing + 1 if client is None or app_name not in serve.status().applications else 0
-            except Exception:  # noqa: BLE001 - Serve itself is gone
-                missing += 1
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-    def set_user_config(self, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
-        return write_user_config(app_name, deployment, user_config)
-
-    # Pool reports in their own concurrency group (one thread): a config write that waits seconds on
-    # Serve's controller must not hold up GET /models or the replicas' half-second reports.
-    @ray.method(concurrency_group="pool")
-    def pool_sync(self, pool_id: str, replica: str, report: dict[str, Any]) -> dict[str, int]:
-        return super().pool_sync(pool_id, replica, report)
-
-    @ray.method(concurrency_group="pool")
-    def pool_evict(self, pool_id: str, model_id: str) -> int:
-        return super().pool_evict(pool_id, model_id)
-
-    @ray.method(concurrency_group="pool")
-    def pool_state(self, pool_id: str, max_age_s: float = 5.0) -> dict[str, dict[str, Any]]:
-        return super().pool_state(pool_id, max_age_s)
-
-
-async def call_control(ref: Any) -> Any:
-    """Await a `ControlPlane` call without ever cancelling it: a caller that gives up (a status
-    timeout, a client gone) must not cancel the actor task, or the actor waits (30 s) for the
-    skipped sequence number before it runs this caller's next call. An unreachable actor is a 503."""
-    try:
-        return await asyncio.shield(asyncio.ensure_future(ref))
-    except (RayActorError, ActorUnavailableError):
-        raise ServiceUnavailableError("the control plane actor is restarting; retry", code="control_plane_unavailable") from None
-
-
-def control_plane(app_name: str) -> Any:
-    """The application's `ControlPlane` actor, created by the first router replica that asks.
-    Detached, so it outlives a router replica; it ends with the Ray cluster."""
-    actor = ray.remote(concurrency_groups={"pool": 1})(ControlPlane).options(
-        name=f"llm-serve-control-plane:{app_name}", namespace="serve", lifetime="detached",
-        get_if_exists=True, num_cpus=0, max_restarts=-1,
-    )
-    return actor.remote(app_name)
-
-
-class ActorRecordStore:
-    """A `RecordStore` (serve_app.control_store) in the `ControlPlane` actor."""
-
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-
-    async def restore(self, defaults: dict[str, ModelRecord]) -> dict[str, ModelRecord]:
-        return await call_control(self.actor.restore.remote(defaults))  # type: ignore[no-any-return]
-
-    def save(self, model_id: str, record: ModelRecord) -> None:
-        self.actor.save.remote(model_id, record.copy())  # calls from one caller run in order
