@@ -4,8 +4,10 @@ Without them every token of every request is one message on its request's own st
 a pickle and a wakeup in each process per token). With ten streams that is ten messages per engine
 step; through a channel it is one. The router opens a channel to a replica once one of its requests
 ran there (`ModelServer.subscribe`); a request that names an open channel of its caller sends its
-chunks through it when another of the caller's requests is running on the replica, and its own stream carries only `Routed` first and, at the end, success or the
-error (so Ray Serve's admission, cancellation and replica-death handling stay per request).
+chunks through it when another of the caller's requests is running on the replica, and its own
+stream carries only `Routed` first and, at the end, success or the error (so Ray Serve's admission,
+cancellation and replica-death handling stay per request). The channel ends itself once none of the
+caller's requests has run here for `IDLE_CLOSE_S`.
 No Ray or FastAPI import: the model server uses this in tests without Ray.
 """
 
@@ -17,7 +19,8 @@ from collections.abc import AsyncIterator
 from deployments.errors import ChannelClosedError
 from deployments.protocol import ChannelBatch, Chunk
 
-IDLE_CLOSE_S = 2.0
+IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
+
 
 class Channel:
     """One caller's open channel on this replica: chunks pushed by its requests, sent as one batch per wakeup."""
@@ -44,7 +47,7 @@ class Channel:
                     await self._ready.wait()
             except TimeoutError:
                 if self.num_running == 0:
-                    self.closed = True
+                    self.close()
                     return
                 continue
             self._ready.clear()

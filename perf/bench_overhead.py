@@ -110,8 +110,10 @@ def thread_cpu(model_id: str) -> dict[tuple[str, int], float]:
             role = "model replica"
         elif proc.pid == os.getpid():
             role = "client (this process)"
-        elif "llm:router" in command or "haproxy" in command:
-            role = "router" if "llm:router" in command else "haproxy"
+        elif "llm:router" in command:
+            role = "router"
+        elif "haproxy" in command:
+            role = "haproxy"
         else:
             role = "other model replica" if ":model-" in command else "Ray (other processes)"
         for t in threads:

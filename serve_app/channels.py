@@ -2,8 +2,8 @@
 chunks of all this router's requests running there, one message per engine step instead of one per
 request per step.
 
-A channel is opened to a replica once one of our requests ran there, and closed when none has run for
-`IDLE_CLOSE_S`, so an idle model holds no call open. The replica sends a request's chunks through it
+A channel is opened to a replica once one of our requests ran there; the replica ends it when none of
+ours has run there for a while (deployments.channel), so an idle model holds no call open. The replica sends a request's chunks through it
 only while another of ours runs there (alone, the request's own stream is one hop shorter). A
 request sends the ids of the open channels; the replica that takes it answers `Routed`, saying whether
 its chunks come through one of them. `ChannelRouter` is the model deployments' Ray Serve request
@@ -35,7 +35,6 @@ CHANNEL_PREFIX = "channel:"  # a channel call's multiplexed model id: this prefi
 OPEN_TIMEOUT_S = 5.0  # a channel not open by then is given up (and not retried for RETRY_AFTER_S)
 RETRY_AFTER_S = 10.0
 CHANNEL_ERROR_GRACE_S = 2.0  # a closed channel waits this long for its request's own stream to say why
-IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
 Item = Chunk | BaseException
 
 
@@ -66,7 +65,6 @@ class ChannelSet:
         self.readers: dict[str, asyncio.Task[None]] = {}  # replica -> its channel's reader (opening or open)
         self.refused_until: dict[str, float] = {}
         self.num_batches = 0  # messages received through channels (tests and benchmarks read it)
-        self._idle_timer: asyncio.TimerHandle | None = None
 
     def channel_ids(self) -> tuple[str, ...]:
         return tuple(self.open.values())
@@ -81,16 +79,11 @@ class ChannelSet:
             request_id = f"{self.prefix}-{next(self._ids)}"
         inbox: asyncio.Queue[Item] = asyncio.Queue()
         self.inbox[request_id] = inbox
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         return request_id, inbox
 
     def release(self, request_id: str) -> None:
         self.inbox.pop(request_id, None)
         self.via.pop(request_id, None)
-        if not self.inbox and self.readers and self._idle_timer is None:
-            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self.close_all)
 
     def routed(self, request_id: str, routed: Routed) -> None:
         """A replica took one of our requests: note where its chunks come from; open a channel to
@@ -102,15 +95,6 @@ class ChannelSet:
         if replica in self.readers or self.refused_until.get(replica, 0.0) > time.monotonic():
             return
         self.readers[replica] = asyncio.ensure_future(self._read(replica))
-
-    def close_all(self) -> None:
-        """Close every channel (no request is running): the open set first, so no new request names one."""
-        self._idle_timer = None
-        if self.inbox:
-            return
-        self.open.clear()
-        for reader in list(self.readers.values()):
-            reader.cancel()
 
     async def _read(self, replica: str) -> None:
         channel_id = f"{self.prefix}-{replica}-{next(self._ids)}"
