@@ -71,10 +71,12 @@ def test_rope_kv_rotates_q_and_k_and_writes_the_cache(cache_dtype: torch.dtype, 
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
 
 
-def test_act_mul_computes_silu_and_gelu_tanh_gates() -> None:
+@pytest.mark.parametrize("width", [80, 84])  # whole vectors; and 4 lanes past them (the scalar tail)
+def test_act_mul_computes_silu_and_gelu_tanh_gates(width: int) -> None:
     assert native is not None
     torch.manual_seed(3)
-    gate_up = torch.randn(9, 2 * 80) * 6  # wide enough to reach both tails of each activation
+    gate_up = torch.randn(9, 2 * width) * 6  # wide enough to reach both tails of each activation
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, -90.0, 90.0])  # past the exponential's clamp
     gate, up = gate_up.chunk(2, -1)
     torch.testing.assert_close(native.act_mul(gate_up, 0), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native.act_mul(gate_up, 1), F.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-5)
@@ -102,8 +104,28 @@ def test_rescore_top_and_argmax_match_torchs_topk_scatter_and_argmax(packed: boo
     native.rescore_top(got, x, table.codes, table.scales, 16)
     torch.testing.assert_close(got, want)
     assert native.argmax_rows(approx).tolist() == approx.argmax(-1).tolist()
+    approx[0, 10] = float("inf")  # an infinity is a value, not a NaN
     approx[2, 900] = float("nan")  # NaN counts as the largest, as in torch
-    assert native.argmax_rows(approx).tolist() == approx.argmax(-1).tolist()
+    assert native.argmax_rows(approx).tolist() == approx.argmax(-1).tolist() == [10, 7, 900]
+
+
+def test_table_rows_are_the_packed_tables_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding lookup in C++ reads the same rows as indexing the packed table in torch."""
+    assert native is not None
+    from deployments.engine.layers.vocab import VocabTable
+
+    torch.manual_seed(6)
+    table = VocabTable(torch.randn(1000, 64))
+    if not table.packed:
+        pytest.skip("the q8 layout needs our q8 kernel")
+    ids = torch.tensor([[0, 999, 17], [16, 15, 500]])
+    got = table.rows(ids)
+    monkeypatch.setenv(kernels.ENV, "torch")  # rows() through torch's indexing of the same table
+    want = table.rows(ids)
+    assert got.shape == (2, 3, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.table_rows(torch.tensor([1008]), table.codes, table.scales)
 
 
 def run_steps(engine: LLMEngine, prompts: list[list[int]], decode_steps: int) -> list[torch.Tensor]:

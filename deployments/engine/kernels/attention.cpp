@@ -42,97 +42,11 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
   }
 }
 
-// The vector tile: W keys per tile, one W-lane register per vector (AVX-512: 16, AVX2: 8), and the
-// operations the tile loop below needs, named alike for both.
-#ifdef Q4_AVX512
-using Vec = __m512;
-constexpr int64_t TILE = 16;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset(float f) { return _mm512_set1_ps(f); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load16(p); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
-inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
-inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
-// lanes [0, count) of v, the rest `fill`
-inline Vec first(int64_t count, Vec v, float fill) { return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << count) - 1), vset(fill), v); }
-
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
-inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline Vec vscale2(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
-
-// Lane j = the sum of v[j]'s lanes, for 16 vectors (a transpose-add: 45 operations instead of 16 reductions).
-inline Vec reduce(const Vec* v) {
-  __m512 a[8], b[4];
-  for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
-  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
-}
-
-#else  // AVX2
-using Vec = __m256;
-constexpr int64_t TILE = 8;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset(float f) { return _mm256_set1_ps(f); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load8(p); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
-inline float hmax(Vec v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-inline float hsum(Vec v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-}
-inline Vec first(int64_t count, Vec v, float fill) {
-  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  return _mm256_blendv_ps(vset(fill), v, keep);
-}
-
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
-inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-// y * 2^n without scalef: 2^n built in the exponent bits (n >= -126 here: vexp clamps x at -87)
-inline Vec vscale2(Vec y, Vec n) {
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
-}
-
-// Lane j = the sum of v[j]'s lanes, for 8 vectors (a transpose-add).
-inline Vec reduce(const Vec* v) {
-  __m256 a[4], b[2];
-  for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 2; ++i) b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
-  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
-}
-#endif
-
-constexpr int64_t LANES = sizeof(Vec) / sizeof(float), MAX_D = 256;
-
-// exp of each lane (x <= 0 here: scores minus their running max), as glue.cpp's exp_approx: x = n ln2 + r,
-// a degree-6 polynomial for e^r, times 2^n.
-inline Vec vexp(Vec x) {
-  x = vmax(x, vset(-87.f));
-  const Vec n = vround(vmul(x, vset(1.44269504088896341f)));
-  Vec r = vfnmadd(n, vset(0.693359375f), x);
-  r = vfnmadd(n, vset(-2.12194440e-4f), r);
-  Vec p = vset(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = vfmadd(p, r, vset(c));
-  return vscale2(vfmadd(vmul(p, r), r, vadd(r, vset(1.f))), n);
-}
+using llm_kernels::LANES;
+using llm_kernels::TILE;
+using llm_kernels::Vec;
+using namespace llm_kernels::vec;
+constexpr int64_t MAX_D = 256;
 
 // The rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
 inline const float* tile_row(const float* row, float*, int64_t) { return row; }
@@ -151,10 +65,11 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
   const float* krow[TILE];
   const float* vrow[TILE];
   Vec part[TILE];
+  auto row_at = [&](int64_t t) { return ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D; };
   for (int64_t t0 = start; t0 < stop; t0 += TILE) {
     const int64_t count = std::min(TILE, stop - t0);
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t t = t0 + j, at = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
+      const int64_t at = row_at(t0 + j);
       krow[j] = tile_row(kc + at, kbuf + j * D, D);
       vrow[j] = tile_row(vc + at, vbuf + j * D, D);
     }
@@ -175,9 +90,11 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
       vstore(p, e);
       float* a = acc + g * D;
       const Vec f = vset(factor);
+      Vec pj[TILE];  // each key's weight in every lane, once per tile (not once per D / LANES columns)
+      for (int64_t j = 0; j < TILE; ++j) pj[j] = vset(p[j]);  // p[j] = 0 past count
       for (int64_t c = 0; c < D; c += LANES) {
         Vec v = vmul(vload(a + c), f);
-        for (int64_t j = 0; j < TILE; ++j) v = vfmadd(vset(p[j]), vload(vrow[j] + c), v);  // p[j] = 0 past count
+        for (int64_t j = 0; j < TILE; ++j) v = vfmadd(pj[j], vload(vrow[j] + c), v);
         vstore(a + c, v);
       }
     }
@@ -200,6 +117,13 @@ void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t s
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(merged[d] / total);
 }
 
+// An item's whole context in one chunk: its heads' outputs are their value sums over their exp sums.
+template <typename T>
+void finish_heads(const float* sum, const float* acc, int64_t group, int64_t D, T* out) {
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] / sum[g]);
+}
+
 template <typename TQ, typename T>
 void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, TQ* out,
                       int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t max_blocks, int64_t block_size,
@@ -210,11 +134,12 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
   int64_t longest = 0;
   for (int64_t s = 0; s < n; ++s) longest = std::max(longest, ctx[s]);
   int64_t splits = 1;
-  while (n * KVH * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 64) splits *= 2;
+  while (n * KVH * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 32) splits *= 2;
   const int64_t items = n * KVH * splits;
   std::vector<float> part_max(items * group, -INFINITY), part_sum(items * group, 0.f), part_acc(items * group * D, 0.f);
   llm_kernels::dynamic_for(0, items, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qf(group * D), scores;
+    thread_local std::vector<float> qf, scores;  // dynamic_for calls this once per item: no allocation per call
+    qf.resize(group * D);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t s = w / (KVH * splits), kh = (w / splits) % KVH, sp = w % splits, len = ctx[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
@@ -227,11 +152,13 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
       float* acc = part_acc.data() + w * group * D;
       if (D % LANES == 0 && D <= MAX_D) {
         tiles(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, mx, sum, acc);
-        continue;
+      } else {
+        chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores, mx, sum, acc);
       }
-      chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores, mx, sum, acc);
+      if (splits == 1) finish_heads(sum, acc, group, D, out + (s * H + kh * group) * D);
     }
   });
+  if (splits == 1) return;
   for (int64_t s = 0; s < n; ++s)
     for (int64_t kh = 0; kh < KVH; ++kh)
       for (int64_t g = 0; g < group; ++g) {

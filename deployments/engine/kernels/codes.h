@@ -101,6 +101,110 @@ inline float quantize_group(const T* x, float amax, bool second, int8_t* q1, int
 }
 #endif
 
+namespace vec {
+// One register of fp32 lanes (AVX-512: 16, AVX2: 8) and the operations on it, named alike for both ISAs
+// (attention's tiles of TILE keys, the activation, the vocabulary's scans). In `vec` so callers can take
+// them all with one using-directive.
+#ifdef Q4_AVX512
+using Vec = __m512;
+constexpr int64_t TILE = 16;  // attention's keys per tile: one per lane
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float f) { return _mm512_set1_ps(f); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load16(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
+inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+// lanes [0, count) of v, the rest `fill`
+inline Vec first(int64_t count, Vec v, float fill) { return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << count) - 1), vset(fill), v); }
+
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline bool any_nan(Vec v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
+inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vscale2(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+
+// Lane j = the sum of v[j]'s lanes, for 16 vectors (a transpose-add: 45 operations instead of 16 reductions).
+inline Vec reduce(const Vec* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+#else  // AVX2
+using Vec = __m256;
+constexpr int64_t TILE = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float f) { return _mm256_set1_ps(f); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vwiden(const at::BFloat16* p) { return llm_kernels::load8(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline float hmax(Vec v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float hsum(Vec v) {
+  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+inline Vec first(int64_t count, Vec v, float fill) {
+  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  return _mm256_blendv_ps(vset(fill), v, keep);
+}
+
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline bool any_nan(Vec v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec vfnmadd(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// y * 2^n without scalef: 2^n built in the exponent bits (n >= -126 here: vexp clamps x at -87)
+inline Vec vscale2(Vec y, Vec n) {
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
+}
+
+// Lane j = the sum of v[j]'s lanes, for 8 vectors (a transpose-add).
+inline Vec reduce(const Vec* v) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i) a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+#endif
+
+constexpr int64_t LANES = sizeof(Vec) / sizeof(float);
+
+// exp of each lane, about 2 ulp over fp32's range (Cephes' expf, x clamped to [-87, 88]): x = n ln2 + r,
+// a degree-6 polynomial for e^r, times 2^n.
+inline Vec vexp(Vec x) {
+  x = vmin(vmax(x, vset(-87.f)), vset(88.f));
+  const Vec n = vround(vmul(x, vset(1.44269504088896341f)));
+  Vec r = vfnmadd(n, vset(0.693359375f), x);
+  r = vfnmadd(n, vset(-2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f}) p = vfmadd(p, r, vset(c));
+  return vscale2(vfmadd(vmul(p, r), r, vadd(r, vset(1.f))), n);
+}
+}  // namespace vec
+using vec::LANES;
+using vec::TILE;
+using vec::Vec;
+
 // f(b, e) over [begin, end) in chunks of `chunk`, handed out one at a time to torch's OpenMP team (it is
 // the same libgomp team at::parallel_for uses). at::parallel_for splits the range into one static share
 // per thread: when a thread is descheduled (the serving processes share these cores) the other finishes
@@ -226,6 +330,7 @@ at::Tensor rope_kv(const at::Tensor& qkv, const at::Tensor& positions, const at:
 at::Tensor act_mul(const at::Tensor& gate_up, int64_t act);
 void rescore_top(at::Tensor logits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t k);
 at::Tensor argmax_rows(const at::Tensor& logits);
+at::Tensor table_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& scales);
 void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
                    const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                    const at::Tensor& tables, const at::Tensor& context_lens, int64_t H, int64_t KVH, int64_t block_size,

@@ -8,7 +8,7 @@
 namespace {
 
 // exp(x), about 2 ulp over fp32's range (Cephes' expf: round to n = x / ln 2, a degree-6 polynomial on
-// the remainder, times 2^n built in the exponent bits). Arithmetic only, so simd loops vectorise it.
+// the remainder, times 2^n built in the exponent bits): act_mul's tail lanes; its vector form is vexp (codes.h).
 inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23)
@@ -22,6 +22,20 @@ inline float exp_approx(float x) {
   const float e = p * r * r + r + 1.f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   return e * __builtin_bit_cast(float, bits);
+}
+
+using namespace llm_kernels::vec;
+using llm_kernels::LANES;
+using llm_kernels::Vec;
+
+// silu(g) * u and gelu_tanh(g) * u (1 + tanh(y) = 2 - 2 / (e^2y + 1)) per lane: written with the vector
+// operations because gcc leaves the scalar loop's clamp as a branch and would not vectorise it (it ran
+// scalar: 6.6 us per 1536-wide row).
+inline Vec silu_mul(Vec g, Vec u) { return vdiv(vmul(g, u), vadd(vset(1.f), vexp(vsub(vzero(), g)))); }
+inline Vec gelu_mul(Vec x, Vec u) {
+  const Vec y2 = vmul(vset(2.f * 0.7978845608028654f), vfmadd(vmul(vset(0.044715f), vmul(x, x)), x, x));
+  const Vec one_plus_tanh = vsub(vset(2.f), vdiv(vset(2.f), vadd(vexp(y2), vset(1.f))));
+  return vmul(vmul(vset(0.5f), x), vmul(one_plus_tanh, u));
 }
 
 constexpr int64_t PARALLEL_ELEMENTS = 1 << 15;  // below this a step's rows run on the calling thread
@@ -187,21 +201,17 @@ at::Tensor act_mul(const at::Tensor& gate_up, int64_t act) {
   const float* G = gate_up.data_ptr<float>();
   const int64_t gs = gate_up.stride(0);
   float* O = out.data_ptr<float>();
+  const int64_t vec_end = I - I % LANES;
   for_rows(T, I, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* g = G + t * gs;
       const float* u = g + I;
       float* o = O + t * I;
-      if (act == 0) {
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) {
-          const float x = g[i];
-          const float th = 1.f - 2.f / (exp_approx(2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x)) + 1.f);
-          o[i] = 0.5f * x * (1.f + th) * u[i];
-        }
+      for (int64_t i = 0; i < vec_end; i += LANES) vstore(o + i, act == 0 ? silu_mul(vload(g + i), vload(u + i)) : gelu_mul(vload(g + i), vload(u + i)));
+      for (int64_t i = vec_end; i < I; ++i) {
+        const float x = g[i];
+        o[i] = act == 0 ? x / (1.f + exp_approx(-x)) * u[i]
+                        : 0.5f * x * (2.f - 2.f / (exp_approx(2.f * 0.7978845608028654f * (x + 0.044715f * x * x * x)) + 1.f)) * u[i];
       }
     }
   });

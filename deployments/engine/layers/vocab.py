@@ -70,6 +70,8 @@ class VocabTable(torch.nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Exact fp32 rows [*ids.shape, H]."""
+        if self.packed and ids.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:
+            return kernel.table_rows(ids, self.codes, self.scales)  # type: ignore[no-any-return]
         if self.packed:  # row v: block v // 16, lane v % 16 (layers/int8.py)
             block, lane = ids // int8.ROWS, ids % int8.ROWS
             codes = self.codes.view(self.codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
