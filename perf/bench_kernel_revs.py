@@ -9,7 +9,7 @@ the base build lacks runs as the base's Python ran it (`table_rows`: torch index
 
     python perf/bench_kernel_revs.py --base 2396ece~1 [--rounds 4]
 
-Prints per round and the medians; writes perf/results/bench_kernel_revs.json.
+Prints per round and a one-line summary; writes perf/results/bench_kernel_revs.json and .png.
 """
 
 from __future__ import annotations
@@ -108,14 +108,36 @@ def main() -> None:
                 print(f"round {rnd + 1} {name:7s} {streams:2d} streams: {ms:.2f} ms/step", flush=True)
     kernels._built["native"] = current
     summary = {name: {s: statistics.median(v) for s, v in by.items()} for name, by in results.items()}
-    for streams in ("1", "10"):
-        b, c = summary["base"][streams], summary["current"][streams]
-        print(f"{streams:>2} streams: base {b:.2f} ms/step, current {c:.2f} ({(c / b - 1) * 100:+.1f}%)")
+    change = {s: summary["current"][s] / summary["base"][s] - 1 for s in ("1", "10")}
+    print(f"summary: kernels at {args.base} -> working tree, median ms/step: 1 stream {summary['base']['1']:.2f} -> "
+          f"{summary['current']['1']:.2f} ({change['1']:+.1%}), 10 streams {summary['base']['10']:.2f} -> "
+          f"{summary['current']['10']:.2f} ({change['10']:+.1%})")
     out = {"environment": machine(), "base": args.base, "model": args.model, "output_len": args.output_len,
            "rounds": results, "median_ms_per_step": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    plot(results, args.base, out["environment"], Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its .png")
+
+
+def plot(results: dict[str, dict[str, list[float]]], base: str, env: dict[str, Any], path: Path) -> None:
+    """ms per step by round, base and current side by side, at 1 and 10 streams."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, streams in zip(axes, ("1", "10")):
+        for name, marker in (("base", "o"), ("current", "s")):
+            values = results[name][streams]
+            ax.plot(range(1, len(values) + 1), values, marker=marker, label=base if name == "base" else "working tree")
+        ax.set_title(f"{streams} stream(s): ms per decode step by round")
+        ax.set_xlabel("round")
+        ax.legend()
+    fig.suptitle(f"our kernels, SmolLM2 int4, {env['cpu_model']}, {env['torch_cpu_capability']}")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
