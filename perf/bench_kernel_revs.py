@@ -29,9 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels  # noqa: E402
+from deployments.engine.layers.vocab import packed_rows  # noqa: E402
 from perf.bench_serving import build_prompts  # noqa: E402
 from perf.common import machine  # noqa: E402
 
@@ -53,15 +52,6 @@ def build_revision(rev: str, workdir: Path) -> Any:
     return cpp_extension.load(name=f"llm_serve_kernels_base_{abs(hash(rev)) % 10**8}", sources=sources,
                               extra_cflags=["-O3", "-fopenmp", "-march=native"], extra_ldflags=["-fopenmp"],
                               build_directory=str(workdir / "build"), verbose=False)
-
-
-def torch_table_rows(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The packed table's rows by torch indexing (layers/int8.py's layout), as before `table_rows`."""
-    from deployments.engine.layers import int8
-
-    block, lane = ids // int8.ROWS, ids % int8.ROWS
-    picked = codes.view(codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
-    return (picked.unflatten(-1, (-1, 32)) * scales[block, :, lane].unsqueeze(-1)).flatten(-2)
 
 
 def run_turn(engine: LLMEngine, tag: str, streams: int, output_len: int) -> float:
@@ -94,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = build_revision(args.base, Path(tmp))
     if not hasattr(base, "table_rows"):
-        base.table_rows = torch_table_rows
+        base.table_rows = packed_rows  # as the base's Python ran it
     builds = {"base": base, "current": current}
     engine = LLMEngine(EngineConfig(model=args.model, weights="int4"))
     results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": []} for name in builds}

@@ -65,11 +65,10 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
   const float* krow[TILE];
   const float* vrow[TILE];
   Vec part[TILE];
-  auto row_at = [&](int64_t t) { return ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D; };
   for (int64_t t0 = start; t0 < stop; t0 += TILE) {
     const int64_t count = std::min(TILE, stop - t0);
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t at = row_at(t0 + j);
+      const int64_t t = t0 + j, at = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
       krow[j] = tile_row(kc + at, kbuf + j * D, D);
       vrow[j] = tile_row(vc + at, vbuf + j * D, D);
     }

@@ -12,25 +12,22 @@ using namespace llm_kernels::vec;
 using llm_kernels::LANES;
 using llm_kernels::Vec;
 
-// The largest of p[0, count) ignoring NaNs (-inf if none), and in *nan whether there was one: gcc does
-// not vectorise std::max's compare-and-select in a reduction, so full blocks take the vector path.
-inline float block_max(const float* p, int64_t count, bool* nan) {
+// The largest of p[0, count) ignoring NaNs (-inf if none), and in *nan (when given) whether there was one:
+// gcc does not vectorise std::max's compare-and-select in a reduction, so full blocks take the vector path.
+inline float block_max(const float* p, int64_t count, bool* nan = nullptr) {
   if (count == BLOCK) {
     Vec m = vset(-INFINITY), seen = vzero();
     for (int64_t i = 0; i < BLOCK; i += LANES) {
       const Vec x = vload(p + i);
       m = vmax(x, m);  // max_ps returns its second operand where either is NaN: NaNs are skipped
-      seen = vadd(seen, vsub(x, x));  // NaN where x was NaN or +-inf, else 0
+      if (nan) seen = vadd(seen, vsub(x, x));  // NaN where x was NaN or +-inf, else 0
     }
-    *nan = any_nan(seen) && std::any_of(p, p + BLOCK, [](float x) { return x != x; });
+    if (nan) *nan = any_nan(seen) && std::any_of(p, p + BLOCK, [](float x) { return x != x; });
     return hmax(m);
   }
   float m = -INFINITY;
-  *nan = false;
-  for (int64_t i = 0; i < count; ++i) {
-    m = std::max(m, p[i]);
-    *nan |= p[i] != p[i];
-  }
+  for (int64_t i = 0; i < count; ++i) m = std::max(m, p[i]);
+  if (nan) *nan = std::any_of(p, p + count, [](float x) { return x != x; });
   return m;
 }
 
@@ -43,8 +40,7 @@ void top_k(const float* row, int64_t n, int64_t k, std::vector<int64_t>& top) {
   std::make_heap(best.begin(), best.end(), worse);
   for (int64_t b = k; b < n; b += BLOCK) {
     const int64_t end = std::min(n, b + BLOCK);
-    bool nan;
-    if (!(block_max(row + b, end - b, &nan) > best.front().first)) continue;
+    if (!(block_max(row + b, end - b) > best.front().first)) continue;
     for (int64_t i = b; i < end; ++i) {
       if (row[i] > best.front().first) {
         std::pop_heap(best.begin(), best.end(), worse);
@@ -56,6 +52,17 @@ void top_k(const float* row, int64_t n, int64_t k, std::vector<int64_t>& top) {
   top.clear();
   for (const auto& e : best) top.push_back(e.second);
 }
+
+// Row v of the packed 8-bit table (codes + 128 as uint8 [V'/16, H/4, 64], scales fp32 [V'/16, H/32, 16];
+// layers/int8.py): block v / 16, lane v % 16, 4 consecutive inputs per 32-bit word.
+struct PackedRow {
+  const uint8_t* blk;
+  const float* sc;
+  PackedRow(const uint8_t* codes, const float* scales, int64_t v, int64_t H)
+      : blk(codes + (v / 16) * (H / 4) * 64 + 4 * (v % 16)), sc(scales + (v / 16) * (H / llm_kernels::GROUP) * 16 + v % 16) {}
+  float code(int64_t k) const { return static_cast<float>(blk[(k / 4) * 64 + k % 4]) - 128.f; }  // input k's int8 code
+  float scale(int64_t k) const { return sc[(k / llm_kernels::GROUP) * 16]; }  // its group's scale
+};
 
 }  // namespace
 
@@ -84,14 +91,12 @@ void rescore_top(at::Tensor logits, const at::Tensor& x_in, const at::Tensor& co
   const float* S = scales.data_ptr<float>();
   auto exact = [&](int64_t v, const float* xr) {
     float total = 0;
-    if (packed) {  // row v: block v / 16, lane v % 16; 4 consecutive inputs per 32-bit word
-      const uint8_t* blk = codes.data_ptr<uint8_t>() + (v / 16) * (H / 4) * 64 + 4 * (v % 16);
-      const float* sc = S + (v / 16) * G * 16 + v % 16;
+    if (packed) {
+      const PackedRow row(codes.data_ptr<uint8_t>(), S, v, H);
       for (int64_t g = 0; g < G; ++g) {
         float s = 0;
-        for (int64_t q = 0; q < llm_kernels::GROUP / 4; ++q)
-          for (int64_t j = 0; j < 4; ++j) s += (static_cast<float>(blk[(g * 8 + q) * 64 + j]) - 128.f) * xr[g * llm_kernels::GROUP + 4 * q + j];
-        total += s * sc[g * 16];
+        for (int64_t k = g * llm_kernels::GROUP; k < (g + 1) * llm_kernels::GROUP; ++k) s += row.code(k) * xr[k];
+        total += s * row.scale(g * llm_kernels::GROUP);
       }
     } else {
       const int8_t* c = codes.data_ptr<int8_t>() + v * H;
@@ -146,8 +151,7 @@ at::Tensor argmax_rows(const at::Tensor& logits_in) {
   return out;
 }
 
-// Rows `ids` (int64, any shape) of the packed 8-bit table (the layout above: codes + 128 as uint8
-// [V'/16, H/4, 64], scales fp32 [V'/16, H/32, 16]) as fp32 [*ids.shape, H]: the embedding lookup. In
+// Rows `ids` (int64, any shape) of the packed 8-bit table (PackedRow's layout) as fp32 [*ids.shape, H]: the embedding lookup. In
 // torch it was five indexing and arithmetic ops, 65 us per decode step at one sequence; this is a few.
 at::Tensor table_rows(const at::Tensor& ids_in, const at::Tensor& codes, const at::Tensor& scales) {
   const at::Tensor ids = ids_in.contiguous();
@@ -165,10 +169,9 @@ at::Tensor table_rows(const at::Tensor& ids_in, const at::Tensor& codes, const a
   for (int64_t r = 0; r < n; ++r) {
     const int64_t v = I[r];
     TORCH_CHECK(v >= 0 && v < rows, "table_rows: id ", v, " out of range");
-    const uint8_t* blk = C + (v / 16) * (H / 4) * 64 + 4 * (v % 16);
-    const float* sc = S + (v / 16) * G * 16 + v % 16;
+    const PackedRow row(C, S, v, H);
     float* o = O + r * H;
-    for (int64_t k = 0; k < H; ++k) o[k] = (static_cast<float>(blk[(k / 4) * 64 + k % 4]) - 128.f) * sc[(k / llm_kernels::GROUP) * 16];
+    for (int64_t k = 0; k < H; ++k) o[k] = row.code(k) * row.scale(k);
   }
   return out;
 }

@@ -45,6 +45,14 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(v, h), scales
 
 
+def packed_rows(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the packed table (layers/int8.py: row v is block v // 16, lane v % 16) as fp32
+    [*ids.shape, H], in torch: the kernels' `table_rows` where they are built."""
+    block, lane = ids // int8.ROWS, ids % int8.ROWS
+    picked = codes.view(codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
+    return (picked.unflatten(-1, (-1, GROUP)) * scales[block, :, lane].unsqueeze(-1)).flatten(-2)
+
+
 class VocabTable(torch.nn.Module):
     """Embedding lookups and the (tied or untied) LM head over one 8-bit table."""
 
@@ -72,12 +80,9 @@ class VocabTable(torch.nn.Module):
         """Exact fp32 rows [*ids.shape, H]."""
         if self.packed and ids.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:
             return kernel.table_rows(ids, self.codes, self.scales)  # type: ignore[no-any-return]
-        if self.packed:  # row v: block v // 16, lane v % 16 (layers/int8.py)
-            block, lane = ids // int8.ROWS, ids % int8.ROWS
-            codes = self.codes.view(self.codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
-            scales = self.scales[block, :, lane]
-        else:
-            codes, scales = self.codes[ids].float(), self.scales[ids]
+        if self.packed:
+            return packed_rows(ids, self.codes, self.scales)
+        codes, scales = self.codes[ids].float(), self.scales[ids]
         return (codes.unflatten(-1, (-1, GROUP)) * scales.unsqueeze(-1)).flatten(-2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
