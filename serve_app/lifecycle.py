@@ -27,6 +27,7 @@ from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings
 from serve_app.control_store import LocalRecordStore, ModelRecord, RecordStore
 from serve_app.memory_budget import MiB, plan_release
+from serve_app.streaming import Deadline
 from serve_app.transitions import TransitionQueue
 
 logger = logging.getLogger(__name__)
@@ -185,21 +186,20 @@ class LifecycleManager:
         usage = self.usage[model_id]
         await self.start()
         timeout_s = timeout_s or self.settings.request_timeout_s
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        deadline = Deadline(asyncio.get_running_loop().time() + timeout_s)
         usage.in_flight += 1
         chunks = stream_with_autoload(self, model_id, client, request)
         try:
             while True:
                 try:
-                    # A timer around each wait, not `wait_for` (a task per chunk, and a loop hop per token).
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await chunks.__anext__()
+                    chunk = await deadline.next(chunks)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:  # the wait was cancelled, and the stream with it: the replica aborts it
                     raise DeadlineExceededError(f"the request ran past its deadline of {timeout_s:g} s", param="timeout") from None
                 yield chunk
         finally:
+            deadline.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
             usage.in_flight -= 1
             if keep_alive_s is not None:

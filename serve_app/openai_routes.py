@@ -26,7 +26,7 @@ from serve_app.schemas import (
     ModelCard,
     ModelList,
 )
-from serve_app.streaming import collect, open_stream, sse_response
+from serve_app.streaming import EventTemplate, collect, open_stream, sse_event, sse_response
 
 router = APIRouter(prefix="/v1")
 
@@ -61,14 +61,17 @@ async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Dep
 
     if body.stream:
         state = {"echo": echo}
+        token_event = EventTemplate(response(EventTemplate.OPEN, None, None).model_dump())
 
-        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
+        def to_events(chunk: Chunk) -> list[str]:
             text, state["echo"] = state["echo"] + chunk.text, ""
             events = []
-            if text or chunk.finish_reason:
-                events.append(response(text, chunk.finish_reason, None).model_dump())
+            if chunk.finish_reason:
+                events.append(sse_event(response(text, chunk.finish_reason, None).model_dump()))
+            elif text:
+                events.append(token_event.render(text))
             if chunk.finish_reason and body.include_usage and chunk.usage:
-                events.append(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump())  # type: ignore[arg-type]
+                events.append(sse_event(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
         return sse_response(first, rest, to_events)
@@ -89,17 +92,19 @@ async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleMana
             choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
             return ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice]).model_dump()
 
-        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
+        content_event = EventTemplate(chunk_event(ChatDelta(content=EventTemplate.OPEN)))
+
+        def to_events(chunk: Chunk) -> list[str]:
             events = []
             if not state["sent_role"]:
                 state["sent_role"] = True
-                events.append(chunk_event(ChatDelta(role="assistant", content="")))
+                events.append(sse_event(chunk_event(ChatDelta(role="assistant", content=""))))
             if chunk.text:
-                events.append(chunk_event(ChatDelta(content=chunk.text)))
+                events.append(content_event.render(chunk.text))
             if chunk.finish_reason:
-                events.append(chunk_event(ChatDelta(), chunk.finish_reason))
+                events.append(sse_event(chunk_event(ChatDelta(), chunk.finish_reason)))
                 if body.include_usage and chunk.usage:
-                    events.append(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump())  # type: ignore[arg-type]
+                    events.append(sse_event(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
         return sse_response(first, rest, to_events)

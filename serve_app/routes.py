@@ -15,7 +15,7 @@ from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList, UnloadRequest
-from serve_app.streaming import collect, open_stream, sse_response
+from serve_app.streaming import EventTemplate, collect, open_stream, sse_event, sse_response
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 router = APIRouter()
@@ -118,12 +118,13 @@ async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleMa
     wire = GenerateRequest(request_id, body.engine_params(), prompt=None if messages is not None else body.prompt, messages=messages)
     first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if stream:
+        token_event = EventTemplate({"id": request_id, "model": body.model, "text": EventTemplate.OPEN})
 
-        def to_events(chunk: Chunk) -> list[dict[str, Any]]:
-            event: dict[str, Any] = {"id": request_id, "model": body.model, "text": chunk.text}
+        def to_events(chunk: Chunk) -> list[str]:
             if chunk.finish_reason:
-                return [event | {"finish_reason": chunk.finish_reason, "usage": chunk.usage.to_dict() if chunk.usage else None}]
-            return [event] if chunk.text else []
+                usage = chunk.usage.to_dict() if chunk.usage else None
+                return [sse_event({"id": request_id, "model": body.model, "text": chunk.text, "finish_reason": chunk.finish_reason, "usage": usage})]
+            return [token_event.render(chunk.text)] if chunk.text else []
 
         return sse_response(first, rest, to_events)
     result = await collect(first, rest)
