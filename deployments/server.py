@@ -21,12 +21,12 @@ from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
-from deployments.engine.request import InvalidRequestError
-from deployments.channel import ChannelRegistry
+from deployments.engine.request import InvalidRequestError, RequestOutput
+from deployments.channel import Channel, ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
 from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
-from deployments.metrics import ReplicaMetrics
+from deployments.metrics import ReplicaMetrics, RequestTimer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,22 @@ class ModelStatus(str, enum.Enum):
 
 
 DRAIN_POLL_S = 0.05
+
+
+def to_chunk(out: RequestOutput) -> Chunk:
+    """An engine output as a wire chunk (usage on the last)."""
+    usage = Usage(out.num_prompt_tokens, out.num_output_tokens) if out.finished else None
+    return Chunk(out.text, out.new_token_ids, out.finish_reason.value if out.finish_reason else None, usage)
+
+
+def channel_sink(channel: Channel, request_id: str, timer: RequestTimer) -> Callable[[RequestOutput], None]:
+    """Records each output and pushes it into the caller's channel, on the serving loop."""
+
+    def push(out: RequestOutput) -> None:
+        timer.output(out)
+        channel.push(request_id, to_chunk(out))
+
+    return push
 
 
 class ModelServer:
@@ -231,18 +247,18 @@ class ModelServer:
             fields["max_tokens"] = engine.engine.resolve_max_tokens(len(prompt_ids), fields.get("max_tokens"))
             params = SamplingParams(**fields)
             request_id = request.request_id or engine.next_request_id()
-            outputs = engine.generate(request_id, prompt_ids, params, adapter)
+            # Through a channel, each step's output goes straight in (no wakeup of this generator per token).
+            sink = channel_sink(channel, request_id, timer) if via_channel and channel is not None else None
+            outputs = engine.generate(request_id, prompt_ids, params, adapter, sink=sink)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
                 if request.channels is not None:
                     yield Routed(self.replica_name, via_channel)
                 async for out in outputs:
+                    if sink is not None:
+                        sink(out)
+                        continue
                     timer.output(out)
-                    usage = Usage(out.num_prompt_tokens, out.num_output_tokens) if out.finished else None
-                    chunk = Chunk(out.text, out.new_token_ids, out.finish_reason.value if out.finish_reason else None, usage)
-                    if via_channel and channel is not None:
-                        channel.push(request_id, chunk)
-                    else:
-                        yield chunk
+                    yield to_chunk(out)
         except InvalidRequestError as exc:
             raise BadRequestError(str(exc), param=exc.param) from None
         except AdapterError as exc:

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,8 @@ class ScriptedEngine:
         return self.replies[max(found)[1]] if found else self.default_reply
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+        sink: Callable[[RequestOutput], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         assert adapter is None, f"the scripted model has no adapter {adapter!r}"
         if self._stopped:
@@ -117,7 +118,11 @@ class ScriptedEngine:
                 if self._stopped:
                     raise EngineDeadError("the model was unloaded while this request was running")
                 reason = None if i < count else (FinishReason.STOP if count == len(words) else FinishReason.LENGTH)
-                yield RequestOutput(request_id, [i], word, reason, len(prompt_token_ids), i)
+                output = RequestOutput(request_id, [i], word, reason, len(prompt_token_ids), i)
+                if sink is not None and reason is None:  # as AsyncLLMEngine: all but the last to the sink
+                    sink(output)
+                else:
+                    yield output
         finally:
             self._active.discard(request_id)
             self.engine.num_running -= 1

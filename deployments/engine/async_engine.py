@@ -31,14 +31,23 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    sink: Callable[[RequestOutput], None] | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
-def _put_all(items: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]]) -> None:
-    for queue_, output in items:
-        queue_.put_nowait(output)
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    """On the serving loop: each output to its request's sink if it has one (the last output, and a
+    sink's error, still go through the queue and so wake the request's generator), else its queue."""
+    for stream, output in items:
+        if stream.sink is None or output.finished:
+            stream.queue.put_nowait(output)
+            continue
+        try:
+            stream.sink(output)
+        except Exception as exc:  # noqa: BLE001 - the request's own generator raises it
+            stream.queue.put_nowait(exc)
 
 
 def _coalesce(
@@ -92,15 +101,18 @@ class AsyncLLMEngine:
         return f"req-{next(self._ids)}"
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+        sink: Callable[[RequestOutput], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield this request's outputs as they are produced; the last one has a finish_reason."""
+        """Yield this request's outputs as they are produced; the last one has a finish_reason.
+        With a `sink`, every output but the last is handed to it on the serving loop instead (this
+        generator then wakes once, not once per step; an error the sink raises ends it)."""
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         self.engine.validate(prompt_token_ids, params)  # raise before anything is queued
         if request_id in self._streams:  # two streams under one id would take each other's tokens
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), sink)
         self._streams[request_id] = stream
         self._send("add", request_id, prompt_token_ids, params, adapter)
         finished = False
@@ -166,11 +178,11 @@ class AsyncLLMEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One hand-over per event loop per step (one wakeup of the serving loop, not one per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, output))
+                by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 

@@ -164,6 +164,33 @@ async def test_async_engine_streams_concurrently_and_aborts_on_early_exit(tiny_m
     engine.shutdown()
 
 
+async def test_a_sink_takes_every_output_but_the_last_and_its_error_ends_the_stream(tiny_model_dir: Path) -> None:
+    """With a sink (a channel's push), outputs reach it on the serving loop and the generator wakes only
+    for the last one: the same tokens as a plain stream. An error the sink raises ends the stream
+    with that error and aborts the request."""
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = engine.engine.encode("The quick brown fox")
+    plain = [t async for o in engine.generate("plain", prompt, params) for t in o.new_token_ids]
+    sunk: list[int] = []
+    yielded = [o async for o in engine.generate("sunk", prompt, params, sink=lambda o: sunk.extend(o.new_token_ids))]
+    assert len(yielded) == 1 and yielded[0].finished
+    assert sunk + yielded[0].new_token_ids == plain and len(plain) == 12
+
+    def refuse(_: object) -> None:
+        raise ConnectionError("the channel closed")
+
+    with pytest.raises(ConnectionError, match="channel closed"):
+        async for _ in engine.generate("refused", prompt, SamplingParams(max_tokens=100, ignore_eos=True), sink=refuse):
+            pass
+    for _ in range(100):  # the abort reaches the engine thread within a step or two
+        if not engine.engine.has_unfinished():
+            break
+        await asyncio.sleep(0.01)
+    assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_blocks == 0
+    engine.shutdown()
+
+
 async def test_shutdown_ends_open_streams_with_a_clear_error(tiny_model_dir: Path) -> None:
     engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_model_len=256))
     stream = engine.generate("long", engine.engine.encode("Hi"), SamplingParams(max_tokens=250, ignore_eos=True))
