@@ -59,9 +59,12 @@ def in_process(args: argparse.Namespace, engine: LLMEngine, ids: list[list[int]]
         return Bench(concurrency, cpu, engine.tokenizer, engine=engine)
 
     run_ours(bench(2), ids[:2], 4)  # warm-up
+    before = thread_cpu(MODEL_ID)
     streams = run_ours(bench(args.streams), ids, args.output_len)
     tokens = sum(len(t) for t in streams.token_ids)
-    result: dict[str, Any] = {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s}
+    result: dict[str, Any] = {"output_throughput": tokens / streams.wall_s, "wall_s": streams.wall_s,
+                              # the engine here is "client (this process)"; the server's processes idle meanwhile
+                              "cpu_us_per_token": cpu_us_per_token(before, thread_cpu(MODEL_ID), tokens)}
     if c1:
         single = run_ours(bench(1), ids[: args.c1_requests], args.c1_output_len)
         ttft_ms = sorted(t * 1000 for t in single.ttft_s)
@@ -201,7 +204,9 @@ def main() -> None:
             http = {name: asyncio.run(over_http(args, url, prompts, c1=r == 0, model_id=variants[name])) for name in order}
             rounds.append((local, http))
             print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP "
-                  + ", ".join(f"{name} {h['streams']['output_throughput']:.1f}" for name, h in http.items()), flush=True)
+                  + ", ".join(f"{name} {h['streams']['output_throughput']:.1f}" for name, h in http.items())
+                  + f"; the rest of Ray's CPU per token: in process {local['cpu_us_per_token'].get('Ray (other processes)')} us, HTTP "
+                  + ", ".join(f"{h['streams']['cpu_us_per_token'].get('Ray (other processes)')}" for h in http.values()), flush=True)
         by_variant = {}
         for name in variants:
             ratios = [h[name]["streams"]["output_throughput"] / loc["output_throughput"] for loc, h in rounds]
@@ -216,7 +221,8 @@ def main() -> None:
         environment = bench_serving.environment(target)
         data = {"environment": {**environment, **cpu_features()},
                 "workload": vars(args), "in_process": local, "http": http, "figures": figures,
-                "rounds": [{"in_process": loc["output_throughput"], "http": {n: v["streams"]["output_throughput"] for n, v in h.items()}}
+                "rounds": [{"in_process": loc["output_throughput"], "http": {n: v["streams"]["output_throughput"] for n, v in h.items()},
+                            "cpu_us_per_token": {"in_process": loc["cpu_us_per_token"]} | {n: v["streams"]["cpu_us_per_token"] for n, v in h.items()}}
                            for loc, h in rounds]}
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
