@@ -70,7 +70,7 @@ def serve(tree: str, port: int, step_ms: float, streams: int, tokens: int) -> No
             return 1
 
         async def generate(self, request: Any) -> Any:
-            key, inbox = len(inboxes) + time.monotonic_ns(), asyncio.Queue()
+            key, inbox = time.monotonic_ns(), asyncio.Queue[Any]()
             inboxes[key] = (inbox, int(request.params.get("max_tokens") or 16), [0])
             try:
                 async for chunk in from_inbox(inbox, Never()):
