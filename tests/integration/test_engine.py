@@ -140,6 +140,15 @@ def test_context_limit_is_enforced_with_numbers(tiny_model_dir: Path) -> None:
     assert engine.resolve_max_tokens(60, None) == 4
 
 
+async def assert_all_aborted(engine: AsyncLLMEngine) -> None:
+    """Every request gone from the engine and every KV block free (an abort reaches the engine thread within a step or two)."""
+    for _ in range(100):
+        if not engine.engine.has_unfinished():
+            break
+        await asyncio.sleep(0.01)
+    assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_blocks == 0
+
+
 async def test_async_engine_streams_concurrently_and_aborts_on_early_exit(tiny_model_dir: Path) -> None:
     engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4))
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
@@ -156,11 +165,7 @@ async def test_async_engine_streams_concurrently_and_aborts_on_early_exit(tiny_m
 
     counts = await asyncio.gather(full("a"), full("b"), full("c"), leave_early())
     assert counts[:3] == [30, 30, 30]
-    for _ in range(100):  # the abort reaches the engine thread within a step or two
-        if not engine.engine.has_unfinished():
-            break
-        await asyncio.sleep(0.01)
-    assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_blocks == 0
+    await assert_all_aborted(engine)
     engine.shutdown()
 
 
@@ -183,11 +188,7 @@ async def test_a_sink_takes_every_output_but_the_last_and_its_error_ends_the_str
     with pytest.raises(ConnectionError, match="channel closed"):
         async for _ in engine.generate("refused", prompt, SamplingParams(max_tokens=100, ignore_eos=True), sink=refuse):
             pass
-    for _ in range(100):  # the abort reaches the engine thread within a step or two
-        if not engine.engine.has_unfinished():
-            break
-        await asyncio.sleep(0.01)
-    assert not engine.engine.has_unfinished() and engine.engine.block_manager.num_used_blocks == 0
+    await assert_all_aborted(engine)
     engine.shutdown()
 
 
