@@ -118,12 +118,15 @@ async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleMa
     wire = GenerateRequest(request_id, body.engine_params(), prompt=None if messages is not None else body.prompt, messages=messages)
     first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if stream:
-        token_event = EventTemplate({"id": request_id, "model": body.model, "text": EventTemplate.OPEN})
+        def event(text: str) -> dict[str, Any]:
+            return {"id": request_id, "model": body.model, "text": text}
+
+        token_event = EventTemplate(event(EventTemplate.OPEN))
 
         def to_events(chunk: Chunk) -> list[str]:
             if chunk.finish_reason:
                 usage = chunk.usage.to_dict() if chunk.usage else None
-                return [sse_event({"id": request_id, "model": body.model, "text": chunk.text, "finish_reason": chunk.finish_reason, "usage": usage})]
+                return [sse_event(event(chunk.text) | {"finish_reason": chunk.finish_reason, "usage": usage})]
             return [token_event.render(chunk.text)] if chunk.text else []
 
         return sse_response(first, rest, to_events)

@@ -45,12 +45,17 @@ def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view(v, h), scales
 
 
+def scaled_rows(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 rows [..., H] from their codes (as floats, [..., H]) and their groups' scales [..., H / GROUP]."""
+    return (codes.unflatten(-1, (-1, GROUP)) * scales.unsqueeze(-1)).flatten(-2)
+
+
 def packed_rows(ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the packed table (layers/int8.py: row v is block v // 16, lane v % 16) as fp32
     [*ids.shape, H], in torch: the kernels' `table_rows` where they are built."""
     block, lane = ids // int8.ROWS, ids % int8.ROWS
     picked = codes.view(codes.shape[0], -1, int8.ROWS, 4)[block, :, lane, :].flatten(-2).float() - 128
-    return (picked.unflatten(-1, (-1, GROUP)) * scales[block, :, lane].unsqueeze(-1)).flatten(-2)
+    return scaled_rows(picked, scales[block, :, lane])
 
 
 class VocabTable(torch.nn.Module):
@@ -82,8 +87,7 @@ class VocabTable(torch.nn.Module):
             return kernel.table_rows(ids, self.codes, self.scales)  # type: ignore[no-any-return]
         if self.packed:
             return packed_rows(ids, self.codes, self.scales)
-        codes, scales = self.codes[ids].float(), self.scales[ids]
-        return (codes.unflatten(-1, (-1, GROUP)) * scales.unsqueeze(-1)).flatten(-2)
+        return scaled_rows(self.codes[ids].float(), self.scales[ids])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
