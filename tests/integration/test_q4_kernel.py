@@ -269,3 +269,47 @@ def test_int8_kernel_matches_a_float64_reference(isa: str) -> None:
         assert relative_error(module.q8_linear(x, packed, scales), coded(x, module.OUTLIER)[0] @ dequantized.t()) < 1e-6
         first_codes = coded(x, float("inf"))[0]  # one code in every group
         assert relative_error(module.q8_rank(x, packed, row_scales), first_codes @ (codes * row_scales.double()[:, None]).t()) < 1e-6
+
+
+POOL_CHECK = """
+import json, sys, time, torch
+from deployments.engine import kernels
+from deployments.engine.layers import int4, int8
+from deployments.engine.layers.int4 import Int4Weight
+
+native = kernels.load("native")
+torch.manual_seed(5)
+weight = Int4Weight.quantize(torch.randn(512, 256))
+q4 = int4._pack_ours(weight.q, weight.scales, weight.zeros)
+q8 = int8.pack(torch.randn(512, 256) * 0.05)
+x = torch.randn(10, 256)
+torch.set_num_threads(1)  # the calling thread alone: the reference
+ref = [native.q4_linear(x, *q4), native.q8_linear(x, *q8), native.q8_rank(x, *q8)]
+torch.set_num_threads(2)
+before = native.pool_stats()
+same = True
+for _ in range(20):
+    for fn, packed, r in ((native.q4_linear, q4, ref[0]), (native.q8_linear, q8, ref[1]), (native.q8_rank, q8, ref[2])):
+        time.sleep(0.003)  # the worker is back from its last chunk's sleep
+        same = same and torch.equal(fn(x, *packed), r)
+after = native.pool_stats()
+print(json.dumps({"same": same, "jobs": after[0] - before[0], "stolen": after[1] - before[1]}))
+"""
+
+
+def test_pool_redoes_a_late_workers_chunks_exactly() -> None:
+    """A worker descheduled in the middle of a matmul's chunk (here: made to sleep 2 ms in each) does not hold
+    the step up: the calling thread redoes that chunk, and the worker's late result is dropped, not written
+    over an output the caller has moved on from. Every output equals the single-thread one bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"LLM_SERVE_POOL_TEST_DELAY_US": "2000", "LLM_SERVE_POOL_SPIN_US": "100000"}  # (spinning: it joins every call)
+    done = subprocess.run([sys.executable, "-c", POOL_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same"] and result["jobs"] >= 60
+    assert result["stolen"] >= 20  # the late worker's chunk of (nearly) every call was redone
