@@ -16,7 +16,6 @@ Run: python perf/bench_overhead.py [--sweep] [--rounds 3] [--compare-channels]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -201,7 +200,7 @@ def main() -> None:
         for r in range(args.rounds):  # the first round also measures TTFT at one stream on both paths
             local = in_process(args, engine, ids, c1=r == 0)
             order = list(variants) if r % 2 == 0 else list(reversed(variants))  # alternated: the host drifts
-            http = {name: asyncio.run(over_http(args, url, prompts, c1=r == 0, model_id=variants[name])) for name in order}
+            http = {name: bench_serving.run_client(over_http(args, url, prompts, c1=r == 0, model_id=variants[name])) for name in order}
             rounds.append((local, http))
             print(f"round {r + 1}: in process {local['output_throughput']:.1f} tok/s, HTTP "
                   + ", ".join(f"{name} {h['streams']['output_throughput']:.1f}" for name, h in http.items())

@@ -14,7 +14,6 @@ Writes perf/results/bench_peer.json + .png. Run: python perf/bench_peer.py -h
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import json
@@ -38,7 +37,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from perf import bench_serving  # noqa: E402
-from perf.bench_serving import Record  # noqa: E402
+from perf.bench_serving import Record, run_client  # noqa: E402
 from perf.common import machine  # noqa: E402
 from perf.peer_measure import Plan, Skipped, cpu_seconds, log, measure, measure_http, other_cores, point, port_for  # noqa: E402
 from perf.peer_report import median_ratios, median_round, print_report, ratios, write_plot  # noqa: E402
@@ -93,7 +92,7 @@ def run_llama(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any
     port = port_for(9931)
     proc, variant = start_llama(args, gguf_path(model), port)
     try:
-        points = asyncio.run(measure_http(f"http://127.0.0.1:{port}/v1", MODELS[model][0], plan, args.output_len))
+        points = run_client(measure_http(f"http://127.0.0.1:{port}/v1", MODELS[model][0], plan, args.output_len))
     finally:
         stop(proc)
     ver = subprocess.run([str(args.llama_server), "--version"], capture_output=True, text=True, timeout=60)
@@ -159,7 +158,7 @@ def run_ours_inproc(args: argparse.Namespace, model: str, plan: Plan) -> dict[st
     engine = AsyncLLMEngine(EngineConfig(model=MODELS[model][1], max_num_seqs=args.max_num_seqs, num_threads=args.num_threads))
     config = getattr(engine.engine, "config", None)  # whatever fields the engine in the tree has
     try:
-        points = asyncio.run(measure(lambda p, n: engine_stream(engine, p, n), plan, args.output_len))
+        points = run_client(measure(lambda p, n: engine_stream(engine, p, n), plan, args.output_len))
     finally:
         engine.shutdown()
         del engine
@@ -183,7 +182,7 @@ def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str,
                                          "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
         if not wait_http(f"{url}/readyz"):
             raise RuntimeError("the Ray Serve app did not become ready")
-        points = asyncio.run(measure_http(f"{url}/v1", model_id, plan, args.output_len))
+        points = run_client(measure_http(f"{url}/v1", model_id, plan, args.output_len))
     finally:
         serve.shutdown()
         ray.shutdown()

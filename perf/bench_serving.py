@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -33,6 +34,8 @@ SENTENCES = [  # ~10 words each; a prompt joins 1-6 of them (seeded)
     "Compare trains and planes for a trip of 500 km.", "Suggest a name for a small bakery selling fresh bread.",
     "Tell me how bees show other bees where flowers are.", "Describe a quiet mountain village after the first snow.",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,6 +81,17 @@ def error_message(raw: bytes) -> str:
         return str(err.get("message") if isinstance(err, dict) else err)
     except (ValueError, AttributeError):
         return raw.decode(errors="replace")[:500]
+
+
+def run_client(main: Coroutine[Any, Any, T]) -> T:
+    """Run the load generator's coroutine on uvloop where it is installed (it comes with Ray Serve's
+    uvicorn): the client shares the cores with the server it measures, and over 8 alternated rounds of 10
+    SmolLM2 streams it took 90 us of CPU per token on uvloop against 105 on asyncio's loop (session 15)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def client_session(max_connections: int, timeout_s: float) -> aiohttp.ClientSession:
@@ -264,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     log(f"target {args.base_url} model {args.model} endpoint {args.endpoint}")
-    result = asyncio.run(run_all(args))
+    result = run_client(run_all(args))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(args), "args": vars(args), **result}
