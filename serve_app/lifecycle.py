@@ -31,6 +31,10 @@ from serve_app.streaming import Deadline
 from serve_app.transitions import TransitionQueue
 
 logger = logging.getLogger(__name__)
+# A request that ends saves its model's keep-alive clock to the shared store (serve_app.control_plane: an
+# actor call, ~1 ms of the router's CPU) at most this often; a restarted router's clock is at most this
+# far behind. Loads, unloads, keep-alive changes and releases are saved at once.
+TOUCH_SAVE_EVERY_S = 1.0
 Item = Chunk | LoadProgress
 
 
@@ -41,6 +45,8 @@ class ModelUsage:
     record: ModelRecord
     in_flight: int = 0
     transitions: TransitionQueue = field(default_factory=TransitionQueue)
+    saved_at: float = float("-inf")  # monotonic time of the record's last save to the store
+    save_later: asyncio.TimerHandle | None = None  # a touch's deferred save
 
 
 class LifecycleManager:
@@ -81,7 +87,10 @@ class LifecycleManager:
             self._idle_task = asyncio.ensure_future(self._idle_loop())
 
     async def stop(self) -> None:
-        """Cancel the idle loop and every background release."""
+        """Save the records with a deferred save; cancel the idle loop and every background release."""
+        for model_id, usage in self.usage.items():
+            if usage.save_later is not None:
+                self._save(model_id)
         for task in [self._idle_task, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
@@ -96,11 +105,23 @@ class LifecycleManager:
             self._restored = True
 
     def _save(self, model_id: str) -> None:
-        self.store.save(model_id, self.usage[model_id].record)
+        usage = self.usage[model_id]
+        if usage.save_later is not None:
+            usage.save_later.cancel()
+            usage.save_later = None
+        usage.saved_at = time.monotonic()
+        self.store.save(model_id, usage.record)
 
-    def _touch(self, model_id: str) -> None:
-        self.usage[model_id].record.touch(time.time())
-        self._save(model_id)
+    def _touch(self, model_id: str, soon: bool = False) -> None:
+        """The model was used now. Saved to the store at once, or with `soon` (a request ending that
+        changed nothing else) at most every `TOUCH_SAVE_EVERY_S` per model."""
+        usage = self.usage[model_id]
+        usage.record.touch(time.time())
+        wait = usage.saved_at + TOUCH_SAVE_EVERY_S - time.monotonic()
+        if not soon or wait <= 0:
+            self._save(model_id)
+        elif usage.save_later is None:
+            usage.save_later = asyncio.get_running_loop().call_later(wait, self._save, model_id)
 
     # --- transitions -------------------------------------------------------------------------
     async def load(self, model_id: str, keep_alive_s: float | None = None) -> dict[str, Any]:
@@ -204,7 +225,7 @@ class LifecycleManager:
             usage.in_flight -= 1
             if keep_alive_s is not None:
                 usage.record.keep_alive_s = None if keep_alive_s == float("inf") else keep_alive_s
-            self._touch(model_id)
+            self._touch(model_id, soon=keep_alive_s is None)
             expires_at = usage.record.expires_at
             if expires_at is not None and expires_at <= time.time() and usage.in_flight == 0:
                 self._spawn(self._release_if_idle(model_id))  # keep_alive 0: unload after this request

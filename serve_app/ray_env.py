@@ -56,6 +56,14 @@ RAY_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+_engine_env_added: set[str] = set()
+
+
+def others_env() -> dict[str, str]:
+    """This process's environment without the `ENGINE_ENV` values `apply()` added: for programs not ours
+    that it starts (perf/bench_peer.py's llama-server, whose OpenMP threads ran 3-4x slower passive)."""
+    return {k: v for k, v in os.environ.items() if k not in _engine_env_added}
+
 HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
 
 
@@ -83,6 +91,7 @@ def haproxy_env() -> dict[str, str]:
 
 def apply() -> None:
     """Set each variable unless the caller's environment already does (loopback is always forced)."""
+    _engine_env_added.update(name for name in ENGINE_ENV if name not in os.environ)
     for name, value in (RAY_ENV | ENGINE_ENV).items():
         os.environ.setdefault(name, value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and "LLM_SERVE_HAPROXY_BINARY" not in os.environ:

@@ -151,6 +151,30 @@ async def test_idle_release_after_keep_alive_and_pinned_stays(make_app: Callable
         assert ready.status_code == 200, ready.text
 
 
+async def test_requests_ending_save_the_clock_at_most_once_a_second_and_the_last_one_lands(make_app: Callable[..., Any]) -> None:
+    """Each request that ends restarts its model's keep-alive clock; the shared store (an actor call per
+    save behind Ray) gets that at most every TOUCH_SAVE_EVERY_S, and the last clock always reaches it."""
+    from serve_app import lifecycle as lifecycle_module
+
+    async with make_app([{"id": A, "keep_alive": "1h"}]) as app:
+        saves: list[float] = []
+        store_save = app.lifecycle.store.save
+
+        def counting_save(model_id: str, record: Any) -> None:
+            saves.append(record.last_used)
+            store_save(model_id, record)
+
+        app.lifecycle.store.save = counting_save  # type: ignore[method-assign]
+        for _ in range(6):
+            assert (await app.http.post("/infer", json={"model": A, "prompt": "Hi", "max_tokens": 1})).status_code == 200
+        assert 1 <= len(saves) <= 2  # one at once, then at most one deferred within the interval
+        await asyncio.sleep(lifecycle_module.TOUCH_SAVE_EVERY_S + 0.2)
+        local = app.lifecycle.usage[A].record
+        assert saves[-1] == local.last_used and app.lifecycle.store.store.records[A].expires_at == local.expires_at  # type: ignore[attr-defined]
+        kept = await app.http.post("/infer", json={"model": A, "prompt": "Hi", "max_tokens": 1, "keep_alive": "2h"})
+        assert kept.status_code == 200 and saves[-1] == app.lifecycle.usage[A].record.last_used  # a change: saved at once
+
+
 async def test_per_request_keep_alive_zero_unloads_after_the_request(make_app: Callable[..., Any]) -> None:
     async with make_app([{"id": A, "keep_alive": -1}]) as app:
         kept = await app.http.post("/infer", json={"model": A, "prompt": "Hi", "max_tokens": 2})
