@@ -76,7 +76,7 @@ def start_llama(args: argparse.Namespace, gguf: Path, port: int) -> tuple[subpro
            str(args.concurrency), "-c", str(1024 * args.concurrency), "-t", str(len(os.sched_getaffinity(0))),
            "--no-webui", "--no-cache-prompt"]
     for variant in ("auto", "avx2"):
-        env = {**ray_env.others_env(), **({"LLAMA_CPU_VARIANT": variant} if variant != "auto" else {})}
+        env = {**os.environ, **({"LLAMA_CPU_VARIANT": variant} if variant != "auto" else {})}
         with open(args.out_dir / "llama-server.log.tmp", "w") as logf:
             proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         if wait_http(f"http://127.0.0.1:{port}/health", proc, 300):
@@ -120,7 +120,7 @@ def run_openvino(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, 
     job = {"gguf": str(gguf_path(model)), "prompts_1": plan.get(1, []), "prompts_10": plan.get(args.concurrency, []),
            "concurrency": args.concurrency, "output_len": args.output_len}
     done = subprocess.run([str(py), str(REPO_ROOT / "perf/peer_openvino.py")], input=json.dumps(job),
-                          capture_output=True, text=True, timeout=3600, env=ray_env.others_env())
+                          capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise Skipped(f"peer_openvino.py exited {done.returncode}: {done.stderr.strip()[-800:]}")
     data, others = json.loads(done.stdout), other_cores(before, time.perf_counter() - t0)  # over the whole child

@@ -26,7 +26,6 @@ from serve_app.loopback import keep_serve_grpc_on_loopback
 from serve_app.metrics import release_counter
 from serve_app.pool_app import pool_deployment
 from serve_app.pool_client import PoolMemberClient
-from serve_app.ray_env import ENGINE_ENV
 from serve_app.ray_client import HandleModelClient, deployment_name
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -111,7 +110,7 @@ def model_deployment(model: ModelSettings) -> Any:
             "num_cpus": model.num_cpus,
             "num_gpus": model.num_gpus,
             # jemalloc for Python's small objects, or RSS creeps up over load/unload cycles (deployments/memory.py)
-            "runtime_env": {"env_vars": {**OFFLINE_ENV, **ENGINE_ENV, **replica_allocator_env()}},
+            "runtime_env": {"env_vars": {**OFFLINE_ENV, **replica_allocator_env()}},
         },
         "graceful_shutdown_timeout_s": 30,
         # The wanted state; `reconfigure` applies it on every replica, new ones included.

@@ -118,7 +118,6 @@ def pool_deployment(pool: PoolSettings) -> Any:
     """The pool's deployment, bound: a `PoolReplica` subclass whose `resident_member` is wrapped in
     `@serve.multiplexed` with this pool's `max_models_per_replica`."""
     from serve_app.app import OFFLINE_ENV
-    from serve_app.ray_env import ENGINE_ENV
 
     wrapped = serve.multiplexed(max_num_models_per_replica=pool.max_models_per_replica)(PoolReplica.resident_member)
     cls = type(f"PoolReplica_{pool.id.replace('-', '_').replace('.', '_')}", (PoolReplica,), {"resident_member": wrapped})
@@ -129,7 +128,7 @@ def pool_deployment(pool: PoolSettings) -> Any:
         "ray_actor_options": {
             "num_cpus": pool.num_cpus,
             "num_gpus": pool.num_gpus,
-            "runtime_env": {"env_vars": {**OFFLINE_ENV, **ENGINE_ENV, **replica_allocator_env()}},
+            "runtime_env": {"env_vars": {**OFFLINE_ENV, **replica_allocator_env()}},
         },
         "graceful_shutdown_timeout_s": 30,
     }

@@ -26,12 +26,6 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
   long for load balancers to stop sending to it. Serve's default, 30 s, is for a remote balancer; our
   HAProxy runs beside the controller and is reconfigured within a control-loop period. `serve.shutdown()`
   after traffic took 30.0 s, now 9.1 s; `make serve`'s Ctrl-C and the e2e tests' teardown likewise.
-
-`ENGINE_ENV`, for the processes that run an engine (model replicas: their runtime_env; this process too,
-for benchmarks that run one in process): `OMP_WAIT_POLICY=PASSIVE`. Our kernels run on their own thread
-pool (deployments/engine/kernels/pool.h); torch's OpenMP team now serves only torch's own ops (a prefill's
-attention), and by default its workers spin for milliseconds after each, on the cores the pool's worker
-and the serving processes need: in a replica under 10 streams that was ~6% of a core (session 15).
 """
 
 from __future__ import annotations
@@ -55,15 +49,6 @@ RAY_ENV = {
     "RAY_event_stats": "0",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
-ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-_engine_env_added: set[str] = set()
-
-
-def others_env() -> dict[str, str]:
-    """This process's environment without the `ENGINE_ENV` values `apply()` added: for programs not ours
-    that it starts (perf/bench_peer.py's llama-server, whose OpenMP threads ran 3-4x slower passive)."""
-    return {k: v for k, v in os.environ.items() if k not in _engine_env_added}
-
 HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
 
 
@@ -91,8 +76,7 @@ def haproxy_env() -> dict[str, str]:
 
 def apply() -> None:
     """Set each variable unless the caller's environment already does (loopback is always forced)."""
-    _engine_env_added.update(name for name in ENGINE_ENV if name not in os.environ)
-    for name, value in (RAY_ENV | ENGINE_ENV).items():
+    for name, value in RAY_ENV.items():
         os.environ.setdefault(name, value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and "LLM_SERVE_HAPROXY_BINARY" not in os.environ:
         for name, value in haproxy_env().items():

@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp", "module.cpp", "codes.h", "pool.h")]
+SOURCES = [HERE / name for name in ("matmul.cpp", "attention.cpp", "lora.cpp", "glue.cpp", "vocab.cpp", "decode.cpp", "module.cpp", "codes.h")]
 ENV = "LLM_SERVE_INT4_KERNEL"
 ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c", "-mno-avx512f", "-DLLM_KERNELS_MATMUL_ONLY"]}
 """`native` is what the engine uses; `avx2` builds the AVX2 paths of the matmuls and the attention (the

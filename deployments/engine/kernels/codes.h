@@ -14,8 +14,6 @@
 #include <cstring>
 #include <vector>
 
-#include "pool.h"  // dynamic_for, pool_for: the kernels' thread pool
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define Q4_ISA "avx512-vnni"
 #define Q4_AVX512 1
@@ -206,6 +204,22 @@ inline Vec vexp(Vec x) {
 using vec::LANES;
 using vec::TILE;
 using vec::Vec;
+
+// f(b, e) over [begin, end) in chunks of `chunk`, handed out one at a time to torch's OpenMP team (it is
+// the same libgomp team at::parallel_for uses). at::parallel_for splits the range into one static share
+// per thread: when a thread is descheduled (the serving processes share these cores) the other finishes
+// its share and waits. Here it takes the next chunk instead.
+template <typename F>
+inline void dynamic_for(int64_t begin, int64_t end, int64_t chunk, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (end - begin <= chunk || threads == 1 || at::in_parallel_region()) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{begin};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, (end - begin + chunk - 1) / chunk)))
+  for (int64_t b = next.fetch_add(chunk); b < end; b = next.fetch_add(chunk)) f(b, std::min(end, b + chunk));
+}
 
 // A chunk size giving each of torch's threads about `per_thread` chunks of [0, n).
 inline int64_t chunk_for(int64_t n, int64_t per_thread = 4) {

@@ -45,7 +45,7 @@ void for_rows(int64_t rows, int64_t per_row, const F& fn) {
   if (rows * per_row < PARALLEL_ELEMENTS) {
     fn(0, rows);
   } else {
-    llm_kernels::pool_for(0, rows, std::max<int64_t>(1, PARALLEL_ELEMENTS / per_row / 4), fn);
+    at::parallel_for(0, rows, std::max<int64_t>(1, PARALLEL_ELEMENTS / per_row / 4), fn);
   }
 }
 

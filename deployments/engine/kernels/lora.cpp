@@ -84,7 +84,7 @@ void lora_add_impl(Y* y, const X* x, const W* a, const W* bt, const int64_t* slo
   const int64_t U = static_cast<int64_t>(used.size());
   std::vector<float> h(T * P * R, 0.f);  // h[t, p, :] = A[p, slot(t)] x_t
   const int64_t RB = (R + RANKS - 1) / RANKS;  // items of RANKS rank rows: enough to balance two threads
-  llm_kernels::pool_for(0, U * P * RB, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, U * P * RB, 1, [&](int64_t i0, int64_t i1) {
     float part[TOKENS];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = used[i / (P * RB)], p = i / RB % P, r0 = i % RB * RANKS;
@@ -99,7 +99,7 @@ void lora_add_impl(Y* y, const X* x, const W* a, const W* bt, const int64_t* slo
       }
     }
   });
-  llm_kernels::pool_for(0, out, 64, [&](int64_t o0, int64_t o1) {  // y[t, o0:o1] += h[t, part] @ Bt[slot(t), o0:o1]
+  at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {  // y[t, o0:o1] += h[t, part] @ Bt[slot(t), o0:o1]
     const float* coef[TOKENS];
     std::vector<float> scratch(o1 - o0), scaled(sb ? TOKENS * R : 0);  // int8: h times Bt's row scales
     for (int64_t s : used) {

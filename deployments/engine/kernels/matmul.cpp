@@ -257,57 +257,6 @@ void rows8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
     else rows8<R - 1, GROUPED, ONE_CODE>(wb, sb, K, c, cs, r0, count, y, N, n0);
   }
 }
-// A matmul's state, held by the pool's workers as long as they run a chunk of it (pool.h: a chunk the
-// caller redid is finished by its worker into a buffer of its own, after the caller returned).
-struct Q4Job final : Stealable {
-  Codes c;
-  at::Tensor packed, scales;
-  Q4Job(const at::Tensor& x, double outlier, const at::Tensor& packed_in, const at::Tensor& scales_in)
-      : c(x, outlier), packed(packed_in), scales(scales_in) {
-    M = c.M, N = packed.size(0) * 16;
-  }
-  void compute(int64_t b0, int64_t b1, float* y, int64_t ld, int64_t col0) const override {
-    const int64_t K = c.K, G = c.G, NB = packed.size(0);
-    const uint8_t* W = packed.data_ptr<uint8_t>();
-    const at::Half* D = scales.data_ptr<at::Half>();
-    const at::Half* MN = D + NB * G * 16;
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t r = 0; r < M; r += MAX_ROWS)
-        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(MAX_ROWS, M - r), y, ld, b * 16 - col0);
-  }
-};
-
-struct Q8Job final : Stealable {
-  Codes c;
-  at::Tensor packed, scales;
-  bool grouped, one_code;
-  std::vector<int32_t> first_sums;  // one_code: each group's sum of first codes (the + 128 correction of the dot products)
-  Q8Job(const at::Tensor& x, const at::Tensor& packed_in, const at::Tensor& scales_in, bool one)
-      : c(x), packed(packed_in), scales(scales_in), grouped(scales_in.dim() == 3), one_code(one) {
-    M = c.M, N = packed.size(0) * 16;
-    if (one_code) {
-      first_sums.resize(M * c.G);
-      for (int64_t i = 0; i < M * c.G; ++i) {
-        int32_t total = 0;
-        for (int64_t k = 0; k < GROUP; ++k) total += c.q1[i * GROUP + k];
-        first_sums[i] = total;
-      }
-    }
-  }
-  void compute(int64_t b0, int64_t b1, float* y, int64_t ld, int64_t col0) const override {
-    const int64_t K = c.K, G = c.G;
-    const uint8_t* W = packed.data_ptr<uint8_t>();
-    const float* S = scales.data_ptr<float>();
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t r = 0; r < M; r += MAX_ROWS) {
-        const int64_t count = std::min<int64_t>(MAX_ROWS, M - r), n0 = b * 16 - col0;
-        if (grouped && one_code) rows8<MAX_ROWS, true, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, first_sums.data(), r, count, y, ld, n0);
-        else if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, c.cs, r, count, y, ld, n0);
-        else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c, first_sums.data(), r, count, y, ld, n0);
-        else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c, c.cs, r, count, y, ld, n0);
-      }
-  }
-};
 }  // namespace
 }  // namespace llm_kernels
 
@@ -320,16 +269,23 @@ bool has_q8() { return HAS_Q8; }
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, double outlier) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q4_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "q4_linear: scales must be contiguous fp16");
-  auto job = std::make_shared<Q4Job>(x, outlier, packed, scales);
-  const int64_t K = job->c.K, G = job->c.G, NB = packed.size(0);
+  const Codes c(x, outlier);
+  const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
   TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 32, "q4_linear: K does not match the weight");
   TORCH_CHECK(scales.numel() == 2 * NB * G * 16, "q4_linear: scales do not match the weight");
-  auto y = at::empty({job->M, job->N}, at::kFloat);
-  if (job->M == 0) return y;
-  job->Y = y.data_ptr<float>();
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const at::Half* D = scales.data_ptr<at::Half>();
+  const at::Half* MN = D + NB * G * 16;
+  float* Y = y.data_ptr<float>();
   // Two chunks per thread: every chunk restarts the weights' stream (4 per thread were 4-6% slower at 1
   // and 10 rows, 16 were 25% slower; session 13), and more than one keeps a preempted thread's share small.
-  Pool::get().run_stealable(job, NB, chunk_for(NB, 2));
+  dynamic_for(0, NB, chunk_for(NB, 2), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < M; r += MAX_ROWS)
+        rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+  });
   return y;
 }
 
@@ -345,13 +301,34 @@ at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(HAS_Q8, "q8_linear is not built for this instruction set");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "q8_linear: bad weight");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "q8_linear: scales must be contiguous fp32");
-  auto job = std::make_shared<Q8Job>(x, packed, scales, one_code);
-  const int64_t K = job->c.K, NB = packed.size(0), N = job->N;
-  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == (job->grouped ? N * job->c.G : N), "q8_linear: shapes do not match");
-  auto y = at::empty({job->M, N}, at::kFloat);
-  if (job->M == 0) return y;
-  job->Y = y.data_ptr<float>();
+  const Codes c(x);
+  const int64_t M = c.M, K = c.K, G = c.G, NB = packed.size(0), N = NB * 16;
+  const bool grouped = scales.dim() == 3;
+  std::vector<int32_t> first_sums;
+  if (one_code) {  // each group's sum of first codes (the + 128 correction of the dot products)
+    first_sums.resize(M * G);
+    for (int64_t i = 0; i < M * G; ++i) {
+      int32_t total = 0;
+      for (int64_t k = 0; k < GROUP; ++k) total += c.q1[i * GROUP + k];
+      first_sums[i] = total;
+    }
+  }
+  TORCH_CHECK(packed.size(1) * 4 == K && packed.size(2) == 64 && scales.numel() == (grouped ? N * G : N), "q8_linear: shapes do not match");
+  auto y = at::empty({M, N}, at::kFloat);
+  if (M == 0) return y;
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
   // Row blocks per chunk: at least 16 for the vocabulary's tens of thousands of rows (its K is small).
-  Pool::get().run_stealable(job, NB, std::max<int64_t>(job->grouped ? 1 : 16, chunk_for(NB)));
+  dynamic_for(0, NB, std::max<int64_t>(grouped ? 1 : 16, chunk_for(NB)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < M; r += MAX_ROWS) {
+        const int64_t count = std::min<int64_t>(MAX_ROWS, M - r);
+        if (grouped && one_code) rows8<MAX_ROWS, true, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, first_sums.data(), r, count, Y, N, b * 16);
+        else if (grouped) rows8<MAX_ROWS, true>(W + b * (K / 4) * 64, S + b * G * 16, K, c, c.cs, r, count, Y, N, b * 16);
+        else if (one_code) rows8<MAX_ROWS, false, true>(W + b * (K / 4) * 64, S + b * 16, K, c, first_sums.data(), r, count, Y, N, b * 16);
+        else rows8<MAX_ROWS, false>(W + b * (K / 4) * 64, S + b * 16, K, c, c.cs, r, count, Y, N, b * 16);
+      }
+  });
   return y;
 }

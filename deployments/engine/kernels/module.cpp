@@ -24,7 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("decode_layers", &decode_layers, nogil(), "a Llama-family decode step's layers, int4 projections, in one call");
   mod.def("act_mul", &act_mul, nogil(), "act(gate) * up over a fused gate_up (0 silu, 1 gelu tanh)");
 #endif
-  mod.def("pool_stats", [] { return llm_kernels::Pool::get().stats(); }, "the kernels' thread pool: jobs run, chunks stolen, workers started");
   mod.attr("isa") = Q4_ISA;
   mod.attr("has_q8") = has_q8();
   mod.attr("OUTLIER") = llm_kernels::OUTLIER;  // a group whose absmax is over this x its row's median keeps two codes

@@ -109,7 +109,7 @@ void rescore_top(at::Tensor logits, const at::Tensor& x_in, const at::Tensor& co
     }
     return total;
   };
-  llm_kernels::pool_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     std::vector<int64_t> top;
     for (int64_t r = r0; r < r1; ++r) {
       float* row = L + r * V;
@@ -127,7 +127,7 @@ at::Tensor argmax_rows(const at::Tensor& logits_in) {
   auto out = at::empty({n}, at::kLong);
   const float* L = logits.data_ptr<float>();
   int64_t* O = out.data_ptr<int64_t>();
-  llm_kernels::pool_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = L + r * V;
       float best = row[0];
