@@ -13,9 +13,9 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import aiohttp

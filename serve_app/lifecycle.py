@@ -25,15 +25,14 @@ from deployments.protocol import Chunk, GenerateRequest, LoadProgress
 from serve_app.autoload import stream_with_autoload
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings
-from serve_app.control_store import LocalRecordStore, ModelRecord, RecordStore
+from serve_app.control_store import LocalRecordStore, ModelRecord, RecordStore, RecordWriter, fresh_records
 from serve_app.memory_budget import MiB, plan_release
 from serve_app.streaming import Deadline
 from serve_app.transitions import TransitionQueue
 
 logger = logging.getLogger(__name__)
-# A request that ends saves its model's keep-alive clock to the shared store (serve_app.control_plane: an
-# actor call, ~1 ms of the router's CPU) at most this often; a restarted router's clock is at most this
-# far behind. Loads, unloads, keep-alive changes and releases are saved at once.
+# A request ending writes its model's clock to the shared store at most this often (a restarted router's is at
+# most this far behind); loads, unloads, keep-alive changes and releases are written at once.
 TOUCH_SAVE_EVERY_S = 1.0
 Item = Chunk | LoadProgress
 
@@ -45,8 +44,6 @@ class ModelUsage:
     record: ModelRecord
     in_flight: int = 0
     transitions: TransitionQueue = field(default_factory=TransitionQueue)
-    saved_at: float = float("-inf")  # monotonic time of the record's last save to the store
-    save_later: asyncio.TimerHandle | None = None  # a touch's deferred save
 
 
 class LifecycleManager:
@@ -64,20 +61,13 @@ class LifecycleManager:
         self.models: dict[str, ModelSettings] = {m.id: m for m in settings.members}
         self.on_release = on_release
         self.store = store or LocalRecordStore()
-        self.usage = {model_id: ModelUsage(record) for model_id, record in self._defaults().items()}
+        self.writer = RecordWriter(self.store, TOUCH_SAVE_EVERY_S)
+        self.usage = {model_id: ModelUsage(record) for model_id, record in fresh_records(self.settings.members).items()}
         self._budget_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle_task: asyncio.Task[None] | None = None
         self._restored = False
         self._last_status: dict[str, dict[str, Any]] = {}
-
-    def _defaults(self) -> dict[str, ModelRecord]:
-        now = time.time()
-        records = {}
-        for m in self.settings.members:
-            records[m.id] = ModelRecord(keep_alive_s=m.keep_alive_s, maybe_loaded=m.load_on_start)
-            records[m.id].touch(now)
-        return records
 
     # --- start, stop, the shared records -------------------------------------------------------
     async def start(self) -> None:
@@ -87,10 +77,8 @@ class LifecycleManager:
             self._idle_task = asyncio.ensure_future(self._idle_loop())
 
     async def stop(self) -> None:
-        """Save the records with a deferred save; cancel the idle loop and every background release."""
-        for model_id, usage in self.usage.items():
-            if usage.save_later is not None:
-                self._save(model_id)
+        """Write the deferred records; cancel the idle loop and every background release."""
+        self.writer.flush()
         for task in [self._idle_task, *self._tasks]:
             if task is not None and not task.done():
                 task.cancel()
@@ -99,29 +87,18 @@ class LifecycleManager:
 
     async def _restore(self) -> None:
         if not self._restored:
-            records = await self.store.restore(self._defaults())
+            records = await self.store.restore(fresh_records(self.settings.members))
             for model_id, record in records.items():
                 self.usage[model_id].record = record
             self._restored = True
 
-    def _save(self, model_id: str) -> None:
-        usage = self.usage[model_id]
-        if usage.save_later is not None:
-            usage.save_later.cancel()
-            usage.save_later = None
-        usage.saved_at = time.monotonic()
-        self.store.save(model_id, usage.record)
+    def _save(self, model_id: str, soon: bool = False) -> None:
+        self.writer.save(model_id, self.usage[model_id].record, soon)
 
     def _touch(self, model_id: str, soon: bool = False) -> None:
-        """The model was used now. Saved to the store at once, or with `soon` (a request ending that
-        changed nothing else) at most every `TOUCH_SAVE_EVERY_S` per model."""
-        usage = self.usage[model_id]
-        usage.record.touch(time.time())
-        wait = usage.saved_at + TOUCH_SAVE_EVERY_S - time.monotonic()
-        if not soon or wait <= 0:
-            self._save(model_id)
-        elif usage.save_later is None:
-            usage.save_later = asyncio.get_running_loop().call_later(wait, self._save, model_id)
+        """The model was used now; `soon`: a request ending that changed nothing else (RecordWriter)."""
+        self.usage[model_id].record.touch(time.time())
+        self._save(model_id, soon)
 
     # --- transitions -------------------------------------------------------------------------
     async def load(self, model_id: str, keep_alive_s: float | None = None) -> dict[str, Any]:
@@ -224,8 +201,9 @@ class LifecycleManager:
             await chunks.aclose()  # type: ignore[attr-defined]
             usage.in_flight -= 1
             if keep_alive_s is not None:
-                usage.record.keep_alive_s = None if keep_alive_s == float("inf") else keep_alive_s
-            self._touch(model_id, soon=keep_alive_s is None)
+                self._set_keep_alive(model_id, keep_alive_s)  # a change: written at once
+            else:
+                self._touch(model_id, soon=True)
             expires_at = usage.record.expires_at
             if expires_at is not None and expires_at <= time.time() and usage.in_flight == 0:
                 self._spawn(self._release_if_idle(model_id))  # keep_alive 0: unload after this request
