@@ -64,6 +64,7 @@ class Routed:
 
     replica: str
     via_channel: bool = False
+    channel_path: str | None = None  # the replica's socket for channels from this host (deployments.channel)
 
 
 # What a channel carries per message: the chunks of the caller's requests on this replica since the

@@ -22,7 +22,7 @@ from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError, RequestOutput
-from deployments.channel import Channel, ChannelRegistry
+from deployments.channel import Channel, ChannelListener, ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
 from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
@@ -91,6 +91,7 @@ class ModelServer:
         self.metrics = ReplicaMetrics(self)  # exported through Ray; no-ops without it
         self.replica_name = "local"  # Ray Serve's replica id when deployed (serve_app.app sets it)
         self.channels = ChannelRegistry()
+        self.listener: ChannelListener | None = None  # started by the first request that names channels
         if load_on_start:
             self._load_sync()
 
@@ -236,10 +237,17 @@ class ModelServer:
         engine = self._require_loaded()
         self.last_used = time.time()
         timer = self.metrics.request(request)
+        if request.channels is not None and self.listener is None:
+            self.listener = ChannelListener(self.channels, self.replica_name)
+            try:
+                await self.listener.start()
+            except (OSError, AttributeError, NotImplementedError) as exc:  # no Unix sockets here: channels are Ray calls
+                logger.info("no channel socket (%r); channels go through Ray", exc)
         channel = self.channels.find(request.channels)
         if channel is not None:
             channel.num_running += 1
-        via_channel = channel is not None and channel.num_running > 1  # alone, its own stream is one hop shorter
+        # alone, its own stream is one hop shorter than a channel that is a Ray call (not than a socket)
+        via_channel = channel is not None and (channel.local or channel.num_running > 1)
         try:
             prompt_ids = engine.engine.encode(request.prompt, request.messages)
             fields = dict(request.params)
@@ -252,7 +260,7 @@ class ModelServer:
             outputs = engine.generate(request_id, prompt_ids, params, adapter, sink=sink)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
                 if request.channels is not None:
-                    yield Routed(self.replica_name, via_channel)
+                    yield Routed(self.replica_name, via_channel, self.listener.path if self.listener else None)
                 async for out in outputs:
                     if sink is not None:
                         sink(out)

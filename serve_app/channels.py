@@ -2,8 +2,10 @@
 chunks of all this router's requests running there, one message per engine step instead of one per
 request per step.
 
-A channel is opened to a replica once one of our requests ran there; the replica ends it when none of
-ours has run there for a while (deployments.channel), so an idle model holds no call open. The replica sends a request's chunks through it
+A channel is opened to a replica once one of our requests ran there: through the replica's Unix
+socket when it runs on this host (its `Routed` names the socket), else as a streaming Ray call. The
+replica ends it when none of ours has run there for a while (deployments.channel), so an idle model
+holds no call open. Through a socket a request's chunks always take the channel; through a Ray call
 only while another of ours runs there (alone, the request's own stream is one hop shorter). A
 request sends the ids of the open channels; the replica that takes it answers `Routed`, saying whether
 its chunks come through one of them. `ChannelRouter` is the model deployments' Ray Serve request
@@ -16,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -26,8 +30,9 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 # Serve's default router; Ray 2.60 exports the mixins and base class publicly but not this one.
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
+from deployments.channel import read_frame, write_frame
 from deployments.errors import ChannelClosedError
-from deployments.protocol import Chunk, Routed, merge_chunks
+from deployments.protocol import ChannelBatch, Chunk, Routed, merge_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +92,31 @@ class ChannelSet:
 
     def routed(self, request_id: str, routed: Routed) -> None:
         """A replica took one of our requests: note where its chunks come from; open a channel to
-        that replica if none is open or opening."""
+        that replica if none is open or opening (through its socket when this host can reach it)."""
         if routed.via_channel:
             self.via[request_id] = routed.replica
             return
         replica = routed.replica
         if replica in self.readers or self.refused_until.get(replica, 0.0) > time.monotonic():
             return
-        self.readers[replica] = asyncio.ensure_future(self._read(replica))
+        self.readers[replica] = asyncio.ensure_future(self._read(replica, routed.channel_path))
 
-    async def _read(self, replica: str) -> None:
+    async def _read(self, replica: str, path: str | None) -> None:
         channel_id = f"{self.prefix}-{replica}-{next(self._ids)}"
-        options: dict[str, Any] = {"stream": True, "multiplexed_model_id": CHANNEL_PREFIX + replica}
-        stream = self.handle.options(**options).subscribe.remote(channel_id, replica)
         try:
-            first = await asyncio.wait_for(stream.__anext__(), OPEN_TIMEOUT_S)
-            if not (isinstance(first, Routed) and first.replica == replica):
-                raise ChannelClosedError(f"channel answered {first!r}")
+            batches = None
+            if path is not None and os.path.exists(path):  # the replica runs on this host
+                batches = await self._open_socket(replica, channel_id, path)
+            if batches is None:
+                batches = await self._open_call(replica, channel_id)
             self.open[replica] = channel_id
-            async for batch in stream:
-                self.num_batches += 1
-                for request_id, chunk in batch:
-                    inbox = self.inbox.get(request_id)
-                    if inbox is not None:
-                        inbox.put_nowait(chunk)
+            async with aclosing(batches):
+                async for batch in batches:
+                    self.num_batches += 1
+                    for request_id, chunk in batch:
+                        inbox = self.inbox.get(request_id)
+                        if inbox is not None:
+                            inbox.put_nowait(chunk)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - a refused or broken channel: its requests get the error
@@ -119,10 +125,61 @@ class ChannelSet:
         finally:
             self.open.pop(replica, None)
             self.readers.pop(replica, None)
-            stream.cancel()
             for request_id, where in list(self.via.items()):
                 if where == replica and request_id in self.inbox:
                     self.inbox[request_id].put_nowait(ChannelClosedError("the channel to the model's replica closed; retry"))
+
+    async def _open_socket(self, replica: str, channel_id: str, path: str) -> AsyncGenerator[ChannelBatch, None] | None:
+        """The channel through the replica's socket (deployments.channel.ChannelListener); None if it
+        cannot be reached (then it is a Ray call)."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), OPEN_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            logger.info("channel socket of replica %s not reachable (%r): through Ray", replica, exc)
+            return None
+        try:
+            write_frame(writer, channel_id)
+            answer = await asyncio.wait_for(read_frame(reader), OPEN_TIMEOUT_S)
+        except BaseException:
+            writer.close()
+            raise
+        if answer != replica:
+            writer.close()
+            raise ChannelClosedError(f"channel socket answered {answer!r}")
+
+        async def batches() -> AsyncGenerator[ChannelBatch, None]:
+            try:
+                while True:
+                    try:
+                        yield await read_frame(reader)
+                    except asyncio.IncompleteReadError:  # the replica closed it (idle) or died
+                        return
+            finally:
+                writer.close()
+
+        return batches()
+
+    async def _open_call(self, replica: str, channel_id: str) -> AsyncGenerator[ChannelBatch, None]:
+        """The channel as a streaming Ray call to the replica (`ModelServer.subscribe`)."""
+        options: dict[str, Any] = {"stream": True, "multiplexed_model_id": CHANNEL_PREFIX + replica}
+        stream = self.handle.options(**options).subscribe.remote(channel_id, replica)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), OPEN_TIMEOUT_S)
+        except BaseException:
+            stream.cancel()
+            raise
+        if not (isinstance(first, Routed) and first.replica == replica):
+            stream.cancel()
+            raise ChannelClosedError(f"channel answered {first!r}")
+
+        async def batches() -> AsyncGenerator[ChannelBatch, None]:
+            try:
+                async for batch in stream:
+                    yield batch
+            finally:
+                stream.cancel()
+
+        return batches()
 
 
 async def from_inbox(inbox: asyncio.Queue[Chunk | BaseException], response: Any) -> AsyncGenerator[Chunk, None]:
