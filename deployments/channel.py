@@ -106,6 +106,11 @@ class ChannelRegistry:
         if self._channels.get(channel_id) is channel:
             del self._channels[channel_id]
 
+    def close_all(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
     def __len__(self) -> int:
         return len(self._channels)
 

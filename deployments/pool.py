@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -82,6 +83,7 @@ class PoolServer:
         self.members = {m.id: m for m in members}
         self.max_models_per_replica, self.max_lora_rank = max_models_per_replica, max_lora_rank
         self.servers: dict[str, ModelServer] = {}  # loaded full models (bases) by id
+        self._server_ids = itertools.count()
         self.resident: dict[str, float] = {}  # member id -> when it became resident
         self.errors: dict[str, str] = {}  # member id -> why its last load failed
         self.num_loads = self.num_evictions = 0
@@ -139,10 +141,11 @@ class PoolServer:
             # adapter's last requests to end.
             config = dataclasses.replace(base.config, max_loras=self.max_models_per_replica + 1, max_lora_rank=self.max_lora_rank)
             server = self.servers[base_id] = ModelServer(base_id, config, load_on_start=False)
+            server.replica_name = f"{os.getpid()}-{base_id}-{next(self._server_ids)}"  # one per engine: what its channels name
         if server.engine is None:
             status = await server.load()
             if status.status != "loaded":
-                del self.servers[base_id]
+                self.servers.pop(base_id).close_channels()
                 raise ModelNotLoadedError(f"base {base_id!r} failed to load: {status.error}")
         return server
 
@@ -166,7 +169,9 @@ class PoolServer:
         for base_id in list(self.servers):
             in_use = base_id in self.resident or any(self.members[m].base == base_id for m in self.resident)
             if not in_use:
-                await self.servers.pop(base_id).unload(reason="pool")
+                server = self.servers.pop(base_id)
+                await server.unload(reason="pool")  # its running requests finish first, their channels with them
+                server.close_channels()
 
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:

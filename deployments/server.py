@@ -293,6 +293,12 @@ class ModelServer:
         finally:
             self.channels.close(channel_id, channel)
 
+    def close_channels(self) -> None:
+        """Stop taking channels and end the open ones (their callers' readers see the end)."""
+        if self.listener is not None:
+            self.listener.close()
+        self.channels.close_all()
+
     def _require_loaded(self) -> AsyncLLMEngine:
         if self.engine is not None and self.state is ModelStatus.LOADED:
             return self.engine

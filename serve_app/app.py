@@ -95,8 +95,8 @@ class ModelReplica(ModelServer):
         self._on_release = release_counter()
 
     def __del__(self) -> None:
-        if getattr(self, "listener", None) is not None:
-            self.listener.close()
+        if getattr(self, "channels", None) is not None:
+            self.close_channels()
         if getattr(self, "engine", None) is not None:
             logger.info("released %s (reason: replaced): Ray Serve stopped this replica", self.model_id)
             self._on_release(self.model_id, "replaced")

@@ -60,8 +60,9 @@ class ChannelRouter(PowerOfTwoChoicesRequestRouter):
 class ChannelSet:
     """This router's channels to one model's replicas, and the inboxes of its requests that use them."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, socket_only: bool = False) -> None:
         self.handle = handle
+        self.socket_only = socket_only  # a pool's members: no Ray-call channels (their calls are multiplexed)
         self.prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self.inbox: dict[str, asyncio.Queue[Item]] = {}
@@ -108,6 +109,9 @@ class ChannelSet:
             if path is not None and os.path.exists(path):  # the replica runs on this host
                 batches = await self._open_socket(replica, channel_id, path)
             if batches is None:
+                if self.socket_only:  # not on this host: the requests' own streams carry their chunks
+                    self.refused_until[replica] = time.monotonic() + RETRY_AFTER_S
+                    return
                 batches = await self._open_call(replica, channel_id)
             self.open[replica] = channel_id
             async with aclosing(batches):

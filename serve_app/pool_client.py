@@ -35,7 +35,10 @@ class PoolMemberClient(HandleModelClient):
     """One model id of a pool: a full model or a LoRA adapter (`member.base` set)."""
 
     def __init__(self, member: ModelSettings, handle: DeploymentHandle, app_name: str, timeout_s: float, control: Any, capacity: int = 0) -> None:
-        super().__init__(member.id, handle.options(multiplexed_model_id=member.id), app_name, timeout_s, control, capacity)
+        # Channels through the replicas' sockets only: a pool's calls are multiplexed by member, so a
+        # Ray-call channel could not name its replica.
+        super().__init__(member.id, handle.options(multiplexed_model_id=member.id), app_name, timeout_s, control, capacity,
+                         use_channels=True, socket_channels_only=True)
         self.member = member
         self.pool_id = member.pool or ""
 
@@ -48,7 +51,10 @@ class PoolMemberClient(HandleModelClient):
         return await asyncio.shield(cached[1])  # type: ignore[no-any-return]
 
     async def status(self) -> dict[str, Any]:
-        return member_status(self.model_id, self.pool_id, self.member.base, self.member.source, await self._reports())
+        status = member_status(self.model_id, self.pool_id, self.member.base, self.member.source, await self._reports())
+        if self.channels is not None:
+            status["channels"] = self.channels.stats()  # this router's, to the replicas' engines
+        return status
 
     async def num_replicas(self) -> int:
         return int((await self.status())["replicas"])

@@ -51,6 +51,7 @@ class HandleModelClient:
         control: Any = None,
         capacity: int = 0,
         use_channels: bool = False,
+        socket_channels_only: bool = False,
     ) -> None:
         self.model_id = model_id
         self.handle = handle
@@ -59,8 +60,8 @@ class HandleModelClient:
         self.control = control  # the ControlPlane actor handle; None: write the config directly
         self.capacity = capacity  # requests its replicas run or queue (for Retry-After)
         self.service_rate = ServiceRate()
-        # Per-replica channels (serve_app.channels); only for a deployment built with ChannelRouter.
-        self.channels = ChannelSet(handle) if use_channels else None
+        # Per-replica channels (serve_app.channels): a deployment built with ChannelRouter, or (sockets only) a pool.
+        self.channels = ChannelSet(handle, socket_channels_only) if use_channels else None
 
     async def status(self) -> dict[str, Any]:
         status = await self._call("status") | {"replicas": await self.num_replicas()}

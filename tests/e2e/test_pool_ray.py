@@ -1,6 +1,7 @@
 """A pool over the real Ray Serve app (tests/e2e/conftest.py: 6 tiny LoRA adapters + their base,
-2 members per replica, 2 replicas): routing by multiplexed model id, a catalogue larger than the
-pool, eviction that frees slots and the base, load/unload/keep-alive, and a bad adapter."""
+2 members per replica, 2 replicas): routing by multiplexed model id (and tokens back through the
+engine's socket channel), a catalogue larger than the pool, eviction that frees slots and the base,
+load/unload/keep-alive, and a bad adapter."""
 
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def test_requests_for_a_resident_adapter_go_to_the_replica_holding_it(serve_url:
     after = replicas(serve_url)
     assert after[holders[0]]["num_hits"] - before[holders[0]]["num_hits"] == 6  # every one went to the holder
     assert sum(r["num_misses"] for r in after.values()) == sum(r["num_misses"] for r in before.values())
-    assert models(serve_url)["lora-00"]["held_by"] == holders
+    info = models(serve_url)["lora-00"]
+    assert info["held_by"] == holders
+    # after the first, its tokens came back through a channel to the holder's engine (its Unix socket)
+    assert info["channels"]["open"] == 1 and info["channels"]["batches"] >= 6, info["channels"]
 
 
 def test_a_catalogue_larger_than_the_pool_serves_every_member(serve_url: str) -> None:
