@@ -45,6 +45,10 @@ class PoolReplica(PoolServer):
         self._seen_evictions: dict[str, int] | None = None
         self._sync_task: asyncio.Task[None] | None = None
 
+    def __del__(self) -> None:  # Ray Serve stopped this replica: its engines' channel sockets go with it
+        for server in getattr(self, "servers", {}).values():
+            server.close_channels()
+
     async def resident_member(self, model_id: str) -> Resident:
         """Ray's multiplexed loader (wrapped per pool by `pool_deployment`)."""
         await self.load(model_id)
