@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pickle
 import shutil
@@ -37,6 +38,7 @@ IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica
 SOCKET_IDLE_CLOSE_S = 60.0  # a socket channel holds no call open: it may idle longer
 SOCKET_PREFIX = "llm-serve-channel-"  # its directory: this prefix, the replica's pid, a random part
 FRAME = struct.Struct("<I")  # a frame: its length, then a pickle
+logger = logging.getLogger(__name__)
 
 
 class Channel:
@@ -80,10 +82,26 @@ class Channel:
 
 
 class ChannelRegistry:
-    """The open channels of one replica, by channel id."""
+    """The open channels of one replica, by channel id, and its socket for callers on this host."""
 
     def __init__(self) -> None:
         self._channels: dict[str, Channel] = {}
+        self.listener: ChannelListener | None = None  # started when a caller first names channels
+
+    @property
+    def path(self) -> str | None:
+        """The socket callers on this host connect to (None: not listening)."""
+        return self.listener.path if self.listener is not None else None
+
+    async def listen(self, replica_name: str) -> None:
+        """Start the socket, once (where there are no Unix sockets, channels stay Ray calls)."""
+        if self.listener is not None:
+            return
+        self.listener = ChannelListener(self, replica_name)
+        try:
+            await self.listener.start()
+        except (OSError, AttributeError, NotImplementedError) as exc:
+            logger.info("no channel socket (%r); channels go through Ray", exc)
 
     def find(self, channel_ids: tuple[str, ...] | None) -> Channel | None:
         """The first of the caller's channels open here, if any. (A request alone uses it only when it
@@ -107,6 +125,10 @@ class ChannelRegistry:
             del self._channels[channel_id]
 
     def close_all(self) -> None:
+        """Stop listening and end every open channel (their callers' readers see the end)."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()

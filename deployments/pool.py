@@ -145,7 +145,7 @@ class PoolServer:
         if server.engine is None:
             status = await server.load()
             if status.status != "loaded":
-                self.servers.pop(base_id).close_channels()
+                self.servers.pop(base_id).channels.close_all()
                 raise ModelNotLoadedError(f"base {base_id!r} failed to load: {status.error}")
         return server
 
@@ -171,7 +171,7 @@ class PoolServer:
             if not in_use:
                 server = self.servers.pop(base_id)
                 await server.unload(reason="pool")  # its running requests finish first, their channels with them
-                server.close_channels()
+                server.channels.close_all()
 
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:

@@ -22,7 +22,7 @@ from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
 from deployments.engine.request import InvalidRequestError, RequestOutput
-from deployments.channel import Channel, ChannelListener, ChannelRegistry
+from deployments.channel import Channel, ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
 from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
 from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
@@ -90,8 +90,7 @@ class ModelServer:
         self._lock: asyncio.Lock | None = None
         self.metrics = ReplicaMetrics(self)  # exported through Ray; no-ops without it
         self.replica_name = "local"  # Ray Serve's replica id when deployed (serve_app.app sets it)
-        self.channels = ChannelRegistry()
-        self.listener: ChannelListener | None = None  # started by the first request that names channels
+        self.channels = ChannelRegistry()  # closed with `channels.close_all()` when this server is done
         if load_on_start:
             self._load_sync()
 
@@ -237,12 +236,8 @@ class ModelServer:
         engine = self._require_loaded()
         self.last_used = time.time()
         timer = self.metrics.request(request)
-        if request.channels is not None and self.listener is None:
-            self.listener = ChannelListener(self.channels, self.replica_name)
-            try:
-                await self.listener.start()
-            except (OSError, AttributeError, NotImplementedError) as exc:  # no Unix sockets here: channels are Ray calls
-                logger.info("no channel socket (%r); channels go through Ray", exc)
+        if request.channels is not None and self.channels.listener is None:
+            await self.channels.listen(self.replica_name)
         channel = self.channels.find(request.channels)
         if channel is not None:
             channel.num_running += 1
@@ -260,7 +255,7 @@ class ModelServer:
             outputs = engine.generate(request_id, prompt_ids, params, adapter, sink=sink)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
                 if request.channels is not None:
-                    yield Routed(self.replica_name, via_channel, self.listener.path if self.listener else None)
+                    yield Routed(self.replica_name, via_channel, self.channels.path)
                 async for out in outputs:
                     if sink is not None:
                         sink(out)
@@ -292,12 +287,6 @@ class ModelServer:
                 yield batch
         finally:
             self.channels.close(channel_id, channel)
-
-    def close_channels(self) -> None:
-        """Stop taking channels and end the open ones (their callers' readers see the end)."""
-        if self.listener is not None:
-            self.listener.close()
-        self.channels.close_all()
 
     def _require_loaded(self) -> AsyncLLMEngine:
         if self.engine is not None and self.state is ModelStatus.LOADED:

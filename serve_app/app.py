@@ -96,7 +96,7 @@ class ModelReplica(ModelServer):
 
     def __del__(self) -> None:
         if getattr(self, "channels", None) is not None:
-            self.close_channels()
+            self.channels.close_all()
         if getattr(self, "engine", None) is not None:
             logger.info("released %s (reason: replaced): Ray Serve stopped this replica", self.model_id)
             self._on_release(self.model_id, "replaced")

@@ -47,7 +47,7 @@ class PoolReplica(PoolServer):
 
     def __del__(self) -> None:  # Ray Serve stopped this replica: its engines' channel sockets go with it
         for server in getattr(self, "servers", {}).values():
-            server.close_channels()
+            server.channels.close_all()
 
     async def resident_member(self, model_id: str) -> Resident:
         """Ray's multiplexed loader (wrapped per pool by `pool_deployment`)."""

@@ -27,8 +27,7 @@ PARAMS = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 def server(tiny_model_dir: Path) -> Iterator[ModelServer]:
     server = ModelServer("tiny", EngineConfig(model=str(tiny_model_dir), max_model_len=128, max_num_seqs=8))
     yield server
-    if server.listener is not None:
-        server.listener.close()
+    server.channels.close_all()
 
 
 def request(request_id: str, prompt: str, channels: tuple[str, ...] | None) -> GenerateRequest:
@@ -131,9 +130,7 @@ def test_a_channel_through_the_replicas_socket_carries_even_a_request_alone(serv
     request, alone, streams through it with the tokens it gets on its own stream; when the router
     closes it the replica forgets it."""
 
-    if server.listener is not None:  # started on an earlier test's event loop, which is gone
-        server.listener.close()
-        server.listener = None
+    server.channels.close_all()  # its socket was started on an earlier test's event loop, which is gone
 
     async def run() -> None:
         _, alone = await collect(server, request("ref-s", "hello world", None))
