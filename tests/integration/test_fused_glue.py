@@ -166,8 +166,9 @@ def test_fused_forward_equals_torchs_operators(family: str, weights: str, tiny_m
     prompts = [engine.encode("The quick brown fox jumps over"), engine.encode("Ray Serve hosts models behind one API, and")]
     x = torch.zeros(1, model.config.hidden_size)
     assert model.glue(x) is not None  # this format runs fused here
-    if family == "llama":  # int4: decode steps in one call (decode_layers); bf16 layers: the Python loop
-        assert (model._decode_plan() is not None) == (weights == "int4")
+    # int4: decode steps in one call (decode_layers; Gemma's sliding and global layers with their sandwich
+    # and q/k norms included); bf16 layers: the Python loop
+    assert (model._decode_plan() is not None) == (weights == "int4")
     fused = run_steps(engine, prompts, decode_steps=12)  # 12: past the tiny Gemma's window of 8
     monkeypatch.setenv(kernels.ENV, "torch")
     assert model.glue(x) is None

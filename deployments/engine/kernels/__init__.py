@@ -1,7 +1,7 @@
 """Our compiled CPU kernels, built on first use by torch's C++ extension builder: `matmul.cpp` (int4
 layers, int8 vocabulary ranking), `attention.cpp` (paged decode attention), `lora.cpp` (LoRA for mixed
 batches), `glue.cpp` (a layer's norms, rotary, cache write and activation, fused), `vocab.cpp` (top
-candidates rescored, argmax), `decode.cpp` (a Llama decode step's layers in one call), `codes.h` (what they share), `module.cpp` (the Python module).
+candidates rescored, argmax), `decode.cpp` (a decode step's layers in one call), `codes.h` (what they share), `module.cpp` (the Python module).
 
 The build (about 40-60 s on two cores) is cached per source, ISA and torch version under
 `$LLM_SERVE_CACHE_DIR/kernels` (default ~/.cache/llm-serve/kernels); `make install` builds it once

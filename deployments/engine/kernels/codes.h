@@ -332,8 +332,8 @@ void rescore_top(at::Tensor logits, const at::Tensor& x, const at::Tensor& codes
 at::Tensor argmax_rows(const at::Tensor& logits);
 at::Tensor table_rows(const at::Tensor& ids, const at::Tensor& codes, const at::Tensor& scales);
 void decode_layers(at::Tensor x, const std::vector<at::Tensor>& layers, const std::vector<at::Tensor>& caches,
-                   const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                   const std::vector<int64_t>& windows, const at::Tensor& positions, const at::Tensor& slots,
                    const at::Tensor& tables, const at::Tensor& context_lens, int64_t H, int64_t KVH, int64_t block_size,
-                   int64_t window, double scale, double eps, int64_t act, const std::vector<at::Tensor>& lora,
+                   double scale, double eps, int64_t act, const std::vector<at::Tensor>& lora,
                    const std::optional<at::Tensor>& lora_slots, const std::vector<int64_t>& lora_parts, int64_t rank,
                    int64_t num_slots);

@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rescore_top", &rescore_top, nogil(), "each row's k best of the int8 ranking rescored exactly from the 8-bit table, in place");
   mod.def("table_rows", &table_rows, nogil(), "rows of the packed 8-bit vocabulary table as fp32 (embedding lookups)");
   mod.def("argmax_rows", &argmax_rows, nogil(), "first index of each row's largest value (NaN counts as largest)");
-  mod.def("decode_layers", &decode_layers, nogil(), "a Llama-family decode step's layers, int4 projections, in one call");
+  mod.def("decode_layers", &decode_layers, nogil(), "a decode step's layers (Llama family, Gemma 3), int4 or int8 projections, in one call");
   mod.def("act_mul", &act_mul, nogil(), "act(gate) * up over a fused gate_up (0 silu, 1 gelu tanh)");
 #endif
   mod.attr("isa") = Q4_ISA;

@@ -47,18 +47,13 @@ class Gemma3ForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids) * self.embed_scale
         if (glue := self.glue(x)) is not None:
-            return self._fused_forward(x, positions, meta, glue)
+            return self._fused_layers(x, positions, meta, glue)
         tables = {kind: table.lookup(positions) for kind, table in self.rotary.items()}
         local, full = tables.get("sliding_attention"), tables.get("full_attention")
         for layer in self.layers:
             cos, sin = local if layer.is_sliding and local else full  # type: ignore[misc]
             x = layer(x, cos, sin, meta)
         return x
-
-    def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
-        """As `forward`, glue fused (CausalLM._fused_layers): each sandwich norm, residual add and the
-        norm after it are one call."""
-        return self._fused_layers(x, positions, meta, glue)
 
     def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return layer.post_attention_layernorm.weight, layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight

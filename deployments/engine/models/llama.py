@@ -4,7 +4,7 @@ shared layers, reading a transformers checkpoint's weights by their transformers
 q/k/v and gate/up projections are fused into one matmul each (fewer, larger kernels per layer).
 transformers stays the reference: the fp32 path equals `generate()` token for token (tests).
 
-On CPU with our kernels, the int4 and bf16 formats run each layer's glue fused (`_fused_forward`:
+On CPU with our kernels, the int4 and bf16 formats run each layer's glue fused (`_fused_layers`:
 residual add + RMS norm, q/k norms + rotary + the KV-cache write, the gated activation; see
 deployments/engine/kernels/glue.cpp): a few calls per layer instead of ~30 torch operators. The fp32
 format keeps the torch operators: it is the reference the tests hold to transformers.
@@ -102,10 +102,12 @@ class DecoderLayer(torch.nn.Module):
 @dataclass
 class DecodePlan:
     """The tensors of a decode step in one call (`decode_layers`): per layer norms, packed weights and
-    scales, KV caches, and, where the projections are LoRA-wrapped, their adapter slots."""
+    scales, rotary tables, KV caches and windows, and, where the projections are LoRA-wrapped, their adapter slots."""
 
     weights: list[torch.Tensor] = field(default_factory=list)
     caches: list[torch.Tensor] = field(default_factory=list)
+    windows: list[int] = field(default_factory=list)
+    """Per layer, its sliding window (0: global attention)."""
     lora: list[torch.Tensor] = field(default_factory=list)
     lora_parts: list[int] = field(default_factory=list)
     lora_owner: Any = None
@@ -127,6 +129,8 @@ class CausalLM(torch.nn.Module):
         self.norm = store.norm("model.norm", cfg.rms_norm_eps)
         self.lm_head = store.lm_head("lm_head", "model.embed_tokens", bool(getattr(cfg, "tie_word_embeddings", False)))
         self.final_logit_softcapping: float | None = getattr(cfg, "final_logit_softcapping", None)
+        self._plan_key: tuple[int, int, int] | None = None
+        self._plan: DecodePlan | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -156,7 +160,12 @@ class CausalLM(torch.nn.Module):
     def _fused_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
         """The layers with their glue fused, for every family: x (the residual stream) is updated in
         place, and each residual add is one call with the norms around it (a family's `_norms`: the
-        attention output's, the MLP input's, the MLP output's), the next layer's input norm included."""
+        attention output's, the MLP input's, the MLP output's), the next layer's input norm included.
+        A decode-only step whose projections are all our kernels' runs every layer in one kernel call
+        (`decode_layers`, the same sequence of kernels looped in C++)."""
+        if not meta.prefills and (plan := self._decode_plan(meta.sliding_window)) is not None:
+            self._decode_layers(x, positions, meta, glue, plan)
+            return x
         layers, eps = self.layers, self.config.rms_norm_eps
         h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
         for i, layer in enumerate(layers):
@@ -166,6 +175,55 @@ class CausalLM(torch.nn.Module):
             following = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else None
             h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), mlp_out, following, eps)
         return x
+
+    def _decode_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any, plan: DecodePlan) -> None:
+        first = self.layers[0].self_attn
+        assert meta.decode_block_ids is not None
+        owner = plan.lora_owner
+        batch = owner.batch if owner is not None else None  # this step's adapter per token
+        rank, slots = (owner.max_rank, owner.num_slots) if owner is not None else (0, 0)
+        glue.decode_layers(x, plan.weights, plan.caches, plan.windows, positions, meta.slot_mapping,
+                           meta.decode_block_ids.view(x.shape[0], -1), meta.decode_context_lens, first.num_heads, first.num_kv_heads,
+                           first.block_size, first.scale, self.config.rms_norm_eps, self.layers[0].mlp.fused_act, plan.lora,
+                           None if batch is None else batch.slots, plan.lora_parts, rank, slots)
+
+    def _decode_plan(self, window: int = 0) -> DecodePlan | None:
+        """What `decode_layers` takes, or None when a projection is not one of our kernels' without bias
+        (bf16 layers), or only some are LoRA-wrapped. Cached per cache binding, LoRA wrapping and window."""
+        first = self.layers[0].self_attn
+        key = (id(first.k_cache), id(first.qkv_proj), window)  # rebinding the cache or wrapping for LoRA changes it
+        if key == self._plan_key:
+            return self._plan
+        self._plan_key, self._plan = key, self._build_decode_plan(window)
+        return self._plan
+
+    def _build_decode_plan(self, window: int) -> DecodePlan | None:
+        plan, none = DecodePlan(), torch.empty(0)
+        if len({(layer.self_attn.scale, layer.self_attn.num_heads, layer.self_attn.num_kv_heads) for layer in self.layers}) != 1:
+            return None
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            wrapped = [p for p in projections if hasattr(p, "lora_a")]  # LoRALinear (lora.py): base + adapter slots
+            bases = [p.base if hasattr(p, "lora_a") else p for p in projections]
+            if not all(isinstance(b, Linear) and b.direct for b in bases) or attn.k_cache.numel() == 0:
+                return None
+            if wrapped and len(wrapped) != len(projections):
+                return None
+            qkv, o, gate_up, down = bases
+            attn_out, mlp_in, mlp_out = self._norms(layer)
+            rotary = self._rotary(layer)
+            plan.weights += [layer.input_layernorm.weight, qkv.weight, qkv.scales, o.weight, o.scales, none if attn_out is None else attn_out,
+                             mlp_in, gate_up.weight, gate_up.scales, down.weight, down.scales, none if mlp_out is None else mlp_out,
+                             none if attn.qk_norm is None else attn.qk_norm.weight, rotary.cos, rotary.sin]
+            plan.caches += [attn.k_cache, attn.v_cache]
+            plan.windows.append(window if attn.sliding else 0)
+            for p in wrapped:
+                plan.lora += [p.lora_a, p.lora_b, p.lora_a_scale, p.lora_b_scale]
+            if wrapped and not plan.lora_parts:
+                plan.lora_parts = [size for p in wrapped for size in p.part_sizes]
+                plan.lora_owner = wrapped[0]._owner[0]
+        return plan
 
     def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(attention output norm, MLP input norm, MLP output norm) weights; None where the family has none."""
@@ -196,66 +254,15 @@ class LlamaForCausalLM(CausalLM):
         for layer in self.layers:
             attn: Any = layer.self_attn
             attn.sliding = self.sliding_window is not None
-        self._plan_key: tuple[int, int] | None = None
-        self._plan: DecodePlan | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if (glue := self.glue(x)) is not None:
-            return self._fused_forward(x.contiguous(), positions, meta, glue)
+            return self._fused_layers(x.contiguous(), positions, meta, glue)
         cos, sin = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
         return x
-
-
-    def _decode_plan(self) -> DecodePlan | None:
-        """What `decode_layers` takes, or None when a projection is not one of our kernels' without bias
-        (bf16 layers), or only some are LoRA-wrapped. Cached per cache binding and LoRA wrapping."""
-        first = self.layers[0].self_attn
-        key = (id(first.k_cache), id(first.qkv_proj))  # rebinding the cache or wrapping for LoRA changes it
-        if key == self._plan_key:
-            return self._plan
-        self._plan_key, self._plan = key, self._build_decode_plan()
-        return self._plan
-
-    def _build_decode_plan(self) -> DecodePlan | None:
-        plan = DecodePlan()
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            wrapped = [p for p in projections if hasattr(p, "lora_a")]  # LoRALinear (lora.py): base + adapter slots
-            bases = [p.base if hasattr(p, "lora_a") else p for p in projections]
-            if not all(isinstance(b, Linear) and b.direct for b in bases) or attn.k_cache.numel() == 0:
-                return None
-            if wrapped and len(wrapped) != len(projections):
-                return None
-            qkv, o, gate_up, down = bases
-            plan.weights += [layer.input_layernorm.weight, qkv.weight, qkv.scales, o.weight, o.scales,
-                             layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales, down.weight, down.scales]
-            plan.caches += [attn.k_cache, attn.v_cache]
-            for p in wrapped:
-                plan.lora += [p.lora_a, p.lora_b, p.lora_a_scale, p.lora_b_scale]
-            if wrapped and not plan.lora_parts:
-                plan.lora_parts = [size for p in wrapped for size in p.part_sizes]
-                plan.lora_owner = wrapped[0]._owner[0]
-        return plan
-
-    def _fused_forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any) -> torch.Tensor:
-        """The same layers with their glue fused (CausalLM._fused_layers); a decode-only step whose
-        projections are all our kernels' runs every layer in one kernel call (decode_layers)."""
-        layers, eps = self.layers, self.config.rms_norm_eps
-        if not meta.prefills and (plan := self._decode_plan()) is not None:  # a decode-only step: one call
-            first = layers[0].self_attn
-            assert meta.decode_block_ids is not None
-            batch = plan.lora_owner.batch if plan.lora_owner is not None else None  # this step's adapter per token
-            rank, slots = (plan.lora_owner.max_rank, plan.lora_owner.num_slots) if plan.lora_owner is not None else (0, 0)
-            glue.decode_layers(x, plan.weights, plan.caches, positions, self.rotary.cos, self.rotary.sin, meta.slot_mapping,
-                               meta.decode_block_ids.view(x.shape[0], -1), meta.decode_context_lens, first.num_heads,
-                               first.num_kv_heads, first.block_size, meta.sliding_window if first.sliding else 0, first.scale, eps,
-                               layers[0].mlp.fused_act, plan.lora, None if batch is None else batch.slots, plan.lora_parts, rank, slots)
-            return x
-        return self._fused_layers(x, positions, meta, glue)
 
     def _norms(self, layer: Any) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         return None, layer.post_attention_layernorm.weight, None
