@@ -66,6 +66,9 @@ class PoolMemberClient(HandleModelClient):
             error = unwrap_error(exc)
             if not isinstance(error, APIError) or error.code != "model_load_failed":
                 raise (error or exc) from None
+        # the replica reported before answering; a report fetched before that (another member's status
+        # within REPORTS_TTL_S) would say `unloaded` for a member just loaded, or just failed
+        _REPORTS.pop(self.pool_id, None)
         return await self.status()
 
     async def unload(self, force: bool = False, reason: str = "manual") -> dict[str, Any]:
