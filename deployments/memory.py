@@ -9,6 +9,12 @@ survivor keeps its whole 1 MiB arena mapped. No glibc setting touches that (MALL
 +58 MiB); sending small objects to glibc instead (PYTHONMALLOC=malloc) still left +25 MiB of
 page-level heap fragmentation. Small objects on jemalloc (bundled with Ray) with freed pages purged
 right away: +0.9 MiB after 20 cycles.
+
+jemalloc purges nothing by itself (`dirty_decay_ms:-1`): its time-based decay (1 s, as first set) gave back
+pages a step was about to use again, and Gemma 3's decode step at 10 streams (10 MB of logits among its
+buffers) ran 17-18% slower for the page faults that followed (perf/README.md, session 17). Freed pages go
+back to the OS when a model unloads (`release_freed_memory`) and when a replica's engine has been idle a
+second (`purge_freed_pages`, the engine's idle hook).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 import psutil
 
-JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0,background_thread:false"
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:0,background_thread:false"
 _MALLCTL_ARENAS_ALL = 4096  # jemalloc's "every arena" index for arena.<i>.purge
 
 
@@ -62,15 +68,23 @@ def release_freed_memory() -> None:
     is the process's allocator; glibc's malloc_trim otherwise (big tensors are freed by munmap
     already, but many small allocations from loading stay in the heap without this)."""
     gc.collect()
-    mallctl = _jemalloc_mallctl()
-    if mallctl is not None:
-        mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+    if purge_freed_pages():
         return
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
+
+
+def purge_freed_pages() -> bool:
+    """jemalloc's unused pages, every arena, back to the OS (milliseconds: no garbage collection);
+    False where jemalloc is not the process's allocator."""
+    mallctl = _jemalloc_mallctl()
+    if mallctl is None:
+        return False
+    mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
+    return True
 
 
 def gpu_memory(device: str) -> dict[str, int]:

@@ -25,7 +25,7 @@ from deployments.engine.request import InvalidRequestError, RequestOutput
 from deployments.channel import Channel, ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
 from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
-from deployments.memory import allocator, gpu_memory, release_freed_memory, rss_bytes
+from deployments.memory import allocator, gpu_memory, purge_freed_pages, release_freed_memory, rss_bytes
 from deployments.metrics import ReplicaMetrics, RequestTimer
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class ModelServer:
             release_freed_memory()
             return
         core = engine.engine
+        engine.on_idle = purge_freed_pages  # freed pages go back when idle, not between steps (deployments/memory.py)
         release_freed_memory()  # the load's transient buffers (fp32 tensors read, packing) go back first
         self.facts = {
             "architecture": core.runner.architecture,

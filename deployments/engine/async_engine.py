@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,10 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.request import InvalidRequestError, RequestOutput, SamplingParams
 
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_S = 1.0
+"""How long the engine thread waits for work before it counts as idle (and runs `on_idle`)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -82,6 +86,9 @@ class AsyncLLMEngine:
         self._load_error: BaseException | None = None
         self._config, self._engine_factory = config, engine_factory
         self.engine: LLMEngine
+        self.on_idle: Callable[[], None] | None = None
+        """Called on the engine thread once per idle spell: after some work, IDLE_S with none (the
+        replica gives freed heap pages back to the OS then, never between steps)."""
         # The loop thread builds the engine and runs every step: all torch work stays on one thread,
         # so the process has one OpenMP thread pool. A second pool (load on one thread, steps on
         # another) makes libgomp count more threads than cores and stop spinning between parallel
@@ -164,17 +171,28 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         if not self._build():
             return
+        worked = False
         try:
             while not self._stopped:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():
-                    self._wakeup.wait(timeout=1.0)
+                    woke = self._wakeup.wait(timeout=IDLE_S)
                     self._wakeup.clear()
+                    if not woke and worked and self.on_idle is not None:
+                        worked = False
+                        self._idle()
                     continue
+                worked = True
                 self._deliver(self.engine.step())
         except Exception as exc:  # noqa: BLE001 - a crashed step must reach every waiting request
             self._stopped = True
             self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
+
+    def _idle(self) -> None:
+        try:
+            self.on_idle()  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - housekeeping must not stop the engine
+            log.exception("the engine's idle hook failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One hand-over per event loop per step (one wakeup of the serving loop, not one per request)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,32 @@ async def test_a_sink_takes_every_output_but_the_last_and_its_error_ends_the_str
         async for _ in engine.generate("refused", prompt, SamplingParams(max_tokens=100, ignore_eos=True), sink=refuse):
             pass
     await assert_all_aborted(engine)
+    engine.shutdown()
+
+
+async def test_the_idle_hook_runs_once_per_idle_spell_and_never_between_steps(tiny_model_dir: Path) -> None:
+    """The replica gives freed heap pages back through `on_idle` (deployments/memory.py): after work and
+    IDLE_S without any, once; not while requests run, and not again until more work has come and gone."""
+    from deployments.engine import async_engine
+
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4))
+    calls: list[tuple[float, int]] = []
+    engine.on_idle = lambda: calls.append((time.monotonic(), engine.engine.has_unfinished()))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt = engine.engine.encode("The quick brown fox")
+
+    async def run(request_id: str) -> float:
+        assert len([o async for o in engine.generate(request_id, prompt, params)]) >= 1
+        return time.monotonic()
+
+    await asyncio.sleep(async_engine.IDLE_S * 1.5)
+    assert calls == []  # idle from the start: nothing was freed yet
+    ended = await run("a")
+    await asyncio.sleep(async_engine.IDLE_S * 2.5)
+    assert len(calls) == 1 and calls[0][0] >= ended + async_engine.IDLE_S * 0.9 and not calls[0][1]
+    ended = await run("b")
+    await asyncio.sleep(async_engine.IDLE_S * 1.5)
+    assert len(calls) == 2 and calls[1][0] >= ended
     engine.shutdown()
 
 

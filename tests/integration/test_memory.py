@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from deployments.engine import EngineConfig
-from deployments.memory import replica_allocator_env, rss_bytes
+from deployments.memory import purge_freed_pages, replica_allocator_env, rss_bytes
 from deployments.server import ModelServer
 from deployments.protocol import GenerateRequest
 
@@ -44,6 +44,7 @@ async def _cycle(server: ModelServer) -> dict[str, int]:
     """Load, one short streamed generate, unload; the RSS and CUDA bytes while loaded and after."""
     await server.load()
     assert server.state.value == "loaded", server.error
+    assert server.engine is not None and server.engine.on_idle is purge_freed_pages  # idle replicas give pages back
     loaded = {"loaded_rss": rss_bytes(), "loaded_cuda": _cuda_allocated(), "weights": server.facts["weights_bytes"]}
     request = GenerateRequest("", {"max_tokens": 4, "temperature": 0.0}, prompt="Say hello.")
     chunks = [chunk async for chunk in server.generate(request)]
