@@ -178,9 +178,9 @@ class AsyncLLMEngine:
                 if not self.engine.has_unfinished():
                     woke = self._wakeup.wait(timeout=IDLE_S)
                     self._wakeup.clear()
-                    if not woke and worked and self.on_idle is not None:
+                    if not woke and worked and (hook := self.on_idle) is not None:
                         worked = False
-                        self._idle()
+                        self._idle(hook)
                     continue
                 worked = True
                 self._deliver(self.engine.step())
@@ -188,9 +188,9 @@ class AsyncLLMEngine:
             self._stopped = True
             self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
 
-    def _idle(self) -> None:
+    def _idle(self, hook: Callable[[], None]) -> None:
         try:
-            self.on_idle()  # type: ignore[misc]
+            hook()
         except Exception:  # noqa: BLE001 - housekeeping must not stop the engine
             log.exception("the engine's idle hook failed")
 

@@ -199,7 +199,7 @@ async def test_the_idle_hook_runs_once_per_idle_spell_and_never_between_steps(ti
     from deployments.engine import async_engine
 
     engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4))
-    calls: list[tuple[float, int]] = []
+    calls: list[tuple[float, bool]] = []
     engine.on_idle = lambda: calls.append((time.monotonic(), engine.engine.has_unfinished()))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     prompt = engine.engine.encode("The quick brown fox")

@@ -20,7 +20,7 @@ std::optional<at::Tensor> given(const at::Tensor& t) {
 }  // namespace
 
 // x [n, hidden] fp32 (the residual stream, updated in place: on return it is the last layer's output).
-// layers: per layer, in order (DECODE_PER_LAYER tensors; int4 or int8g layouts; an empty tensor where the
+// layers: per layer, in order (PER_LAYER = 15 tensors; int4 or int8g layouts; an empty tensor where the
 // family has no such norm): input norm, qkv packed + scales, o packed + scales, attention output norm,
 // MLP input norm, gate_up packed + scales, down packed + scales, MLP output norm, q/k head norms
 // ([H + KVH, D]), rotary cos and sin tables. windows: per layer, the sliding window (0: global).
