@@ -1,5 +1,5 @@
 // Paged decode attention: one query per sequence, keys and values read in place from their blocks
-// (fp32 or bf16 caches; queries fp32 or bf16). Work items are (sequence, KV head, context chunk).
+// (fp32 or bf16 caches; queries fp32 or bf16). Work items are (sequence, context chunk), every KV head.
 // With head_dim a multiple of the vector width (up to 256), each item runs tiles of 16 keys (AVX-512) or
 // 8 (AVX2): the group's scores per tile come out of one transpose-add of partial-dot vectors, the softmax
 // is online (running max and sum per query head), exp is a polynomial in the vector lanes, and bf16
@@ -100,26 +100,26 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
   }
 }
 
-// One output row from its chunks' partials (`splits` of them, `group` heads apart): rescaled to the
+// One output row from its chunks' partials (`splits` of them, `stride` heads apart): rescaled to the
 // largest max and normalised; empty chunks (sum 0) are skipped.
 template <typename T>
-void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t splits, int64_t group, int64_t D, T* out) {
+void merge_chunks(const float* mx, const float* sum, const float* acc, int64_t splits, int64_t stride, int64_t D, T* out) {
   float top = -INFINITY, total = 0;
-  for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, mx[sp * group]);
+  for (int64_t sp = 0; sp < splits; ++sp) top = std::max(top, mx[sp * stride]);
   std::vector<float> merged(D, 0.f);
   for (int64_t sp = 0; sp < splits; ++sp) {
-    if (sum[sp * group] == 0.f) continue;
-    const float w = std::exp(mx[sp * group] - top);
-    total += sum[sp * group] * w;
-    for (int64_t d = 0; d < D; ++d) merged[d] += acc[sp * group * D + d] * w;
+    if (sum[sp * stride] == 0.f) continue;
+    const float w = std::exp(mx[sp * stride] - top);
+    total += sum[sp * stride] * w;
+    for (int64_t d = 0; d < D; ++d) merged[d] += acc[sp * stride * D + d] * w;
   }
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(merged[d] / total);
 }
 
 // An item's whole context in one chunk: its heads' outputs are their value sums over their exp sums.
 template <typename T>
-void finish_heads(const float* sum, const float* acc, int64_t group, int64_t D, T* out) {
-  for (int64_t g = 0; g < group; ++g)
+void finish_heads(const float* sum, const float* acc, int64_t heads, int64_t D, T* out) {
+  for (int64_t g = 0; g < heads; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] / sum[g]);
 }
 
@@ -129,42 +129,47 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
                       int64_t window, float scale) {
   const int64_t group = H / KVH;
   // Few sequences with long contexts: split each context into chunks (flash-decoding's split-K) so
-  // every thread has work, then merge the chunks' softmax partials. One sequence has only KVH items.
+  // every thread has work, then merge the chunks' softmax partials. Work items: (sequence, chunk), every
+  // KV head inside, a tile at a time across the heads: each key's whole cache row is read at once.
   int64_t longest = 0;
   for (int64_t s = 0; s < n; ++s) longest = std::max(longest, ctx[s]);
   int64_t splits = 1;
-  while (n * KVH * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 32) splits *= 2;
-  const int64_t items = n * KVH * splits;
-  std::vector<float> part_max(items * group, -INFINITY), part_sum(items * group, 0.f), part_acc(items * group * D, 0.f);
+  while (n * splits < 4 * at::get_num_threads() && longest / (2 * splits) >= 32) splits *= 2;
+  const int64_t items = n * splits;
+  std::vector<float> part_max(items * H, -INFINITY), part_sum(items * H, 0.f), part_acc(items * H * D, 0.f);
   llm_kernels::dynamic_for(0, items, 1, [&](int64_t w0, int64_t w1) {
     thread_local std::vector<float> qf, scores;  // dynamic_for calls this once per item: no allocation per call
-    qf.resize(group * D);
+    qf.resize(H * D);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t s = w / (KVH * splits), kh = (w / splits) % KVH, sp = w % splits, len = ctx[s];
+      const int64_t s = w / splits, sp = w % splits, len = ctx[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t chunk = (len - first + splits - 1) / splits;
       const int64_t start = first + sp * chunk, stop = std::min(len, start + chunk);
       if (stop <= start) continue;
-      for (int64_t g = 0; g < group * D; ++g) qf[g] = load_f(q, (s * H + kh * group) * D + g) * scale;
-      float* mx = part_max.data() + w * group;
-      float* sum = part_sum.data() + w * group;
-      float* acc = part_acc.data() + w * group * D;
+      for (int64_t i = 0; i < H * D; ++i) qf[i] = load_f(q, s * H * D + i) * scale;
+      float* mx = part_max.data() + w * H;
+      float* sum = part_sum.data() + w * H;
+      float* acc = part_acc.data() + w * H * D;
+      const int64_t* table = tables + s * max_blocks;
       if (D % LANES == 0 && D <= MAX_D) {
-        tiles(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, mx, sum, acc);
+        for (int64_t t0 = start; t0 < stop; t0 += TILE)
+          for (int64_t kh = 0; kh < KVH; ++kh)
+            tiles(qf.data() + kh * group * D, kc, vc, table, KVH, kh, D, group, block_size, t0, std::min(stop, t0 + TILE), mx + kh * group,
+                  sum + kh * group, acc + kh * group * D);
       } else {
-        chunk_partial(qf.data(), kc, vc, tables + s * max_blocks, KVH, kh, D, group, block_size, start, stop, scores, mx, sum, acc);
+        for (int64_t kh = 0; kh < KVH; ++kh)
+          chunk_partial(qf.data() + kh * group * D, kc, vc, table, KVH, kh, D, group, block_size, start, stop, scores, mx + kh * group,
+                        sum + kh * group, acc + kh * group * D);
       }
-      if (splits == 1) finish_heads(sum, acc, group, D, out + (s * H + kh * group) * D);
+      if (splits == 1) finish_heads(sum, acc, H, D, out + s * H * D);
     }
   });
   if (splits == 1) return;
   for (int64_t s = 0; s < n; ++s)
-    for (int64_t kh = 0; kh < KVH; ++kh)
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t first = (s * KVH + kh) * splits * group + g;
-        merge_chunks(part_max.data() + first, part_sum.data() + first, part_acc.data() + first * D, splits, group, D,
-                     out + (s * H + kh * group + g) * D);
-      }
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t first = s * splits * H + h;
+      merge_chunks(part_max.data() + first, part_sum.data() + first, part_acc.data() + first * D, splits, H, D, out + (s * H + h) * D);
+    }
 }
 
 }  // namespace
