@@ -1,10 +1,13 @@
 // Paged decode attention: one query per sequence, keys and values read in place from their blocks
 // (fp32 or bf16 caches; queries fp32 or bf16). Work items are (sequence, context chunk), every KV head.
-// With head_dim a multiple of the vector width (up to 256), each item runs tiles of 16 keys (AVX-512) or
-// 8 (AVX2): the group's scores per tile come out of one transpose-add of partial-dot vectors, the softmax
-// is online (running max and sum per query head), exp is a polynomial in the vector lanes, and bf16
-// tiles are widened once per tile. Elsewhere a portable loop (`chunk_partial`) computes the same partials.
+// With head_dim a multiple of the vector width, each item runs tiles of 16 keys (AVX-512) or 8 (AVX2): the
+// tile's whole cache rows are read (bf16 widened) once, one after another, then each KV head's group of
+// scores comes out of one transpose-add of partial-dot vectors, the softmax is online (running max and
+// sum per query head), exp is a polynomial in the vector lanes. Elsewhere a portable loop
+// (`chunk_partial`) computes the same partials.
 #include "codes.h"
+
+#include <type_traits>
 
 namespace {
 
@@ -46,56 +49,84 @@ using llm_kernels::LANES;
 using llm_kernels::TILE;
 using llm_kernels::Vec;
 using namespace llm_kernels::vec;
-constexpr int64_t MAX_D = 256;
 
-// The rows of a tile as fp32: fp32 caches are read in place, bf16 ones widened once into `buf`.
-inline const float* tile_row(const float* row, float*, int64_t) { return row; }
-inline const float* tile_row(const at::BFloat16* row, float* buf, int64_t D) {
-  for (int64_t c = 0; c < D; c += LANES) vstore(buf + c, vwiden(row + c));
-  return buf;
+// A tile's keys' and values' whole cache rows (every KV head) as fp32: fp32 caches are read in place, bf16
+// ones widened into `buf` a row after another, so a block streams from memory as one contiguous run. Each
+// head's slice widened where it was used (three strided passes over a block for SmolLM2's three KV heads)
+// was 1.2-1.45x slower per step's attention here, its 10-stream decode step ~5-10%. A short last tile
+// repeats its first row (its weights are 0): fixed trip counts.
+template <typename T>
+void tile_rows(const T* kc, const T* vc, const int64_t* table, int64_t block_size, int64_t row, int64_t t0, int64_t count, float* buf,
+               const float** krows, const float** vrows) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t t = t0 + j, at = (table[t / block_size] * block_size + t % block_size) * row;
+    if constexpr (std::is_same_v<T, float>) {
+      krows[j] = kc + at, vrows[j] = vc + at;
+    } else {
+      float* kb = buf + j * row;
+      float* vb = buf + (TILE + j) * row;
+      for (int64_t c = 0; c < row; c += LANES) vstore(kb + c, vwiden(kc + at + c));
+      for (int64_t c = 0; c < row; c += LANES) vstore(vb + c, vwiden(vc + at + c));
+      krows[j] = kb, vrows[j] = vb;
+    }
+  }
+  for (int64_t j = count; j < TILE; ++j) krows[j] = krows[0], vrows[j] = vrows[0];
 }
 
-// chunk_partial's partials for context [start, stop) of one (sequence, KV head), TILE keys at a time:
-// the group's TILE scores per tile come out of one transpose-add of TILE partial-dot vectors, the softmax
-// is online (running max and sum per query head), exp is a polynomial in the lanes.
-template <typename T>
-void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t kh, int64_t D,
-           int64_t group, int64_t block_size, int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
-  alignas(64) float kbuf[TILE * MAX_D], vbuf[TILE * MAX_D], p[TILE];
-  const float* krow[TILE];
-  const float* vrow[TILE];
+// One tile of TILE keys for one KV head's group of query heads (`krow`, `vrow`: the keys' rows of this
+// head): the group's TILE scores come out of one transpose-add of TILE partial-dot vectors, the softmax is
+// online (running max and sum per query head), exp is a polynomial in the lanes.
+inline void tile(const float* qf, const float* const* krow, const float* const* vrow, int64_t count, int64_t D, int64_t group,
+                 float* mx, float* sum, float* acc) {
+  alignas(64) float p[TILE];
   Vec part[TILE];
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = qf + g * D;
+    for (int64_t j = 0; j < TILE; ++j) part[j] = vzero();
+    for (int64_t c = 0; c < D; c += LANES) {  // the keys' partial dots are independent chains (one per key)
+      const Vec qc = vload(qg + c);
+      for (int64_t j = 0; j < TILE; ++j) part[j] = vfmadd(qc, vload(krow[j] + c), part[j]);  // (lanes past count are masked)
+    }
+    const Vec scores = first(count, reduce(part), -INFINITY);
+    const float top = std::max(mx[g], hmax(scores));
+    const float factor = std::exp(mx[g] - top);  // 0 on the first tile (mx = -inf)
+    const Vec e = first(count, vexp(vsub(scores, vset(top))), 0.f);
+    sum[g] = sum[g] * factor + hsum(e);
+    mx[g] = top;
+    vstore(p, e);
+    float* a = acc + g * D;
+    const Vec f = vset(factor);
+    Vec pj[TILE];  // each key's weight in every lane, once per tile (not once per D / LANES columns)
+    for (int64_t j = 0; j < TILE; ++j) pj[j] = vset(p[j]);  // p[j] = 0 past count
+    for (int64_t c = 0; c < D; c += LANES) {
+      Vec v = vmul(vload(a + c), f);
+      for (int64_t j = 0; j < TILE; ++j) v = vfmadd(pj[j], vload(vrow[j] + c), v);
+      vstore(a + c, v);
+    }
+  }
+}
+
+// chunk_partial's partials for context [start, stop) of one sequence, every KV head, TILE keys at a time.
+template <typename T>
+void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t D, int64_t group, int64_t block_size,
+           int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
+  const int64_t row = KVH * D;
+  thread_local std::vector<float> storage;
+  float* buf = nullptr;
+  if constexpr (!std::is_same_v<T, float>) {  // 64-byte aligned: a vector load across two cache lines costs two
+    storage.resize(2 * TILE * row + 16);
+    buf = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / sizeof(float) % 16) % 16;
+  }
+  const float* krows[TILE];
+  const float* vrows[TILE];
+  const float* k[TILE];
+  const float* v[TILE];
   for (int64_t t0 = start; t0 < stop; t0 += TILE) {
     const int64_t count = std::min(TILE, stop - t0);
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t t = t0 + j, at = ((table[t / block_size] * block_size + t % block_size) * KVH + kh) * D;
-      krow[j] = tile_row(kc + at, kbuf + j * D, D);
-      vrow[j] = tile_row(vc + at, vbuf + j * D, D);
-    }
-    for (int64_t j = count; j < TILE; ++j) krow[j] = krow[0], vrow[j] = vrow[0];  // a short last tile: fixed trip counts
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf + g * D;
-      for (int64_t j = 0; j < TILE; ++j) part[j] = vzero();
-      for (int64_t c = 0; c < D; c += LANES) {  // the keys' partial dots are independent chains (one per key)
-        const Vec qc = vload(qg + c);
-        for (int64_t j = 0; j < TILE; ++j) part[j] = vfmadd(qc, vload(krow[j] + c), part[j]);  // (lanes past count are masked)
-      }
-      const Vec scores = first(count, reduce(part), -INFINITY);
-      const float top = std::max(mx[g], hmax(scores));
-      const float factor = std::exp(mx[g] - top);  // 0 on the first tile (mx = -inf)
-      const Vec e = first(count, vexp(vsub(scores, vset(top))), 0.f);
-      sum[g] = sum[g] * factor + hsum(e);
-      mx[g] = top;
-      vstore(p, e);
-      float* a = acc + g * D;
-      const Vec f = vset(factor);
-      Vec pj[TILE];  // each key's weight in every lane, once per tile (not once per D / LANES columns)
-      for (int64_t j = 0; j < TILE; ++j) pj[j] = vset(p[j]);  // p[j] = 0 past count
-      for (int64_t c = 0; c < D; c += LANES) {
-        Vec v = vmul(vload(a + c), f);
-        for (int64_t j = 0; j < TILE; ++j) v = vfmadd(pj[j], vload(vrow[j] + c), v);
-        vstore(a + c, v);
-      }
+    tile_rows(kc, vc, table, block_size, row, t0, count, buf, krows, vrows);
+    for (int64_t kh = 0; kh < KVH; ++kh) {
+      for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
+      tile(qf + kh * group * D, k, v, count, D, group, mx + kh * group, sum + kh * group, acc + kh * group * D);
     }
   }
 }
@@ -151,11 +182,8 @@ void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tabl
       float* sum = part_sum.data() + w * H;
       float* acc = part_acc.data() + w * H * D;
       const int64_t* table = tables + s * max_blocks;
-      if (D % LANES == 0 && D <= MAX_D) {
-        for (int64_t t0 = start; t0 < stop; t0 += TILE)
-          for (int64_t kh = 0; kh < KVH; ++kh)
-            tiles(qf.data() + kh * group * D, kc, vc, table, KVH, kh, D, group, block_size, t0, std::min(stop, t0 + TILE), mx + kh * group,
-                  sum + kh * group, acc + kh * group * D);
+      if (D % LANES == 0) {
+        tiles(qf.data(), kc, vc, table, KVH, D, group, block_size, start, stop, mx, sum, acc);
       } else {
         for (int64_t kh = 0; kh < KVH; ++kh)
           chunk_partial(qf.data() + kh * group * D, kc, vc, table, KVH, kh, D, group, block_size, start, stop, scores, mx + kh * group,
