@@ -208,28 +208,6 @@ def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dty
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("window", [0, 6])
-def test_a_step_of_short_prompts_attends_in_one_kernel_call_as_the_torch_path_does(window: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deployments.engine.layers import attention
-
-    torch.manual_seed(7)
-    block_size, kv_heads, heads, head_dim = 4, 2, 6, 64
-    k_cache = torch.randn(32 * block_size, kv_heads, head_dim).bfloat16()
-    v_cache = torch.randn(32 * block_size, kv_heads, head_dim).bfloat16()
-    # two decodes, then a fresh prompt and a chunk after a cached prefix (a prefix hit / chunked prefill)
-    positions = [[9], [2], list(range(7)), list(range(8, 13))]
-    tables = [[3, 7, 1], [12], [0, 5], [9, 2, 20, 21]]
-    q = torch.randn(sum(map(len, positions)), heads, head_dim)
-    meta = attention.build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
-    assert meta.token_tables is not None and meta.token_tables.shape[0] == q.shape[0]
-    out = attention.paged_attention(q, None, None, k_cache, v_cache, meta, 0.125, block_size, sliding=bool(window))
-    monkeypatch.setattr(attention, "SHORT_PREFILL_PAIRS", 0)  # long prompts: SDPA per chunk
-    meta = attention.build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
-    assert meta.token_tables is None
-    expected = attention.paged_attention(q, None, None, k_cache, v_cache, meta, 0.125, block_size, sliding=bool(window))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [rows, cols] as int8 with an absmax scale per row (LoRALinear's int8 slots)."""
     scale = w.abs().amax(dim=1) / 127

@@ -5,9 +5,7 @@ step's new keys and values are written into their slots (`slot_mapping`) and eac
 its context back through its block table. Sequences with one new token (decodes) are attended
 together in one batched matmul over their gathered blocks; each prompt chunk is attended alone
 with SDPA, with a causal mask offset by the tokens already cached (chunked prefill, prefix hits).
-On CPU with our kernels, a step whose prompt chunks are short attends every row, decodes and prompt
-tokens alike, in one call of the paged decode kernel (each prompt token as a query over its own
-prefix: `token_tables`). The metadata is built once per step by the runner and shared by every layer.
+The metadata is built once per step by the runner and shared by every layer.
 """
 
 from __future__ import annotations
@@ -51,18 +49,6 @@ class AttentionMetadata:
     sliding_window: int = 0
     """The sliding layers' window (0: none)."""
     prefills: list[PrefillChunk] = field(default_factory=list)
-    token_tables: torch.Tensor | None = None
-    """[rows, max_blocks] every row's block table when the step's prompt chunks are short (see
-    SHORT_PREFILL_PAIRS): decodes and prompt tokens then go through one kernel call."""
-    token_context_lens: torch.Tensor | None = None
-    """[rows] int64: each row's context length (its position + 1), beside `token_tables`."""
-
-
-SHORT_PREFILL_PAIRS = 16384
-"""Prompt chunks go through the paged decode kernel, one query per token, while the step's prompt
-query-key pairs are at most this per chunk; beyond it SDPA per chunk is faster. SmolLM2's shape per
-layer (`/tmp` script, session 18): 10 x 43 tokens 0.70 vs 1.57 ms, 4 x 128 1.35 vs 2.09, 2 x 256 2.56 vs
-2.32, 1 x 1024 30.2 vs 12.7."""
 
 
 def build_metadata(
@@ -82,23 +68,7 @@ def build_metadata(
     for pos, table in zip(positions[len(decodes) :], block_tables[len(decodes) :]):
         meta.prefills.append(_prefill_chunk(start, pos, table, block_size, sliding_window, device))
         start += len(pos)
-    pairs = sum(sum(p + 1 for p in pos) for pos in positions[len(decodes) :])
-    if meta.prefills and pairs <= SHORT_PREFILL_PAIRS * len(meta.prefills) and device.type == "cpu" and kernels.cpu_kernels() is not None:
-        _token_metadata(meta, positions, block_tables, block_size, device)
     return meta
-
-
-def _token_metadata(meta: AttentionMetadata, positions: list[list[int]], tables: list[list[int]], block_size: int, device: torch.device) -> None:
-    """Every row's block table (padded to the widest) and context length: one kernel call per layer."""
-    width = max(pos[-1] // block_size + 1 for pos in positions)
-    rows: list[list[int]] = []
-    lens: list[int] = []
-    for pos, table in zip(positions, tables):
-        row = table[:width] + [0] * (width - len(table[:width]))
-        rows.extend([row] * len(pos))
-        lens.extend(p + 1 for p in pos)
-    meta.token_tables = torch.tensor(rows, dtype=torch.long, device=device)
-    meta.token_context_lens = torch.tensor(lens, dtype=torch.long, device=device)
 
 
 def _decode_metadata(
@@ -150,16 +120,13 @@ def paged_attention(
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     num_heads = q.shape[1]
-    window = meta.sliding_window if sliding else 0
-    if meta.token_tables is not None and q.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:
-        attended: torch.Tensor = kernel.paged_decode_attention(q, k_cache, v_cache, meta.token_tables, meta.token_context_lens, block_size, window, scale)
-        return attended
     n = meta.num_decode_tokens
     if n:
         mask = meta.decode_sliding_mask if sliding and meta.decode_sliding_mask is not None else meta.decode_mask
         assert meta.decode_block_ids is not None and mask is not None and meta.decode_context_lens is not None
         if q.device.type == "cpu" and (kernel := kernels.cpu_kernels()) is not None:  # reads the blocks in place: no gather
             tables = meta.decode_block_ids.view(n, -1)
+            window = meta.sliding_window if sliding else 0
             decoded = kernel.paged_decode_attention(q[:n], k_cache, v_cache, tables, meta.decode_context_lens, block_size, window, scale)
         else:
             decoded = _decode_attention(q[:n], k_cache, v_cache, meta.decode_block_ids, mask, scale, block_size)
