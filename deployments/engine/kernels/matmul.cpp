@@ -20,6 +20,14 @@
 namespace llm_kernels {
 namespace {
 
+// The next 16-row block's bytes for this group, asked for while this block is computed (by its first row
+// tile only). Left to the hardware prefetchers, one core streaming weights from memory ran at ~75% of its
+// speed on the same weights in cache; with this, 10 rows on one core 12.1-13.7 -> 10.2 ms for SmolLM2's 120
+// projections (perf/README.md, session 19). A prefetch past the last block is harmless: prefetches never fault.
+inline void prefetch_lines(const void* p, int lines) {
+  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + l * 64, _MM_HINT_T0);
+}
+
 #ifdef Q4_AVX512
 #ifndef Q4_MAX_ROWS
 #define Q4_MAX_ROWS 6  // rows per weight load; 4..8 measured within 7% (perf/README.md)
@@ -32,14 +40,6 @@ constexpr int MAX_ROWS = Q4_MAX_ROWS;
 inline __m512i dp_bcst(__m512i acc, __m512i w, const int8_t* p) {
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
   return acc;
-}
-
-// The next 16-row block's bytes for this group, asked for while this block is computed (by its first row
-// tile only). Left to the hardware prefetchers, one core streaming weights from memory ran at ~75% of its
-// speed on the same weights in cache; with this, 10 rows on one core 12.1-13.7 -> 10.2 ms for SmolLM2's 120
-// projections (perf/README.md, session 19). A prefetch past the last block is harmless: prefetches never fault.
-inline void prefetch_lines(const void* p, int lines) {
-  for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + l * 64, _MM_HINT_T0);
 }
 
 template <int R>
@@ -167,6 +167,10 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = wb + g * 8 * 64;
     const int64_t at = r0 * K + g * GROUP;
+    if (r0 == 0) {
+      prefetch_lines(wg + (K / 4) * 64, 8);
+      if (GROUPED) prefetch_lines(sb + (G + g) * 16, 1);
+    }
     for (int pass = 0; pass < (ONE_CODE ? 1 : 2); ++pass) {  // pass 1: the second codes, where a row's group has them
       bool any = pass == 0;
       for (int r = 0; r < R && !any; ++r) any = c.two[(r0 + r) * G + g];
@@ -219,6 +223,11 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     }
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
+    if (r0 == 0) {
+      prefetch_lines(wg + (K / 4) * 32, 4);
+      prefetch_lines(db + (G + g) * 16, 1);
+      prefetch_lines(mb + (G + g) * 16, 1);
+    }
     for (int k4 = 0; k4 < 8; ++k4) {
       __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
       __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
