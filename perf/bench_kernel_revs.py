@@ -3,7 +3,8 @@
 Both kernel builds are loaded into one process (the base's sources from `git show REV:...`, built under a
 name of their own; the working tree's as the engine builds them) and take turns as the engine's kernels,
 round by round in alternating order, over the same SmolLM2 engine: each turn runs 1 and then 10 streams of
-128 tokens (`ignore_eos`) and times every engine step after the first two. The host's speed drifts by
+128 tokens (`ignore_eos`) and times every engine step after the first two, and the first step of the 10 streams
+(their ten prompts prefilled together) as the turn's prefill. The host's speed drifts by
 20-40% within minutes, so only these same-process, alternated medians compare the two. A kernel function
 the base build lacks runs as the base's Python ran it (`table_rows`: torch indexing of the packed table).
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels  # noqa: E402
+from deployments.engine.layers import int4  # noqa: E402
 from deployments.engine.layers.vocab import packed_rows  # noqa: E402
 from perf.bench_serving import build_prompts  # noqa: E402
 from perf.common import machine  # noqa: E402
@@ -54,19 +56,22 @@ def build_revision(rev: str, workdir: Path) -> Any:
                               build_directory=str(workdir / "build"), verbose=False)
 
 
-def run_turn(engine: LLMEngine, tag: str, streams: int, output_len: int) -> float:
-    """Median step in ms over `streams` requests of `output_len` tokens (first two steps left out)."""
+def run_turn(engine: LLMEngine, tag: str, streams: int, output_len: int) -> tuple[float, float]:
+    """(median step in ms over `streams` requests of `output_len` tokens, first two steps left out; the first
+    step in ms, which prefills every prompt)."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(build_prompts(streams)):
         engine.add_request(f"{tag}-{i}", engine.encode(prompt), params)
-    for _ in range(2):
-        engine.step()
+    start = time.perf_counter()
+    engine.step()
+    prefill = (time.perf_counter() - start) * 1e3
+    engine.step()
     steps = []
     while engine.has_unfinished():
         start = time.perf_counter()
         engine.step()
         steps.append(time.perf_counter() - start)
-    return statistics.median(steps) * 1e3
+    return statistics.median(steps) * 1e3, prefill
 
 
 def main() -> None:
@@ -87,21 +92,24 @@ def main() -> None:
         base.table_rows = packed_rows  # as the base's Python ran it
     builds = {"base": base, "current": current}
     engine = LLMEngine(EngineConfig(model=args.model, weights="int4"))
-    results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": []} for name in builds}
+    results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": [], "prefill_10": []} for name in builds}
     for rnd in range(args.rounds):
         order = list(builds) if rnd % 2 == 0 else list(reversed(builds))
         for name in order:
-            kernels._built["native"] = builds[name]
+            kernels._built["native"] = int4._ours = builds[name]  # int4.matmul (prefill) caches the module
             for streams in (1, 10):
-                ms = run_turn(engine, f"{name}{rnd}s{streams}", streams, args.output_len)
+                ms, prefill = run_turn(engine, f"{name}{rnd}s{streams}", streams, args.output_len)
                 results[name][str(streams)].append(ms)
-                print(f"round {rnd + 1} {name:7s} {streams:2d} streams: {ms:.2f} ms/step", flush=True)
-    kernels._built["native"] = current
+                if streams == 10:
+                    results[name]["prefill_10"].append(prefill)
+                print(f"round {rnd + 1} {name:7s} {streams:2d} streams: {ms:.2f} ms/step, first step {prefill:.1f} ms", flush=True)
+    kernels._built["native"] = int4._ours = current
     summary = {name: {s: statistics.median(v) for s, v in by.items()} for name, by in results.items()}
-    change = {s: summary["current"][s] / summary["base"][s] - 1 for s in ("1", "10")}
+    change = {s: summary["current"][s] / summary["base"][s] - 1 for s in ("1", "10", "prefill_10")}
     print(f"summary: kernels at {args.base} -> working tree, median ms/step: 1 stream {summary['base']['1']:.2f} -> "
           f"{summary['current']['1']:.2f} ({change['1']:+.1%}), 10 streams {summary['base']['10']:.2f} -> "
-          f"{summary['current']['10']:.2f} ({change['10']:+.1%})")
+          f"{summary['current']['10']:.2f} ({change['10']:+.1%}), prefill of the ten prompts "
+          f"{summary['base']['prefill_10']:.1f} -> {summary['current']['prefill_10']:.1f} ms ({change['prefill_10']:+.1%})")
     out = {"environment": machine(), "base": args.base, "model": args.model, "output_len": args.output_len,
            "rounds": results, "median_ms_per_step": summary}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +125,12 @@ def plot(results: dict[str, dict[str, list[float]]], base: str, env: dict[str, A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, streams in zip(axes, ("1", "10")):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, streams in zip(axes, ("1", "10", "prefill_10")):
         for name, marker in (("base", "o"), ("current", "s")):
             values = results[name][streams]
             ax.plot(range(1, len(values) + 1), values, marker=marker, label=base if name == "base" else "working tree")
-        ax.set_title(f"{streams} stream(s): ms per decode step by round")
+        ax.set_title("ten prompts prefilled: ms" if streams == "prefill_10" else f"{streams} stream(s): ms per decode step")
         ax.set_xlabel("round")
         ax.legend()
     fig.suptitle(f"our kernels, SmolLM2 int4, {env['cpu_model']}, {env['torch_cpu_capability']}")
