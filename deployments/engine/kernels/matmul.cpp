@@ -28,6 +28,21 @@ inline void prefetch_lines(const void* p, int lines) {
   for (int l = 0; l < lines; ++l) _mm_prefetch(static_cast<const char*>(p) + l * 64, _MM_HINT_T0);
 }
 
+// Group g of the next block, int4 layout ([N/16, K/4, 32] codes, d and m [N/16, K/32, 16]): 4 lines of codes,
+// its d and m lanes.
+inline void prefetch_next_q4(const uint8_t* wg, const at::Half* db, const at::Half* mb, int64_t K, int64_t G, int64_t g) {
+  prefetch_lines(wg + (K / 4) * 32, 4);
+  prefetch_lines(db + (G + g) * 16, 1);
+  prefetch_lines(mb + (G + g) * 16, 1);
+}
+
+// Group g of the next block, int8 layout ([N/16, K/4, 64] codes; group-wise scales [N/16, K/32, 16]): 8 lines
+// of codes and, when grouped, its scales.
+inline void prefetch_next_q8(const uint8_t* wg, const float* sb, int64_t K, int64_t G, int64_t g, bool grouped) {
+  prefetch_lines(wg + (K / 4) * 64, 8);
+  if (grouped) prefetch_lines(sb + (G + g) * 16, 1);
+}
+
 #ifdef Q4_AVX512
 #ifndef Q4_MAX_ROWS
 #define Q4_MAX_ROWS 6  // rows per weight load; 4..8 measured within 7% (perf/README.md)
@@ -55,11 +70,7 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) {
-      prefetch_lines(wg + (K / 4) * 32, 4);
-      prefetch_lines(db + (G + g) * 16, 1);
-      prefetch_lines(mb + (G + g) * 16, 1);
-    }
+    if (r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
     for (int k4 = 0; k4 < 8; ++k4) {  // 32 bytes in both halves, shifted per half, masked: 2 operations
       w[k4] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wg + k4 * 32))), nibble), mask);
       for (int r = 0; r < R; ++r) hi[r] = dp_bcst(hi[r], w[k4], c.q1 + at + r * K + k4 * 4);
@@ -106,10 +117,7 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
     for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
     const uint8_t* wg = wb + g * 8 * 64;
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) {
-      prefetch_lines(wg + (K / 4) * 64, 8);
-      if (GROUPED) prefetch_lines(sb + (G + g) * 16, 1);
-    }
+    if (r0 == 0) prefetch_next_q8(wg, sb, K, G, g, GROUPED);
     for (int k4 = 0; k4 < 8; ++k4) {
       __m512i w = _mm512_loadu_si512((const void*)(wg + k4 * 64));
       for (int r = 0; r < R; ++r) hi[r] = dp_bcst(hi[r], w, c.q1 + at + r * K + k4 * 4);
@@ -167,10 +175,7 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = wb + g * 8 * 64;
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) {
-      prefetch_lines(wg + (K / 4) * 64, 8);
-      if (GROUPED) prefetch_lines(sb + (G + g) * 16, 1);
-    }
+    if (r0 == 0) prefetch_next_q8(wg, sb, K, G, g, GROUPED);
     for (int pass = 0; pass < (ONE_CODE ? 1 : 2); ++pass) {  // pass 1: the second codes, where a row's group has them
       bool any = pass == 0;
       for (int r = 0; r < R && !any; ++r) any = c.two[(r0 + r) * G + g];
@@ -223,11 +228,7 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
     }
     const uint8_t* wg = wb + g * 8 * 32;
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) {
-      prefetch_lines(wg + (K / 4) * 32, 4);
-      prefetch_lines(db + (G + g) * 16, 1);
-      prefetch_lines(mb + (G + g) * 16, 1);
-    }
+    if (r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
     for (int k4 = 0; k4 < 8; ++k4) {
       __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
       __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
