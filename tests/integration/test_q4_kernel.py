@@ -269,3 +269,35 @@ def test_int8_kernel_matches_a_float64_reference(isa: str) -> None:
         assert relative_error(module.q8_linear(x, packed, scales), coded(x, module.OUTLIER)[0] @ dequantized.t()) < 1e-6
         first_codes = coded(x, float("inf"))[0]  # one code in every group
         assert relative_error(module.q8_rank(x, packed, row_scales), first_codes @ (codes * row_scales.double()[:, None]).t()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("window", [0, 5, 200])
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_prompt_rows_in_the_kernel_match_sdpa(dtype: torch.dtype, q_dtype: torch.dtype, window: int, isa: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of a decode, a prompt from position 0 and a chunk after a cached prefix (more rows than a work
+    item's eight, shorter than a tile), every row through the kernel, against SDPA per prompt over gathered keys."""
+    from deployments.engine.layers import attention
+
+    module = kernels.load(isa)
+    assert module is not None, kernels._failed.get(isa)
+    torch.manual_seed(7)
+    block_size, num_blocks, kv_heads, heads, head_dim = 4, 32, 2, 6, 64
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    tables = [[3, 7, 1], [12, 20, 4, 6, 30], [0, 5, 9, 2, 11, 13]]
+    positions = [[9], list(range(19)), list(range(13, 24))]
+    q = torch.randn(sum(map(len, positions)), heads, head_dim).to(q_dtype)
+    monkeypatch.setattr(attention, "PROMPTS_IN_KERNEL", False)
+    meta = attention.build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
+    assert meta.row_tables is None
+    expected = attention.paged_attention(q, None, None, k_cache, v_cache, meta, 0.125, block_size, sliding=window > 0)
+    monkeypatch.setattr(attention, "PROMPTS_IN_KERNEL", True)
+    meta = attention.build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
+    assert meta.row_tables is not None and meta.row_context_lens is not None
+    assert meta.row_context_lens.tolist() == [p + 1 for pos in positions for p in pos]
+    out = module.paged_decode_attention(q, k_cache, v_cache, meta.row_tables, meta.row_context_lens, block_size, window, 0.125)
+    tolerance = 1e-5 if q_dtype == torch.float32 else 2e-2
+    assert out.dtype == q_dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)

@@ -46,6 +46,7 @@ void chunk_partial(const float* qf, const T* kc, const T* vc, const int64_t* tab
 }
 
 using llm_kernels::LANES;
+constexpr int64_t PROMPT_ROWS = 8;  // a prompt's rows per work item (each key tile read once for them)
 using llm_kernels::TILE;
 using llm_kernels::Vec;
 using namespace llm_kernels::vec;
@@ -74,9 +75,10 @@ void tile_rows(const T* kc, const T* vc, const int64_t* table, int64_t block_siz
 }
 
 // One tile of TILE keys for one KV head's group of query heads (`krow`, `vrow`: the keys' rows of this
-// head): the group's TILE scores come out of one transpose-add of TILE partial-dot vectors, the softmax is
-// online (running max and sum per query head), exp is a polynomial in the lanes.
-inline void tile(const float* qf, const float* const* krow, const float* const* vrow, int64_t count, int64_t D, int64_t group,
+// head; keys [skip, count) of the tile attended): the group's TILE scores come out of one transpose-add of
+// TILE partial-dot vectors, the softmax is online (running max and sum per query head), exp is a
+// polynomial in the lanes.
+inline void tile(const float* qf, const float* const* krow, const float* const* vrow, int64_t skip, int64_t count, int64_t D, int64_t group,
                  float* mx, float* sum, float* acc) {
   alignas(64) float p[TILE];
   Vec part[TILE];
@@ -87,10 +89,10 @@ inline void tile(const float* qf, const float* const* krow, const float* const* 
       const Vec qc = vload(qg + c);
       for (int64_t j = 0; j < TILE; ++j) part[j] = vfmadd(qc, vload(krow[j] + c), part[j]);  // (lanes past count are masked)
     }
-    const Vec scores = first(count, reduce(part), -INFINITY);
+    const Vec scores = between(skip, count, reduce(part), -INFINITY);
     const float top = std::max(mx[g], hmax(scores));
     const float factor = std::exp(mx[g] - top);  // 0 on the first tile (mx = -inf)
-    const Vec e = first(count, vexp(vsub(scores, vset(top))), 0.f);
+    const Vec e = between(skip, count, vexp(vsub(scores, vset(top))), 0.f);
     sum[g] = sum[g] * factor + hsum(e);
     mx[g] = top;
     vstore(p, e);
@@ -106,17 +108,21 @@ inline void tile(const float* qf, const float* const* krow, const float* const* 
   }
 }
 
+// A tile's buffer for bf16 caches' widened rows (64-byte aligned: a vector load across two cache lines costs two).
+template <typename T>
+float* tile_buffer(int64_t row) {
+  thread_local std::vector<float> storage;
+  if constexpr (std::is_same_v<T, float>) return nullptr;
+  storage.resize(2 * TILE * row + 16);
+  return storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / sizeof(float) % 16) % 16;
+}
+
 // chunk_partial's partials for context [start, stop) of one sequence, every KV head, TILE keys at a time.
 template <typename T>
 void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int64_t KVH, int64_t D, int64_t group, int64_t block_size,
            int64_t start, int64_t stop, float* mx, float* sum, float* acc) {
   const int64_t row = KVH * D;
-  thread_local std::vector<float> storage;
-  float* buf = nullptr;
-  if constexpr (!std::is_same_v<T, float>) {  // 64-byte aligned: a vector load across two cache lines costs two
-    storage.resize(2 * TILE * row + 16);
-    buf = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / sizeof(float) % 16) % 16;
-  }
+  float* buf = tile_buffer<T>(row);
   const float* krows[TILE];
   const float* vrows[TILE];
   const float* k[TILE];
@@ -126,7 +132,7 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
     tile_rows(kc, vc, table, block_size, row, t0, count, buf, krows, vrows);
     for (int64_t kh = 0; kh < KVH; ++kh) {
       for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
-      tile(qf + kh * group * D, k, v, count, D, group, mx + kh * group, sum + kh * group, acc + kh * group * D);
+      tile(qf + kh * group * D, k, v, 0, count, D, group, mx + kh * group, sum + kh * group, acc + kh * group * D);
     }
   }
 }
@@ -154,11 +160,62 @@ void finish_heads(const float* sum, const float* acc, int64_t heads, int64_t D, 
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] / sum[g]);
 }
 
+// Consecutive positions of one sequence (`rows` of a prompt chunk, context lengths ctx[0] + i, causal): each
+// tile of keys is read (bf16 widened) once for all of them, then every row's heads run `tile` over the keys
+// of it they attend. Tiles start where the first row's context does, so a row whose context starts there
+// (every row, without a window) gets the same partials, in the same order, as a decode at its position.
+template <typename TQ, typename T>
+void prompt_rows(const TQ* q, const T* kc, const T* vc, const int64_t* table, const int64_t* ctx, int64_t rows, int64_t H, int64_t KVH,
+                 int64_t D, int64_t block_size, int64_t window, float scale, TQ* out) {
+  const int64_t group = H / KVH, row = KVH * D;
+  thread_local std::vector<float> qf, mx, sum, acc;
+  qf.resize(rows * H * D);
+  for (int64_t i = 0; i < rows * H * D; ++i) qf[i] = load_f(q, i) * scale;
+  mx.assign(rows * H, -INFINITY), sum.assign(rows * H, 0.f), acc.assign(rows * H * D, 0.f);
+  float* buf = tile_buffer<T>(row);
+  const float* krows[TILE];
+  const float* vrows[TILE];
+  const float* k[TILE];
+  const float* v[TILE];
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx[0] - window) : 0, hi = ctx[rows - 1];
+  for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+    tile_rows(kc, vc, table, block_size, row, t0, std::min(TILE, hi - t0), buf, krows, vrows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx[r] - window) : 0;
+      const int64_t skip = std::max<int64_t>(0, first - t0), count = std::min(TILE, ctx[r] - t0);
+      if (count <= skip) continue;
+      for (int64_t kh = 0; kh < KVH; ++kh) {
+        for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
+        const int64_t at = r * H + kh * group;
+        tile(qf.data() + at * D, k, v, skip, count, D, group, mx.data() + at, sum.data() + at, acc.data() + at * D);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) finish_heads(sum.data() + r * H, acc.data() + r * H * D, H, D, out + r * H * D);
+}
+
 template <typename TQ, typename T>
 void decode_attention(const TQ* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, TQ* out,
                       int64_t n, int64_t H, int64_t KVH, int64_t D, int64_t max_blocks, int64_t block_size,
                       int64_t window, float scale) {
   const int64_t group = H / KVH;
+  if (D % LANES == 0) {  // runs of a prompt chunk's rows (the same table, consecutive positions) go together
+    std::vector<int64_t> runs{0};
+    for (int64_t s = 1; s <= n; ++s)
+      if (s == n || s - runs.back() == PROMPT_ROWS || ctx[s] != ctx[s - 1] + 1 ||
+          !std::equal(tables + s * max_blocks, tables + (s + 1) * max_blocks, tables + (s - 1) * max_blocks))
+        runs.push_back(s);
+    if (static_cast<int64_t>(runs.size()) <= n) {  // some run of several rows: one work item per run
+      llm_kernels::dynamic_for(0, static_cast<int64_t>(runs.size()) - 1, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t s = runs[w];
+          prompt_rows(q + s * H * D, kc, vc, tables + s * max_blocks, ctx + s, runs[w + 1] - s, H, KVH, D, block_size, window, scale,
+                      out + s * H * D);
+        }
+      });
+      return;
+    }
+  }
   // Few sequences with long contexts: split each context into chunks (flash-decoding's split-K) so
   // every thread has work, then merge the chunks' softmax partials. Work items: (sequence, chunk), every
   // KV head inside, a tile at a time across the heads: each key's whole cache row is read at once.

@@ -120,6 +120,10 @@ inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
 inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 // lanes [0, count) of v, the rest `fill`
 inline Vec first(int64_t count, Vec v, float fill) { return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << count) - 1), vset(fill), v); }
+// lanes [skip, count) of v, the rest `fill`
+inline Vec between(int64_t skip, int64_t count, Vec v, float fill) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(((1u << count) - 1) & ~((1u << skip) - 1)), vset(fill), v);
+}
 
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
@@ -164,6 +168,12 @@ inline float hsum(Vec v) {
 inline Vec first(int64_t count, Vec v, float fill) {
   const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
   return _mm256_blendv_ps(vset(fill), v, keep);
+}
+inline Vec between(int64_t skip, int64_t count, Vec v, float fill) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i keep = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(skip)), lane),
+                                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane));
+  return _mm256_blendv_ps(vset(fill), v, _mm256_castsi256_ps(keep));
 }
 
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }

@@ -161,10 +161,12 @@ class CausalLM(torch.nn.Module):
         """The layers with their glue fused, for every family: x (the residual stream) is updated in
         place, and each residual add is one call with the norms around it (a family's `_norms`: the
         attention output's, the MLP input's, the MLP output's), the next layer's input norm included.
-        A decode-only step whose projections are all our kernels' runs every layer in one kernel call
-        (`decode_layers`, the same sequence of kernels looped in C++)."""
-        if not meta.prefills and (plan := self._decode_plan(meta.sliding_window)) is not None:
-            self._decode_layers(x, positions, meta, glue, plan)
+        A step whose projections are all our kernels' and whose rows our attention kernel takes (decodes,
+        and prompt rows where `rows_in_kernel`) runs every layer in one kernel call (`decode_layers`, the
+        same sequence of kernels looped in C++)."""
+        rows = self._row_tables(meta)
+        if rows is not None and (plan := self._decode_plan(meta.sliding_window)) is not None:
+            self._decode_layers(x, positions, meta, glue, plan, *rows)
             return x
         layers, eps = self.layers, self.config.rms_norm_eps
         h = glue.residual_norm(x, None, None, layers[0].input_layernorm.weight, eps)
@@ -176,14 +178,24 @@ class CausalLM(torch.nn.Module):
             h = glue.residual_norm(x, layer.mlp.fused_forward(h, glue), mlp_out, following, eps)
         return x
 
-    def _decode_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any, plan: DecodePlan) -> None:
+    @staticmethod
+    def _row_tables(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row's block table and context length, where the attention kernel takes every row of the step."""
+        if not meta.prefills:
+            assert meta.decode_block_ids is not None and meta.decode_context_lens is not None
+            return meta.decode_block_ids.view(meta.num_decode_tokens, -1), meta.decode_context_lens
+        if meta.row_tables is not None and meta.row_context_lens is not None:
+            return meta.row_tables, meta.row_context_lens
+        return None
+
+    def _decode_layers(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, glue: Any, plan: DecodePlan,
+                       tables: torch.Tensor, context_lens: torch.Tensor) -> None:
         first = self.layers[0].self_attn
-        assert meta.decode_block_ids is not None
         owner = plan.lora_owner
         batch = owner.batch if owner is not None else None  # this step's adapter per token
         rank, slots = (owner.max_rank, owner.num_slots) if owner is not None else (0, 0)
         glue.decode_layers(x, plan.weights, plan.caches, plan.windows, positions, meta.slot_mapping,
-                           meta.decode_block_ids.view(x.shape[0], -1), meta.decode_context_lens, first.num_heads, first.num_kv_heads,
+                           tables, context_lens, first.num_heads, first.num_kv_heads,
                            first.block_size, first.scale, self.config.rms_norm_eps, self.layers[0].mlp.fused_act, plan.lora,
                            None if batch is None else batch.slots, plan.lora_parts, rank, slots)
 
