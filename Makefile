@@ -84,6 +84,7 @@ bench: $(VENV)/.perf-installed
 	$(PY) perf/bench_reload.py
 	$(PY) perf/bench_lora_kernel.py
 	$(PY) perf/bench_codes.py
+	$(PY) perf/bench_prefill.py
 	# Peers side by side (llama.cpp, OpenVINO GenAI in perf/.venv-openvino, made on first use), both models.
 	$(PY) perf/bench_peer.py
 
