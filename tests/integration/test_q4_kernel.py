@@ -301,3 +301,13 @@ def test_prompt_rows_in_the_kernel_match_sdpa(dtype: torch.dtype, q_dtype: torch
     tolerance = 1e-5 if q_dtype == torch.float32 else 2e-2
     assert out.dtype == q_dtype
     torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_long_prompt_contexts_go_through_sdpa() -> None:
+    from deployments.engine.layers import attention
+
+    cut = attention.PROMPT_KERNEL_MAX_CONTEXT
+    tables = [list(range(cut // 4 + 8))]
+    short = attention.build_metadata([list(range(cut - 8, cut))], tables, 4, None, torch.device("cpu"))
+    long = attention.build_metadata([list(range(cut - 7, cut + 1))], tables, 4, None, torch.device("cpu"))
+    assert short.row_tables is not None and long.row_tables is None and len(long.prefills) == 1

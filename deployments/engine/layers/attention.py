@@ -22,6 +22,10 @@ from deployments.engine import kernels
 PROMPTS_IN_KERNEL = True
 """On CPU, prompt rows go through our attention kernel with the decodes (`rows_in_kernel`); False: SDPA per
 prompt (perf/bench_prefill.py alternates the two)."""
+PROMPT_KERNEL_MAX_CONTEXT = 768
+"""A step with a prompt chunk whose context (position + 1) is longer goes through SDPA per prompt: its blocked matmuls
+beat the kernel's one query at a time there (one layer's 512 rows, SmolLM2's heads: contexts 1-512 0.80x
+SDPA's time, 513-1024 1.09x, 1537-2048 1.24x; 48 rows 0.37x)."""
 
 
 @dataclass
@@ -78,7 +82,7 @@ def build_metadata(
     for pos, table in zip(positions[len(decodes) :], block_tables[len(decodes) :]):
         meta.prefills.append(_prefill_chunk(start, pos, table, block_size, sliding_window, device))
         start += len(pos)
-    if meta.prefills and rows_in_kernel(device):
+    if meta.prefills and rows_in_kernel(device) and max(pos[-1] for pos in positions) < PROMPT_KERNEL_MAX_CONTEXT:
         _row_metadata(meta, positions, block_tables, block_size, device)
     return meta
 
@@ -86,9 +90,9 @@ def build_metadata(
 def rows_in_kernel(device: torch.device) -> bool:
     """Whether our CPU kernel attends a step's prompt rows with its decodes: each row over its context
     read in place from the blocks, a prompt's rows eight at a time (each tile of keys read once for them),
-    one call per layer for the whole step, and a mixed step's layers in one `decode_layers` call. Against
-    SDPA per prompt over gathered keys, alternated in one process (perf/bench_prefill.py): the prefill of
-    a ~50-token prompt 15% faster, 512 tokens 11%, 2048 3%."""
+    one call per layer for the whole step, and a mixed step's layers in one `decode_layers` call (where no
+    prompt's context passes PROMPT_KERNEL_MAX_CONTEXT). Against SDPA per prompt over gathered keys,
+    alternated in one process (perf/bench_prefill.py): the prefill of a ~50-token prompt 12-15% faster."""
     return device.type == "cpu" and PROMPTS_IN_KERNEL and kernels.cpu_kernels() is not None
 
 
