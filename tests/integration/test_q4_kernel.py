@@ -6,6 +6,8 @@ back; the int8 matmul and vocabulary ranking (both instruction paths) and the ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -175,6 +177,21 @@ def test_group_int8_layer_matches_its_dequantized_weight(out_features: int) -> N
         assert relative_error(layer(x), coded(x, native.OUTLIER)[0] @ dequantized.double().t()) < 1e-5
 
 
+KV_HEADS, HEAD_DIM = 2, 64  # the attention tests' caches
+
+
+def random_caches(slots: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(slots, KV_HEADS, HEAD_DIM).to(dtype), torch.randn(slots, KV_HEADS, HEAD_DIM).to(dtype)
+
+
+def kernel_and_caches(isa: str, seed: int, slots: int, dtype: torch.dtype) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The kernels built for `isa` and random k and v caches of `slots` token slots (after seeding torch)."""
+    module = kernels.load(isa)
+    assert module is not None, kernels._failed.get(isa)
+    torch.manual_seed(seed)
+    return module, *random_caches(slots, dtype)
+
+
 @pytest.mark.parametrize("dtype,q_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [0, 5, 200])
 @pytest.mark.parametrize("split", [False, True])
@@ -182,22 +199,17 @@ def test_group_int8_layer_matches_its_dequantized_weight(out_features: int) -> N
 def test_paged_decode_attention_matches_the_torch_path(dtype: torch.dtype, q_dtype: torch.dtype, window: int, split: bool, isa: str) -> None:
     from deployments.engine.layers.attention import _decode_attention, build_metadata
 
-    module = kernels.load(isa)
-    assert module is not None, kernels._failed.get(isa)
-    torch.manual_seed(5)
-    block_size, num_blocks, kv_heads, heads, head_dim = 4, 16, 2, 6, 64
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    block_size, heads = 4, 6
+    module, k_cache, v_cache = kernel_and_caches(isa, 5, 16 * block_size, dtype)
     tables = [[3, 7, 1], [12], [0, 5, 9, 2]]  # scattered blocks, ragged lengths
     positions = [[9], [2], [15]]
     if split:  # one sequence, a long context: split into chunks whose softmax partials are merged
-        block_size, num_blocks = 16, 64
-        k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
-        v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+        block_size = 16
+        k_cache, v_cache = random_caches(64 * block_size, dtype)
         tables, positions = [list(range(63, 0, -2))], [[499]]
     meta = build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
     n = len(tables)
-    q = torch.randn(n, heads, head_dim).to(q_dtype)  # fp32 queries over a bf16 cache: our int4/bf16 formats
+    q = torch.randn(n, heads, HEAD_DIM).to(q_dtype)  # fp32 queries over a bf16 cache: our int4/bf16 formats
     mask = meta.decode_sliding_mask if meta.decode_sliding_mask is not None else meta.decode_mask
     assert meta.decode_block_ids is not None and mask is not None
     expected = _decode_attention(q, k_cache, v_cache, meta.decode_block_ids, mask, 0.125, block_size)
@@ -280,15 +292,11 @@ def test_prompt_rows_in_the_kernel_match_sdpa(dtype: torch.dtype, q_dtype: torch
     item's eight, shorter than a tile), every row through the kernel, against SDPA per prompt over gathered keys."""
     from deployments.engine.layers import attention
 
-    module = kernels.load(isa)
-    assert module is not None, kernels._failed.get(isa)
-    torch.manual_seed(7)
-    block_size, num_blocks, kv_heads, heads, head_dim = 4, 32, 2, 6, 64
-    k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
-    v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim).to(dtype)
+    block_size, heads = 4, 6
+    module, k_cache, v_cache = kernel_and_caches(isa, 7, 32 * block_size, dtype)
     tables = [[3, 7, 1], [12, 20, 4, 6, 30], [0, 5, 9, 2, 11, 13]]
     positions = [[9], list(range(19)), list(range(13, 24))]
-    q = torch.randn(sum(map(len, positions)), heads, head_dim).to(q_dtype)
+    q = torch.randn(sum(map(len, positions)), heads, HEAD_DIM).to(q_dtype)
     monkeypatch.setattr(attention, "PROMPTS_IN_KERNEL", False)
     meta = attention.build_metadata(positions, tables, block_size, window or None, torch.device("cpu"))
     assert meta.row_tables is None
