@@ -108,6 +108,18 @@ inline void tile(const float* qf, const float* const* krow, const float* const* 
   }
 }
 
+// `tile` for every KV head of one query row (qf, mx, sum, acc at the row's first head; `krows`, `vrows`: the
+// tile's whole cache rows).
+inline void tile_heads(const float* qf, const float* const* krows, const float* const* vrows, int64_t skip, int64_t count, int64_t KVH,
+                       int64_t D, int64_t group, float* mx, float* sum, float* acc) {
+  const float* k[TILE];
+  const float* v[TILE];
+  for (int64_t kh = 0; kh < KVH; ++kh) {
+    for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
+    tile(qf + kh * group * D, k, v, skip, count, D, group, mx + kh * group, sum + kh * group, acc + kh * group * D);
+  }
+}
+
 // A tile's buffer for bf16 caches' widened rows (64-byte aligned: a vector load across two cache lines costs two).
 template <typename T>
 float* tile_buffer(int64_t row) {
@@ -125,15 +137,10 @@ void tiles(const float* qf, const T* kc, const T* vc, const int64_t* table, int6
   float* buf = tile_buffer<T>(row);
   const float* krows[TILE];
   const float* vrows[TILE];
-  const float* k[TILE];
-  const float* v[TILE];
   for (int64_t t0 = start; t0 < stop; t0 += TILE) {
     const int64_t count = std::min(TILE, stop - t0);
     tile_rows(kc, vc, table, block_size, row, t0, count, buf, krows, vrows);
-    for (int64_t kh = 0; kh < KVH; ++kh) {
-      for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
-      tile(qf + kh * group * D, k, v, 0, count, D, group, mx + kh * group, sum + kh * group, acc + kh * group * D);
-    }
+    tile_heads(qf, krows, vrows, 0, count, KVH, D, group, mx, sum, acc);
   }
 }
 
@@ -175,20 +182,14 @@ void prompt_rows(const TQ* q, const T* kc, const T* vc, const int64_t* table, co
   float* buf = tile_buffer<T>(row);
   const float* krows[TILE];
   const float* vrows[TILE];
-  const float* k[TILE];
-  const float* v[TILE];
   const int64_t lo = window > 0 ? std::max<int64_t>(0, ctx[0] - window) : 0, hi = ctx[rows - 1];
   for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
     tile_rows(kc, vc, table, block_size, row, t0, std::min(TILE, hi - t0), buf, krows, vrows);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx[r] - window) : 0;
       const int64_t skip = std::max<int64_t>(0, first - t0), count = std::min(TILE, ctx[r] - t0);
-      if (count <= skip) continue;
-      for (int64_t kh = 0; kh < KVH; ++kh) {
-        for (int64_t j = 0; j < TILE; ++j) k[j] = krows[j] + kh * D, v[j] = vrows[j] + kh * D;
-        const int64_t at = r * H + kh * group;
-        tile(qf.data() + at * D, k, v, skip, count, D, group, mx.data() + at, sum.data() + at, acc.data() + at * D);
-      }
+      if (count > skip)
+        tile_heads(qf.data() + r * H * D, krows, vrows, skip, count, KVH, D, group, mx.data() + r * H, sum.data() + r * H, acc.data() + r * H * D);
     }
   }
   for (int64_t r = 0; r < rows; ++r) finish_heads(sum.data() + r * H, acc.data() + r * H * D, H, D, out + r * H * D);

@@ -82,36 +82,40 @@ def build_metadata(
     for pos, table in zip(positions[len(decodes) :], block_tables[len(decodes) :]):
         meta.prefills.append(_prefill_chunk(start, pos, table, block_size, sliding_window, device))
         start += len(pos)
-    if meta.prefills and rows_in_kernel(device) and max(pos[-1] for pos in positions) < PROMPT_KERNEL_MAX_CONTEXT:
+    if meta.prefills and rows_in_kernel(positions, device):
         _row_metadata(meta, positions, block_tables, block_size, device)
     return meta
 
 
-def rows_in_kernel(device: torch.device) -> bool:
+def rows_in_kernel(positions: list[list[int]], device: torch.device) -> bool:
     """Whether our CPU kernel attends a step's prompt rows with its decodes: each row over its context
     read in place from the blocks, a prompt's rows eight at a time (each tile of keys read once for them),
-    one call per layer for the whole step, and a mixed step's layers in one `decode_layers` call (where no
-    prompt's context passes PROMPT_KERNEL_MAX_CONTEXT). Against SDPA per prompt over gathered keys,
+    one call per layer for the whole step, and a mixed step's layers in one `decode_layers` call; where no
+    prompt's context passes PROMPT_KERNEL_MAX_CONTEXT. Against SDPA per prompt over gathered keys,
     alternated in one process (perf/bench_prefill.py): the prefill of a ~50-token prompt 12-15% faster."""
-    return device.type == "cpu" and PROMPTS_IN_KERNEL and kernels.cpu_kernels() is not None
+    return (device.type == "cpu" and PROMPTS_IN_KERNEL and max(pos[-1] for pos in positions) < PROMPT_KERNEL_MAX_CONTEXT
+            and kernels.cpu_kernels() is not None)
+
+
+def _padded_tables(last: list[int], tables: list[list[int]], block_size: int, device: torch.device) -> torch.Tensor:
+    """[len(tables), max_blocks] int64: each table cut or zero-padded to the blocks the furthest position needs."""
+    max_blocks = max(p // block_size + 1 for p in last)
+    return torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables], dtype=torch.long, device=device)
 
 
 def _row_metadata(meta: AttentionMetadata, positions: list[list[int]], tables: list[list[int]], block_size: int, device: torch.device) -> None:
-    max_blocks = max(pos[-1] // block_size + 1 for pos in positions)
-    padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
     counts = torch.tensor([len(pos) for pos in positions], device=device)
-    meta.row_tables = torch.tensor(padded, dtype=torch.long, device=device).repeat_interleave(counts, dim=0)
+    meta.row_tables = _padded_tables([pos[-1] for pos in positions], tables, block_size, device).repeat_interleave(counts, dim=0)
     meta.row_context_lens = torch.tensor([p + 1 for pos in positions for p in pos], dtype=torch.long, device=device)
 
 
 def _decode_metadata(
     meta: AttentionMetadata, last: list[int], tables: list[list[int]], block_size: int, window: int | None, device: torch.device
 ) -> None:
-    max_blocks = max(p // block_size + 1 for p in last)
-    padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
     meta.num_decode_tokens = len(last)
-    meta.decode_block_ids = torch.tensor(padded, dtype=torch.long, device=device).view(-1)
-    cols = torch.arange(max_blocks * block_size, device=device)
+    padded = _padded_tables(last, tables, block_size, device)
+    meta.decode_block_ids = padded.view(-1)
+    cols = torch.arange(padded.shape[1] * block_size, device=device)
     lens = torch.tensor(last, device=device) + 1
     meta.decode_context_lens = lens
     pos = (lens - 1).unsqueeze(1)
