@@ -39,7 +39,8 @@ import psutil  # noqa: E402
 from perf import bench_serving  # noqa: E402
 from perf.bench_serving import Record, run_client  # noqa: E402
 from perf.common import MODELS, machine  # noqa: E402
-from perf.peer_measure import Plan, Skipped, cpu_seconds, log, measure, measure_http, other_cores, point, port_for  # noqa: E402
+from perf.peer_measure import (Plan, Skipped, cpu_seconds, host_yardstick, log, measure, measure_http, other_cores,  # noqa: E402
+                               point, port_for)
 from perf.peer_report import median_ratios, median_round, print_report, ratios, write_plot  # noqa: E402
 
 LABELS = {"llama": "llama.cpp llama-server, HTTP/SSE", "openvino": "OpenVINO GenAI, in process (no HTTP)",
@@ -211,7 +212,8 @@ def run_system(args: argparse.Namespace, model: str, system: str) -> dict[str, A
 
     plan = {1: prompts(1, args.requests_1), args.concurrency: prompts(args.concurrency, args.requests_10)}
     result: dict[str, Any] = {"label": LABELS[system], "background_cores_before": background_cores(args.wait_idle_s)}
-    log(f"{model} / {system}: start (other processes busy on {result['background_cores_before']:.2f} cores)")
+    result["host_before"] = host_yardstick()
+    log(f"{model} / {system}: start (other processes busy on {result['background_cores_before']:.2f} cores; host {result['host_before']})")
     t0 = time.perf_counter()
     try:
         result.update(RUNNERS[system](args, model, plan))
@@ -220,6 +222,7 @@ def run_system(args: argparse.Namespace, model: str, system: str) -> dict[str, A
     except Exception as exc:  # noqa: BLE001 - one system's failure must not lose the others' figures
         result["error"] = f"{type(exc).__name__}: {exc}"
     result["wall_s"] = time.perf_counter() - t0
+    result["host_after"] = host_yardstick()
     if busy := {c: round(p["other_processes_cores"], 2) for c, p in result.get("points", {}).items()
                 if p["other_processes_cores"] > 0.2}:
         log(f"WARNING: other processes took CPU during {system} (cores, by concurrency: {busy}): figures are low")

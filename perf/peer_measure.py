@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -70,6 +71,38 @@ async def measure(send: Send, plan: Plan, output_len: int) -> dict[str, Any]:
         points[str(c)] = point(await closed_loop(send, prompts, c, output_len), output_len)
         points[str(c)]["other_processes_cores"] = other_cores(before, time.perf_counter() - t0)
     return points
+
+
+def host_yardstick(seconds: float = 0.25) -> dict[str, float]:
+    """How fast the host computes and copies right now, on every core: fp32 GFLOP/s of 256x256 torch matmuls and
+    GB/s (read + write) of a 64 MiB copy. This host's speed drifts by 20-40% over minutes, both ways, without
+    steal time (perf/README.md, session 21); taken before and after each system's turn, it says which rounds
+    compared systems that ran on a faster or slower host.
+
+    It runs on a thread of its own that ends with it: torch work on this process's main thread would leave an
+    OpenMP pool there, and our in-process engine's pool beside it makes libgomp stop spinning between parallel
+    regions (SmolLM2 at 1 stream ran at 110-120 tok/s instead of 180-200 after one 64 MiB copy on the main
+    thread; perf/README.md, session 21)."""
+    import torch
+
+    figures: dict[str, float] = {}
+
+    def run() -> None:
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        src, dst = torch.randn(16 << 20), torch.empty(16 << 20)
+        torch.mm(a, b), dst.copy_(src)
+        for name, work, per_call in (("matmul_gflops", lambda: torch.mm(a, b), 2 * 256**3),
+                                     ("copy_gbps", lambda: dst.copy_(src), 2 * src.numel() * 4)):
+            calls, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < seconds:
+                work()
+                calls += 1
+            figures[name] = round(per_call * calls / elapsed / 1e9, 1)
+
+    thread = threading.Thread(target=run, name="host-yardstick")
+    thread.start()
+    thread.join()
+    return figures
 
 
 def cpu_seconds() -> tuple[float, float]:

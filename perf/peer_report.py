@@ -11,12 +11,22 @@ SYSTEMS = ("llama", "openvino", "ours-inproc", "ours-http")
 """Every system bench_peer runs, in its order (fixes each one's plot colour)."""
 
 
+def host_speed(run: dict[str, Any]) -> float | None:
+    """The host's matmul yardstick around one system's turn (mean of before and after; peer_measure.host_yardstick)."""
+    figures = [run[k]["matmul_gflops"] for k in ("host_before", "host_after") if k in run]
+    return sum(figures) / len(figures) if figures else None
+
+
 def ratios(runs: dict[str, dict[str, Any]], conc: str) -> dict[str, Any]:
-    """Output tok/s of each system over the best peer's, and ours over HTTP over ours in process."""
+    """Output tok/s of each system over the best peer's, and ours over HTTP over ours in process; and the host's
+    yardstick during each system's turn over its value during the best peer's (1.0: the same host speed)."""
     tps = {s: r["points"][conc]["output_throughput"] for s, r in runs.items() if conc in r.get("points", {})}
     best = max((s for s in tps if s in PEERS), key=lambda s: tps[s], default=None)
     out: dict[str, Any] = {"best_peer": best, "over_best_peer": {s: v / tps[best] for s, v in tps.items()} if best
                            else {}}
+    speeds = {s: host_speed(runs[s]) for s in tps}
+    if best and speeds[best] and all(speeds.values()):
+        out["host_over_best_peer"] = {s: v / speeds[best] for s, v in speeds.items()}  # type: ignore[operator]
     if "ours-inproc" in tps and "ours-http" in tps:
         out["http_over_inproc"] = tps["ours-http"] / tps["ours-inproc"]
     return out
@@ -41,6 +51,9 @@ def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"best_peer": statistics.mode([r["best_peer"] for r in per_round]), "over_best_peer": {}}
     for system in {s for r in per_round for s in r["over_best_peer"]}:
         out["over_best_peer"][system] = statistics.median(r["over_best_peer"][system] for r in per_round if system in r["over_best_peer"])
+    if all("host_over_best_peer" in r for r in per_round):
+        out["host_over_best_peer"] = {system: statistics.median(r["host_over_best_peer"][system] for r in per_round)
+                                      for system in per_round[0]["host_over_best_peer"]}
     if all("http_over_inproc" in r for r in per_round):
         out["http_over_inproc"] = statistics.median(r["http_over_inproc"] for r in per_round)
     if len(per_round) > 1:
@@ -70,7 +83,9 @@ def print_report(results: dict[str, Any], rat: dict[str, Any]) -> None:
                             if c in run.get("points", {}))
             ours = ", ".join(f"{s}/{r['best_peer']} {v:.2f}" for s, v in r["over_best_peer"].items() if s not in PEERS)
             http = f", ours-http/ours-inproc {r['http_over_inproc']:.2f}" if "http_over_inproc" in r else ""
-            parts.append(f"c={c}: {tps} tok/s ({ours}{http})")
+            host = ", host yardstick over the best peer's turn " + ", ".join(
+                f"{s} {v:.2f}" for s, v in r["host_over_best_peer"].items() if s not in PEERS) if "host_over_best_peer" in r else ""
+            parts.append(f"c={c}: {tps} tok/s ({ours}{http}{host})")
         print(f"summary {model}: " + "; ".join(parts))
 
 
