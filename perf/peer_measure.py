@@ -91,8 +91,10 @@ def host_yardstick(seconds: float = 0.25) -> dict[str, float]:
         a, b = torch.randn(256, 256), torch.randn(256, 256)
         src, dst = torch.randn(16 << 20), torch.empty(16 << 20)
         torch.mm(a, b), dst.copy_(src)
-        for name, work, per_call in (("matmul_gflops", lambda: torch.mm(a, b), 2 * 256**3),
-                                     ("copy_gbps", lambda: dst.copy_(src), 2 * src.numel() * 4)):
+        tests = [("matmul_gflops", lambda: torch.mm(a, b), 2 * 256**3), ("copy_gbps", lambda: dst.copy_(src), 2 * src.numel() * 4)]
+        if (ours := _int4_yardstick()) is not None:
+            tests.append(("int4_gmacs", *ours))
+        for name, work, per_call in tests:
             calls, t0 = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - t0) < seconds:
                 work()
@@ -103,6 +105,20 @@ def host_yardstick(seconds: float = 0.25) -> dict[str, float]:
     thread.start()
     thread.join()
     return figures
+
+
+def _int4_yardstick() -> tuple[Callable[[], Any], int] | None:
+    """Our int4 kernel on 10 rows of SmolLM2's gate_up shape (N 3072, K 576), random weights in L2: the compute a
+    10-stream decode step is made of; None where our kernels are not built."""
+    import torch
+
+    from deployments.engine import kernels
+
+    if (ours := kernels.cpu_kernels()) is None:
+        return None
+    packed = torch.randint(0, 256, (3072 // 16, 576 // 4, 32), dtype=torch.uint8)
+    scales, x = (torch.rand(2, 3072 // 16, 576 // 32, 16) * 0.01).half(), torch.randn(10, 576)
+    return (lambda: ours.q4_linear(x, packed, scales, 2.0)), 10 * 3072 * 576
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -12,8 +12,11 @@ SYSTEMS = ("llama", "openvino", "ours-inproc", "ours-http")
 
 
 def host_speed(run: dict[str, Any]) -> float | None:
-    """The host's matmul yardstick around one system's turn (mean of before and after; peer_measure.host_yardstick)."""
-    figures = [run[k]["matmul_gflops"] for k in ("host_before", "host_after") if k in run]
+    """The host's yardstick around one system's turn (mean of before and after; peer_measure.host_yardstick): our
+    int4 kernel's rate where it was taken, else the fp32 matmul's."""
+    turns = [run[k] for k in ("host_before", "host_after") if k in run]
+    key = "int4_gmacs" if turns and all("int4_gmacs" in t for t in turns) else "matmul_gflops"
+    figures = [t[key] for t in turns if key in t]
     return sum(figures) / len(figures) if figures else None
 
 
