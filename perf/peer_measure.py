@@ -74,10 +74,11 @@ async def measure(send: Send, plan: Plan, output_len: int) -> dict[str, Any]:
 
 
 def host_yardstick(seconds: float = 0.25) -> dict[str, float]:
-    """How fast the host computes and copies right now, on every core: fp32 GFLOP/s of 256x256 torch matmuls and
-    GB/s (read + write) of a 64 MiB copy. This host's speed drifts by 20-40% over minutes, both ways, without
-    steal time (perf/README.md, session 21); taken before and after each system's turn, it says which rounds
-    compared systems that ran on a faster or slower host.
+    """How fast the host computes and copies right now, on every core: fp32 GFLOP/s of 256x256 torch matmuls, GB/s
+    (read + write) of a 64 MiB copy and, where our kernels are built, G multiply-adds/s of our int4 kernel
+    (`_int4_yardstick`; the one that saw the slow state the matmul missed). This host's speed drifts by 20-40%
+    over minutes, both ways, without steal time (perf/README.md, session 21); taken before and after each
+    system's turn, it says which rounds compared systems that ran on a faster or slower host.
 
     It runs on a thread of its own that ends with it: torch work on this process's main thread would leave an
     OpenMP pool there, and our in-process engine's pool beside it makes libgomp stop spinning between parallel
@@ -90,7 +91,8 @@ def host_yardstick(seconds: float = 0.25) -> dict[str, float]:
     def run() -> None:
         a, b = torch.randn(256, 256), torch.randn(256, 256)
         src, dst = torch.randn(16 << 20), torch.empty(16 << 20)
-        torch.mm(a, b), dst.copy_(src)
+        torch.mm(a, b)  # first calls, untimed
+        dst.copy_(src)
         tests = [("matmul_gflops", lambda: torch.mm(a, b), 2 * 256**3), ("copy_gbps", lambda: dst.copy_(src), 2 * src.numel() * 4)]
         if (ours := _int4_yardstick()) is not None:
             tests.append(("int4_gmacs", *ours))
