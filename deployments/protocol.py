@@ -5,8 +5,9 @@ A request goes down as a `GenerateRequest`; chunks come back as `Chunk` (the las
 caller's other requests on that replica, through a channel (`Routed`, `ChannelBatch`); `ReplicaStatus` answers status/load/unload. Errors are the classes in
 deployments.errors, matched with `isinstance`. The router adds `LoadProgress` items of its own while
 a model autoloads (they never cross the wire). Each rule (sampling ranges, durations, byte sizes)
-lives in one place: sampling in deployments.engine.request.SamplingParams, durations and sizes in
-serve_app.config / serve_app.schemas.
+lives in one place: sampling ranges in deployments.engine.request (SAMPLING_BOUNDS), weight formats,
+devices and dtypes in deployments.engine.config, durations in serve_app.schemas.requests (Duration),
+byte sizes in serve_app.model_settings (ByteCount: pydantic's ByteSize).
 """
 
 from __future__ import annotations

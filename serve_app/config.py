@@ -6,33 +6,19 @@ import json
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from serve_app.model_settings import AutoscalingSettings, ModelSettings
+from serve_app.model_settings import AutoscalingSettings, ByteCount, MemoryDevice, ModelSettings
 from serve_app.schemas import MODEL_ID_PATTERN
+from serve_app.schemas.requests import Duration
 
-__all__ = ["AdapterSettings", "AppSettings", "AutoscalingSettings", "ModelSettings", "PoolSettings", "parse_app_settings", "parse_size"]
+__all__ = ["AdapterSettings", "AppSettings", "AutoscalingSettings", "ModelSettings", "PoolSettings", "parse_app_settings"]
 
 MIN_API_KEY_LENGTH = 16
 HOST_PATTERN = r"^(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|\[?[0-9a-f:.]+\]?)$"
 ORIGIN_PATTERN = r"^(\*|https?://[A-Za-z0-9.\-\[\]:]+)$"
-
-SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a string such as "512MiB", "16GiB", "2GB"."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().lower().replace(" ", "")
-    number = text.rstrip("kmgib")
-    unit = text[len(number) :]
-    try:
-        return int(float(number) * SIZE_UNITS[unit])
-    except (KeyError, ValueError):
-        raise ValueError(f"{value!r} is not a size (bytes, or e.g. '512MiB', '16GiB')") from None
 
 
 class AdapterSettings(BaseModel):
@@ -43,7 +29,7 @@ class AdapterSettings(BaseModel):
     base: str = Field(pattern=MODEL_ID_PATTERN, description="The id of a full model of the same pool.")
     path: str = Field(min_length=1)
     autoload: bool = True
-    keep_alive: float | str | None = "5m"
+    keep_alive: Duration = "5m"
 
 
 class PoolSettings(BaseModel):
@@ -111,9 +97,9 @@ class AppSettings(BaseModel):
     pools: list[PoolSettings] = Field(default_factory=list, description="Multiplexed deployments of many models and adapters.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Bodies over this get 413.")
     status_timeout_s: float = Field(5.0, gt=0, description="How long GET /models waits for a replica.")
-    memory_budget: dict[Literal["cpu", "cuda"], int | str] = Field(
+    memory_budget: dict[MemoryDevice, ByteCount] = Field(
         default_factory=dict,
-        description="Bytes models may hold per device: 'cpu' (RAM) and 'cuda' (per GPU). Unset: cpu = 80% of RAM, cuda = no check.",
+        description="Bytes models may hold per device: 'cpu' (RAM) and 'cuda' (per GPU), e.g. '12GiB'. Unset: cpu = 80% of RAM, cuda = no check.",
     )
     idle_check_interval_s: float = Field(1.0, gt=0, description="How often idle models are looked for.")
     load_progress_interval_s: float = Field(2.0, gt=0, description="SSE comment interval while a request waits for a load.")
@@ -156,17 +142,10 @@ class AppSettings(BaseModel):
     def _origins(cls, origins: list[str]) -> list[str]:
         return [_checked(o.strip().rstrip("/"), ORIGIN_PATTERN, "'*' or scheme://host[:port]") for o in origins]
 
-    @field_validator("memory_budget")
-    @classmethod
-    def _sizes(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        for size in value.values():
-            parse_size(size)
-        return value
-
     def budget_bytes(self, device: str) -> int | None:
         """The memory budget of a device kind, in bytes (None: not checked)."""
         if device in self.memory_budget:
-            return parse_size(self.memory_budget[device])  # type: ignore[index]
+            return int(self.memory_budget[device])  # type: ignore[index]
         if device == "cpu":
             import psutil
 
@@ -208,7 +187,13 @@ def parse_app_settings(args: dict[str, Any]) -> AppSettings:
     try:
         return AppSettings.model_validate(args)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ValueError(f"invalid application config: {problems}") from None
+
+
+def _problem(err: Any) -> str:
+    """'loc: message', plus the value given where pydantic's message does not show it (never a key)."""
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    value = err.get("input")
+    shown = err["type"] == "value_error" or "api_keys" in where or not isinstance(value, (str, int, float))
+    return f"{where}: {err['msg']}" + ("" if shown else f" (got {repr(value)[:80]})")

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 
 from deployments.engine import EngineConfig
+from deployments.engine.config import DEVICE_PATTERN, WeightChoice
 from serve_app.schemas import MODEL_ID_PATTERN, parse_duration
+from serve_app.schemas.requests import Duration
+
+
+def _size(value: Any, handler: ValidatorFunctionWrapHandler) -> ByteSize:
+    """pydantic's ByteSize, with an error that shows the value (and no `true` taken as 1 byte)."""
+    try:
+        if not isinstance(value, bool):
+            return ByteSize(handler(value))
+    except ValidationError:
+        pass
+    raise ValueError(f"{value!r} is not a size (bytes, or e.g. '512MiB', '16GiB')")
+
+
+ByteCount = Annotated[ByteSize, WrapValidator(_size)]
+"""A size in bytes as configured: an integer >= 0, or a string read by pydantic's ByteSize
+('512MiB', '16GiB', '2GB', '1.5 GiB'; kb/mb/gb/tb are powers of 10, kib/mib/gib/tib of 2)."""
+MemoryDevice = Literal["cpu", "cuda"]
+"""What a memory budget is kept for: host RAM, or each GPU."""
 
 
 class AutoscalingSettings(BaseModel):
@@ -33,15 +52,15 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=MODEL_ID_PATTERN, description="The model name clients send.")
     source: str = Field(min_length=1, description="Model directory, .gguf file, or pkg://package/file.gguf.")
-    weights: Literal["auto", "int4", "bf16", "fp32"] = Field(
+    weights: WeightChoice = Field(
         "auto", description="Weight format; auto: what measures fastest on the host (reported in /models)."
     )
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(8, ge=1, description="Sequences run together in one step.")
     max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per step: decodes first, then prompt chunks.")
     block_size: int = Field(16, ge=1, le=256, description="Token slots per KV-cache block.")
-    kv_cache_bytes: ByteSize | None = Field(
+    kv_cache_bytes: ByteCount | None = Field(
         None, description="KV cache preallocated per replica ('128MiB'); unset: max_num_seqs full sequences, at most 256 MiB."
     )
     enable_prefix_caching: bool = True
@@ -50,7 +69,7 @@ class ModelSettings(BaseModel):
     chat_template: str | None = Field(None, description="Jinja chat template supplied or overriding the model's.")
     load_on_start: bool = True
     autoload: bool = Field(True, description="Load on the first request when unloaded (else 409).")
-    keep_alive: float | str | None = Field(
+    keep_alive: Duration = Field(
         "5m", description="Unload after this long unused (seconds or '30s'/'5m'/'1h'; 0: after each request; -1: never)."
     )
     pinned: bool = Field(False, description="Never released for idleness or memory pressure.")
@@ -66,12 +85,6 @@ class ModelSettings(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) each replica reserves.")
     pool: str | None = Field(None, description="Set for the members of a pool (from `pools`), not by hand.")
     base: str | None = Field(None, description="A LoRA adapter's base model (the adapter's directory is `source`).")
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: float | str | None) -> float | str | None:
-        parse_duration(value)
-        return value
 
     @property
     def keep_alive_s(self) -> float | None:
@@ -91,7 +104,7 @@ class ModelSettings(BaseModel):
         return self.channels and self.max_ongoing_requests >= MIN_ONGOING_FOR_CHANNELS and self.autoscaling is None and self.pool is None
 
     @property
-    def memory_device(self) -> str:
+    def memory_device(self) -> MemoryDevice:
         """The budget this model counts against: "cpu", or "cuda" (per GPU)."""
         return "cpu" if self.device == "cpu" else "cuda"
 
@@ -99,6 +112,7 @@ class ModelSettings(BaseModel):
     def _check_device(self) -> "ModelSettings":
         if self.device.startswith("cuda") and self.num_gpus <= 0:
             raise ValueError(f"device={self.device!r} needs num_gpus > 0 (got {self.num_gpus})")
+        self.engine_config()  # the engine's own rules (e.g. kv_cache_bytes > 0), at start rather than at load
         return self
 
     def engine_config(self) -> EngineConfig:

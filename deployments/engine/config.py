@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-WEIGHT_CHOICES = ("auto", "int4", "bf16", "fp32")
+WeightFormat = Literal["int4", "bf16", "fp32"]
+"""How weights are held in memory once loaded."""
+WeightChoice = Literal["auto", WeightFormat]
+"""What a config may ask for: a format, or `auto` (the fastest measured at load time)."""
+WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
+WEIGHT_CHOICES: tuple[str, ...] = get_args(WeightChoice)
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"
 DEFAULT_KV_CACHE_CAP_BYTES = 256 << 20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def serving_dtype(weights: str) -> str:
+    """The floating dtype (a torch dtype's name) that goes with a weight format, for the KV cache, LoRA
+    slots and the generic adapter: float32 for the fp32 reference, bfloat16 for the others (half the
+    bytes to read per decode step)."""
+    return "float32" if weights == "fp32" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,7 @@ class EngineConfig:
             raise ValueError("model must name a directory, a .gguf file or pkg://package/file")
         if self.weights not in WEIGHT_CHOICES:
             raise ValueError(f"weights={self.weights!r} is not one of {WEIGHT_CHOICES}")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'cuda:N'")
         names = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "default_max_tokens")
         for name in names:

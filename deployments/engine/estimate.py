@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.engine.config import EngineConfig
+from deployments.engine.config import DTYPE_BYTES, EngineConfig, serving_dtype
 from deployments.engine.loader import ModelSource, resolve_model_path
 
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int4": 0.625, "auto": 0.625}
@@ -50,7 +50,7 @@ def estimate_memory(config: EngineConfig, source: ModelSource | None = None) -> 
     else:
         weights = int(num_weights * WEIGHT_BYTES[config.weights])
     layers, kv_heads, head_dim = shape
-    kv_dtype_bytes = 4 if config.weights == "fp32" else 2
+    kv_dtype_bytes = DTYPE_BYTES[serving_dtype(config.weights)]
     kv_cache = config.kv_cache_size(2 * layers * kv_heads * head_dim * kv_dtype_bytes)
     return MemoryEstimate(weights, kv_cache, max(MIN_OVERHEAD_BYTES, weights // 4))
 

@@ -1,10 +1,62 @@
-"""The engine's own request and output types (the wire schemas live in serve_app)."""
+"""The engine's own request and output types, and the sampling rules (the wire schemas in
+serve_app build their bounds from `SAMPLING_BOUNDS`, so a rule is stated here only)."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
+
+MAX_TOKENS_LIMIT = 2**31 - 1
+"""The largest token count (max_tokens, min_tokens, top_k) anyone may ask for."""
+MAX_STOP_STRINGS = 8
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What torch.Generator.manual_seed accepts."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed values of one number: `ge`/`gt` below, `le` above (None: no bound on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def describe(self) -> str:
+        """E.g. "in [0, 2]", "in (0, 1]", ">= 1"."""
+        low, bracket = (self.ge, "[") if self.gt is None else (self.gt, "(")
+        if low is not None and self.le is not None:
+            return f"in {bracket}{_number(low)}, {_number(self.le)}]"
+        if low is not None:
+            return f"{'>=' if self.gt is None else '>'} {_number(low)}"
+        return f"<= {_number(self.le)}" if self.le is not None else "a number"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+SAMPLING_BOUNDS: dict[str, Bounds] = {
+    "max_tokens": Bounds(ge=1, le=MAX_TOKENS_LIMIT),
+    "temperature": Bounds(ge=0.0, le=2.0),
+    "top_p": Bounds(gt=0.0, le=1.0),
+    "top_k": Bounds(ge=1, le=MAX_TOKENS_LIMIT),
+    "seed": Bounds(ge=SEED_RANGE[0], le=SEED_RANGE[1]),
+    "repetition_penalty": Bounds(gt=0.0, le=10.0),
+    "frequency_penalty": Bounds(ge=-2.0, le=2.0),
+    "presence_penalty": Bounds(ge=-2.0, le=2.0),
+    "min_tokens": Bounds(ge=0, le=MAX_TOKENS_LIMIT),
+}
+"""The range of each numeric `SamplingParams` field."""
+NULLABLE_SAMPLING_FIELDS = ("top_k", "seed")
+"""None means no top-k cut, and no fixed seed."""
 
 
 class FinishReason(str, enum.Enum):
@@ -43,15 +95,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name, bounds in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in NULLABLE_SAMPLING_FIELDS:
+                continue
+            if not isinstance(value, (int, float)) or not bounds.contains(value):
+                raise InvalidRequestError(f"{name}={value!r} must be {bounds.describe()}", param=name)
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 2.0, "must be in [0, 2]"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1 or null"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
-            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
+            ("min_tokens", self.min_tokens <= self.max_tokens, f"must not exceed max_tokens ({self.max_tokens})"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"takes at most {MAX_STOP_STRINGS} strings"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
         ]
         for name, ok, rule in checks:

@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from deployments.engine import kernels
-from deployments.engine.config import EngineConfig
+from deployments.engine.config import EngineConfig, serving_dtype
 from deployments.engine.layers.attention import build_metadata
 from deployments.engine.lora import LoRAManager
 from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
@@ -55,7 +55,7 @@ class ModelRunner:
                 self.weights_reason += f"; int4 matmul: {kernels.kernel_status()}"
                 self.facts["weights_reason"] = self.weights_reason
         else:
-            self.act_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+            self.act_dtype = getattr(torch, serving_dtype(self.weights))
             self.model = load_generic(directory, self.act_dtype, self.device)
             self.architecture = (self.model.hf.config.architectures or [type(self.model.hf).__name__])[0]
             self.facts |= {"implementation": "transformers"}
@@ -66,7 +66,7 @@ class ModelRunner:
                 raise ValueError(f"LoRA adapters need our native model code; {self.architecture} runs through transformers")
             # fp32 for the reference; where our CPU kernel runs, int8 slots (a scale per row): a decode step
             # reads every adapter of its batch, and int8 halves bf16's bytes (perf/README.md, session 8).
-            lora_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+            lora_dtype = getattr(torch, serving_dtype(self.weights))
             if lora_dtype == torch.bfloat16 and self.device.type == "cpu" and kernels.cpu_kernels() is not None:
                 lora_dtype = torch.int8
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, lora_dtype, self.device)
@@ -78,7 +78,7 @@ class ModelRunner:
         fp32 weights (the reference), bf16 for the others (half the bytes to read per decode step)."""
         model, cfg = self.model, self.config
         num_layers = len(model.layers) if hasattr(model, "layers") else int(model.config.num_hidden_layers)
-        self.kv_dtype = torch.float32 if self.weights == "fp32" else torch.bfloat16
+        self.kv_dtype = getattr(torch, serving_dtype(self.weights))
         self.facts["kv_cache_dtype"] = str(self.kv_dtype).removeprefix("torch.")
         bytes_per_token = num_layers * 2 * model.num_kv_heads * model.head_dim * torch.finfo(self.kv_dtype).bits // 8
         self.block_size = cfg.block_size

@@ -1,17 +1,19 @@
-"""What clients send: requests, their sampling fields and their rules (ranges, durations)."""
+"""What clients send: requests, their sampling fields and their rules (durations here; the sampling
+ranges are the engine's, `deployments.engine.request.SAMPLING_BOUNDS`, turned into Field bounds)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-MAX_STOP_STRINGS = 8
+from deployments.engine.request import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SAMPLING_BOUNDS, SEED_RANGE  # the last two: re-exported by serve_app.schemas
+
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 """A model id: never a path (no '/', no NUL), and what clients send is checked against it first."""
-MAX_TOKENS_LIMIT = 2**31 - 1
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+TOP_K_OFF = (-1, 0)
+"""Wire-only top_k values meaning "no top-k cut" (the engine's None), as vLLM and Ollama take them."""
 UNSUPPORTED_BUT_HARMLESS: dict[str, tuple[Any, ...]] = {"best_of": (1,), "response_format": ({"type": "text"},)}
 """Values of unsupported OpenAI fields that ask for nothing we lack (besides null, false, 0, [] and {})."""
 REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False)
@@ -36,6 +38,23 @@ def parse_duration(value: float | int | str | None) -> float | None:
     if math.isnan(seconds):
         raise ValueError(f"{value!r} is not a duration")
     return None if seconds < 0 else seconds
+
+
+def _checked_duration(value: float | str | None) -> float | str | None:
+    parse_duration(value)  # raises ValueError (a 400, or a config error naming the field) on a bad duration
+    return value
+
+
+Duration = Annotated[float | str | None, AfterValidator(_checked_duration)]
+"""A duration as sent or configured (kept as given; `parse_duration` reads it): seconds, or an
+Ollama-style string such as '30s', '5m', '1h'; negative: forever."""
+
+
+def sampling_field(name: str, default: Any, **kwargs: Any) -> Any:
+    """A Field bounded exactly as the engine bounds `SamplingParams.<name>` (so the OpenAPI schema
+    shows the engine's range, and an out-of-range value is a 400 before it reaches a replica)."""
+    rule = SAMPLING_BOUNDS[name]
+    return Field(default, ge=rule.ge, gt=rule.gt, le=rule.le, **kwargs)
 
 
 class TextPart(BaseModel):
@@ -68,13 +87,7 @@ class KeepAliveField(BaseModel):
     """Ollama's `keep_alive`: how long the model stays loaded after this request."""
 
     model_config = REQUEST_CONFIG
-    keep_alive: float | str | None = Field(None, description="Seconds or '30s'/'5m'/'1h'; 0: unload after this; -1: forever.")
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: float | str | None) -> float | str | None:
-        parse_duration(value)  # raises ValueError (a 400) on a bad duration
-        return value
+    keep_alive: Duration = Field(None, description="Seconds or '30s'/'5m'/'1h'; 0: unload after this; -1: forever.")
 
     def keep_alive_s(self) -> float | None:
         """The requested keep-alive in seconds; -1 (forever) is `inf`; None: the model's default."""
@@ -96,16 +109,16 @@ class SamplingFields(KeepAliveField, TimeoutField):
 
     model_config = REQUEST_CONFIG | ConfigDict(extra="ignore")
     model: str = Field(pattern=MODEL_ID_PATTERN, description="A configured model id.")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS_LIMIT, description="-1, 0 or null: no top-k cut.")
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="vLLM extension: EOS is suppressed until this many tokens.")
+    max_tokens: int | None = sampling_field("max_tokens", None)
+    temperature: float = sampling_field("temperature", 1.0)
+    top_p: float = sampling_field("top_p", 1.0)
+    top_k: int | None = Field(None, ge=min(TOP_K_OFF), le=SAMPLING_BOUNDS["top_k"].le, description="-1, 0 or null: no top-k cut.")
+    stop: str | list[str] | None = Field(None, description=f"At most {MAX_STOP_STRINGS} non-empty strings.")
+    seed: int | None = sampling_field("seed", None)
+    repetition_penalty: float = sampling_field("repetition_penalty", 1.0)
+    frequency_penalty: float = sampling_field("frequency_penalty", 0.0)
+    presence_penalty: float = sampling_field("presence_penalty", 0.0)
+    min_tokens: int = sampling_field("min_tokens", 0, description="vLLM extension: EOS is suppressed until this many tokens.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS (fixed lengths).")
 
     @model_validator(mode="after")
@@ -127,7 +140,7 @@ class SamplingFields(KeepAliveField, TimeoutField):
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": self.top_k if self.top_k and self.top_k > 0 else None,
+            "top_k": None if self.top_k in TOP_K_OFF else self.top_k,
             "stop": list(self.stop or []),
             "seed": self.seed,
             "repetition_penalty": self.repetition_penalty,
@@ -188,7 +201,7 @@ class InferRequest(SamplingFields):
 
 class CompletionRequest(OpenAIFields):
     prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)  # OpenAI's default for completions
+    max_tokens: int | None = sampling_field("max_tokens", 16)  # OpenAI's default for completions
     echo: bool = False
 
     @field_validator("prompt")
@@ -205,7 +218,7 @@ class CompletionRequest(OpenAIFields):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = sampling_field("max_tokens", None)
 
     def engine_params(self) -> dict[str, Any]:
         params = super().engine_params()

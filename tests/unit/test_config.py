@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -73,15 +74,44 @@ def test_errors_survive_pickling_with_their_fields() -> None:
 
 
 def test_durations_and_sizes_parse_like_ollama_and_reject_nonsense() -> None:
-    from serve_app.config import parse_size
     from serve_app.schemas import parse_duration
 
     assert [parse_duration(v) for v in ("5m", "30s", "1h", "250ms", 0, 12.5, "-1", -1)] == [300, 30, 3600, 0.25, 0, 12.5, None, None]
-    assert parse_size("16GiB") == 16 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("2GB") == 2 * 10**9
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("16GiB", 16 << 30), ("12GiB", 12 << 30), ("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5 GiB", 3 << 29), (" 12gib ", 12 << 30), (1024, 1024), ("100", 100)],
+)
+def test_sizes_are_pydantic_byte_sizes_wherever_configured(size: int | str, expected: int) -> None:
+    settings = parse_app_settings({"memory_budget": {"cpu": size}, "models": [{"id": "m", "source": "/x", "kv_cache_bytes": size}]})
+    assert settings.budget_bytes("cpu") == expected
+    assert settings.models[0].engine_config().kv_cache_bytes == expected
+
+
+@pytest.mark.parametrize("size", ["lots", "-1GiB", -5, 1.5, True, "12 parsecs"])
+def test_a_bad_size_is_refused_naming_the_field_and_the_value(size: object) -> None:
+    base: dict[str, object] = {"models": [{"id": "m", "source": "/x"}]}
+    for bad in ({"memory_budget": {"cpu": size}}, {"models": [{"id": "m", "source": "/x", "kv_cache_bytes": size}]}):
+        with pytest.raises(ValueError, match=r"(memory_budget\.cpu|models\.0\.kv_cache_bytes): .*" + re.escape(repr(size))):
+            parse_app_settings(base | bad)
+
+
+def test_engine_rules_apply_at_config_time_and_choices_name_the_bad_value() -> None:
+    model = {"id": "m", "source": "/x"}
+    with pytest.raises(ValueError, match="kv_cache_bytes=0 must be a positive integer"):
+        parse_app_settings({"models": [model | {"kv_cache_bytes": 0}]})
+    with pytest.raises(ValueError, match=r"models\.0\.weights: .*'fp32'.*\(got 'int3'\)"):
+        parse_app_settings({"models": [model | {"weights": "int3"}]})
+    with pytest.raises(ValueError, match=r"models\.0\.device: .*\(got 'cudax'\)"):
+        parse_app_settings({"models": [model | {"device": "cudax", "num_gpus": 1}]})
+    with pytest.raises(ValueError, match="device='cudax'"):
+        EngineConfig(model="x", device="cudax")
+    with pytest.raises(ValueError, match=r"api_keys: .*at least 16") as info:
+        parse_app_settings({"models": [model], "api_keys": ["too-short-key"]})
+    assert "too-short-key" not in str(info.value)  # a key is never echoed, even a bad one
 
 
 def test_lifecycle_fields_are_validated_and_named() -> None:
@@ -94,4 +124,7 @@ def test_lifecycle_fields_are_validated_and_named() -> None:
         parse_app_settings(base | {"memory_budget": {"cpu": "much"}})
     with pytest.raises(ValueError, match="memory_budget"):
         parse_app_settings(base | {"memory_budget": {"tpu": "1GiB"}})
+    with pytest.raises(ValueError, match=r"pools\.0\.adapters\.0\.keep_alive: .*'forever' is not a duration"):
+        parse_app_settings(base | {"pools": [{"id": "p", "models": [{"id": "b", "source": "/y"}],
+                                              "adapters": [{"id": "a", "base": "b", "path": "/z", "keep_alive": "forever"}]}]})
     assert parse_app_settings(base | {"memory_budget": {"cpu": "1GiB"}}).budget_bytes("cpu") == 1 << 30

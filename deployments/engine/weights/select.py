@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from deployments.engine import kernels
-
-FORMATS = ("int4", "bf16", "fp32")
+from deployments.engine.config import WEIGHT_FORMATS as FORMATS, serving_dtype
 
 
 def choose_weights(
@@ -60,7 +59,7 @@ def _measure(config: Any, max_num_seqs: int, formats: tuple[str, ...], repeats: 
         if fmt == "int4" and (hidden % 32 or torch.backends.cpu.get_cpu_capability() in ("NO AVX", "DEFAULT")):
             continue
         layer = Linear.from_float(weight, None, fmt)
-        dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        dtype = getattr(torch, serving_dtype(fmt))
         total = 0.0
         for rows in (1, max_num_seqs):
             x = torch.randn(rows, hidden, dtype=dtype)

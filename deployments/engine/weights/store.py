@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from deployments.engine.config import WEIGHT_FORMATS
 from deployments.engine.layers import int8
 from deployments.engine.layers.linear import Embedding, Int4Weight, Linear
 from deployments.engine.layers.norm import RMSNorm
 from deployments.engine.layers.vocab import VocabHead, VocabTable
 
-WEIGHT_FORMATS = ("int4", "bf16", "fp32")
 INT4_GROUP_SIZE = 32
 TIED_ALIASES = {"model.embed_tokens.weight": "lm_head.weight", "lm_head.weight": "model.embed_tokens.weight"}
 
