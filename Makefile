@@ -1,5 +1,5 @@
 # make serve: create .venv, install, start Ray on 127.0.0.1 and serve config/serve.yaml on :8000.
-# make test:  install, then run the whole suite (unit, integration, e2e).
+# make test:  install, then run the whole suite (unit, integration, browser, e2e).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

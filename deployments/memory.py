@@ -1,4 +1,5 @@
-"""Measuring what a model really holds: process RSS, and giving freed heap back to the OS.
+"""Measuring what a model really holds (process RSS), refusing a load that cannot fit, and giving
+freed heap back to the OS.
 
 Why replicas run with `replica_allocator_env()` (measured with perf/probe_memleak.py, SmolLM2-135M,
 20 load/unload cycles in one process): with CPython's default small-object allocator RSS after
@@ -24,6 +25,7 @@ import ctypes.util
 import gc
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,56 @@ import psutil
 
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:0,background_thread:false"
 _MALLCTL_ARENAS_ALL = 4096  # jemalloc's "every arena" index for arena.<i>.purge
+GiB = 1 << 30
 
 
 def rss_bytes() -> int:
     """This process's resident set size."""
     return int(psutil.Process().memory_info().rss)
+
+
+def load_footprint(device: str, rss_before: int) -> int:
+    """Bytes a load that just finished holds: the process's RSS growth across it on CPU, the CUDA
+    bytes allocated by tensors on GPU."""
+    if device.startswith("cuda"):
+        return gpu_memory(device)["allocated_bytes"]
+    return max(0, rss_bytes() - rss_before)
+
+
+class NotEnoughMemoryError(MemoryError):
+    """A load refused before it allocated anything: it needs more than the device has available."""
+
+
+def available_bytes(device: str) -> int | None:
+    """What a load may still take on `device`: the OS's available memory (free plus reclaimable page
+    cache) on CPU, the GPU's free memory on CUDA; None where that cannot be read (no CUDA here)."""
+    if not device.startswith("cuda"):
+        return int(psutil.virtual_memory().available)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def ensure_fits(need_bytes: Callable[[], int], device: str, what: str) -> None:
+    """Raise `NotEnoughMemoryError` naming both numbers when loading `what` needs more than `device`
+    has available. Checked before loading because the allocation itself does not fail cleanly: the
+    kernel's default overcommit refuses only sizes beyond RAM + swap, and a KV pool between what is
+    available and that is zeroed page by page until the OOM killer ends the replica (which Ray then
+    restarts into the same load). Without an estimate (unreadable files) nothing is checked: the
+    load then reports what is wrong with the files."""
+    try:
+        need = need_bytes()
+    except (OSError, ValueError, KeyError):
+        return
+    available = available_bytes(device)
+    if available is not None and need > available:
+        raise NotEnoughMemoryError(
+            f"not enough memory to load {what}: it needs {need} bytes ({need / GiB:.1f} GiB) on {device}, "
+            f"{available} bytes ({available / GiB:.1f} GiB) are available"
+        )
 
 
 def find_jemalloc() -> str | None:

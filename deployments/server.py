@@ -25,7 +25,7 @@ from deployments.engine.request import InvalidRequestError, RequestOutput
 from deployments.channel import Channel, ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
 from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
-from deployments.memory import allocator, gpu_memory, purge_freed_pages, release_freed_memory, rss_bytes
+from deployments.memory import allocator, ensure_fits, gpu_memory, load_footprint, purge_freed_pages, release_freed_memory, rss_bytes
 from deployments.metrics import ReplicaMetrics, RequestTimer
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ class ModelServer:
         self.state = ModelStatus.LOADING
         self.num_loads += 1
         started, rss_before = time.monotonic(), rss_bytes()
-        try:
+        try:  # a load that cannot fit is refused before it allocates (deployments/memory.py)
+            ensure_fits(lambda: self.measured_bytes or self.estimate().total_bytes, self.config.device, repr(self.model_id))
             engine = self.engine_cls(self.config)
         except Exception as exc:  # noqa: BLE001 - a failed load is a state the API reports, not a crash
             logger.exception("loading %s failed", self.model_id)
@@ -156,10 +157,7 @@ class ModelServer:
             "weights_bytes": core.runner.weights_bytes(),
             "load_time_s": round(time.monotonic() - started, 3),
         }
-        self.resident_bytes = max(0, rss_bytes() - rss_before)
-        if self.config.device.startswith("cuda"):
-            self.resident_bytes = gpu_memory(self.config.device)["allocated_bytes"]
-        self.measured_bytes = self.resident_bytes
+        self.resident_bytes = self.measured_bytes = load_footprint(self.config.device, rss_before)
         self.metrics.loaded(self.facts["load_time_s"])
         self.engine, self.state, self.error = engine, ModelStatus.LOADED, None
         logger.info("loaded %s in %.1fs, %d resident bytes", self.model_id, self.facts["load_time_s"], self.resident_bytes)

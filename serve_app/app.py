@@ -84,22 +84,22 @@ RouterDeployment = serve.deployment(
 
 class ModelReplica(ModelServer):
     """`ModelServer` as a Serve replica: the loopback shim at construction, the wanted state from
-    `user_config` (Ray calls `reconfigure` right after construction, and on every change), and a
-    `replaced` release counted when Ray stops a replica that still holds its model."""
+    `user_config` (Ray calls `reconfigure` right after construction, and on every change), and a log
+    line when Ray stops a replica that still holds its model. That is not counted as a release: Ray
+    kills the process right after `__del__`, before its metrics' next push to the agent (every
+    `RAY_metrics_report_interval_ms`), so no count from here would ever be exported."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         keep_serve_grpc_on_loopback()  # before Serve starts this replica's gRPC server
         log_through_serve()
         super().__init__(*args, **kwargs)
         self.replica_name = serve.get_replica_context().replica_id.unique_id  # what a channel call names
-        self._on_release = release_counter()
 
     def __del__(self) -> None:
         if getattr(self, "channels", None) is not None:
             self.channels.close_all()
         if getattr(self, "engine", None) is not None:
-            logger.info("released %s (reason: replaced): Ray Serve stopped this replica", self.model_id)
-            self._on_release(self.model_id, "replaced")
+            logger.info("released %s: Ray Serve stopped this replica (redeploy or downscale)", self.model_id)
 
 
 def model_deployment(model: ModelSettings) -> Any:

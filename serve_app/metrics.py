@@ -58,10 +58,11 @@ router = APIRouter()
 
 def release_counter() -> Callable[[str, str], None]:
     """`on_release(model, reason)` feeding `llm_serve_model_releases{model, reason}` (exported as
-    `ray_llm_serve_model_releases_total`): manual, idle, memory_pressure, replaced."""
+    `ray_llm_serve_model_releases_total`): manual, idle, memory_pressure. The router's lifecycle
+    counts them; a replica that Ray Serve stops is not counted (serve_app.app.ModelReplica says why)."""
     counter = make_metric(
         "Counter", "llm_serve_model_releases",
-        "Model releases (unloads of a loaded model) by reason: manual, idle, memory_pressure, replaced.", ("model", "reason"),
+        "Model releases (unloads of a loaded model) by reason: manual, idle, memory_pressure.", ("model", "reason"),
     )
     return lambda model, reason: counter.inc(tags={"model": model, "reason": reason})
 

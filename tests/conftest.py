@@ -51,6 +51,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     prepare.stop()
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What passing tests recorded with `record_property("summary", text)` (e.g. how many inputs
+    schemathesis tried), in the run's summary: pytest captures their output."""
+    lines = [str(value) for report in terminalreporter.getreports("passed") for name, value in report.user_properties if name == "summary"]
+    if lines:
+        terminalreporter.write_sep("-", "recorded by tests")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import save_tiny_model

@@ -1,16 +1,18 @@
 """Faults through the ingress over in-process model servers: deadlines end queued and running work
-down to the engine, and a load that fails (missing or corrupt weights) is a `failed` state with its
-reason that touches no other model."""
+down to the engine, and a load that fails (missing or corrupt weights, not enough memory) is a
+`failed` state with its reason that touches no other model."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from deployments.server import ModelServer
@@ -18,6 +20,7 @@ from tests.inprocess import inprocess_api
 from tests.integration.test_api import assert_error, parse_sse
 
 LONG = {"max_tokens": 120, "min_tokens": 120, "ignore_eos": True}
+TOO_BIG = "too-big"  # the tiny model with a 1 TiB KV pool: more than any host running this has
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,10 @@ def broken_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 async def app(tiny_model_dir: Path, broken_dirs: dict[str, Path]) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, ModelServer]]]:
     models = [{"id": "tiny", "source": str(tiny_model_dir), "max_model_len": 128, "max_num_seqs": 2}]
     models += [{"id": name, "source": str(path), "load_on_start": False, "autoload": False} for name, path in broken_dirs.items()]
-    async with inprocess_api({"models": models, "request_timeout_s": 30}) as (http, servers):
+    models += [{"id": TOO_BIG, "source": str(tiny_model_dir), "kv_cache_bytes": "1TiB", "load_on_start": False, "autoload": False}]
+    # A budget the router lets the 1 TiB load through (else it refuses with 507 before the replica
+    # tries): what stops it is the replica finding the memory is not there.
+    async with inprocess_api({"models": models, "request_timeout_s": 30, "memory_budget": {"cpu": "4TiB"}}) as (http, servers):
         yield http, servers
 
 
@@ -81,9 +87,8 @@ def slowed(step, delay_s: float):  # type: ignore[no-untyped-def]
     return run
 
 
-@pytest.mark.parametrize("broken", ["missing", "corrupt"])
-async def test_a_failed_load_reports_why_and_touches_no_other_model(app, broken: str) -> None:  # type: ignore[no-untyped-def]
-    http, servers = app
+async def assert_failed_alone(http: httpx.AsyncClient, servers: dict[str, ModelServer], broken: str) -> str:
+    """`/load` of `broken` ends `failed` with a reason, once, while `tiny` keeps serving; the reason."""
     r = await http.post("/load", json={"model": broken})
     assert r.status_code == 200 and r.json()["status"] == "failed", r.text
     info = (await http.get("/models")).json()["data"]
@@ -96,3 +101,22 @@ async def test_a_failed_load_reports_why_and_touches_no_other_model(app, broken:
     refused = await http.post("/v1/completions", json={"model": broken, "prompt": "x"})
     assert_error(refused, 409)
     assert servers[broken].num_loads == 1  # no retry loop
+    return str(status[broken]["error"])
+
+
+@pytest.mark.parametrize("broken", ["missing", "corrupt"])
+async def test_a_failed_load_reports_why_and_touches_no_other_model(app, broken: str) -> None:  # type: ignore[no-untyped-def]
+    http, servers = app
+    await assert_failed_alone(http, servers, broken)
+
+
+async def test_a_load_that_cannot_fit_in_memory_fails_before_allocating(app) -> None:  # type: ignore[no-untyped-def]
+    http, servers = app
+    rss_before = psutil.Process().memory_info().rss
+    reason = await assert_failed_alone(http, servers, TOO_BIG)
+    assert psutil.Process().memory_info().rss - rss_before < 1 << 30  # refused before the KV pool (or weights) was allocated
+    assert servers[TOO_BIG].engine is None and servers[TOO_BIG].resident_bytes == 0
+    numbers = re.search(r"not enough memory .* needs (\d+) bytes .* on cpu, (\d+) bytes \([\d.]+ GiB\) are available", reason)
+    assert numbers is not None, reason
+    need, available = int(numbers[1]), int(numbers[2])
+    assert need >= 1 << 40 and available < need and available <= psutil.virtual_memory().total

@@ -4,9 +4,10 @@ the real export)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -16,20 +17,30 @@ import deployments.metrics as replica_metrics
 import serve_app.metrics as router_metrics
 from deployments.server import ModelServer
 from deployments.protocol import GenerateRequest
+from serve_app.api import create_api
+from serve_app.clients import InProcessModelClient, ModelRegistry
+from serve_app.config import parse_app_settings
+from serve_app.lifecycle import LifecycleManager
 from tests.inprocess import inprocess_api
 from tests.fakes import RecordingMetric
 
 CHAT, BASE = "tiny-chat", "tiny-base"
 
 
+def recorder(metrics: dict[str, RecordingMetric]) -> Callable[..., RecordingMetric]:
+    """A `make_metric` that records into `metrics`, one series per name as in Ray: every server's
+    metric of that name records into it."""
+
+    def make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], boundaries: list[float] | None = None) -> RecordingMetric:
+        return metrics.setdefault(name, RecordingMetric(kind, name, description, tag_keys, boundaries))
+
+    return make
+
+
 @pytest.fixture(scope="module")
 async def app(tiny_model_dir: Path, tiny_base_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ModelServer, dict[str, RecordingMetric]]]:
     metrics: dict[str, RecordingMetric] = {}
-
-    def make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], boundaries: list[float] | None = None) -> RecordingMetric:
-        # One series per name, as in Ray: every server's metric of that name records into it.
-        return metrics.setdefault(name, RecordingMetric(kind, name, description, tag_keys, boundaries))
-
+    make = recorder(metrics)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(router_metrics, "make_metric", make)
         patch.setattr(replica_metrics, "make_metric", make)
@@ -110,3 +121,39 @@ async def test_metrics_endpoint_needs_ray(app) -> None:  # type: ignore[no-untyp
     response = await http.get("/metrics")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "metrics_unavailable"
+    # Outside the OpenAPI document (schemathesis does not reach it): a hostile query and body change nothing.
+    hostile = await http.request("GET", "/metrics", params={"model": "../../etc/passwd", "x": "\x00" * 10}, content=b"\xff{[" * 100)
+    assert hostile.status_code == 503 and hostile.json()["error"]["code"] == "metrics_unavailable"
+
+
+async def test_a_manual_unload_and_an_idle_release_count_with_their_reasons(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llm_serve_model_releases{model, reason}` as the router's lifecycle feeds it, wired as
+    serve_app.app.Router wires it; unloading a model that is not loaded releases nothing."""
+    metrics: dict[str, RecordingMetric] = {}
+    monkeypatch.setattr(router_metrics, "make_metric", recorder(metrics))
+    monkeypatch.setattr(replica_metrics, "make_metric", recorder(metrics))
+    settings = parse_app_settings({"idle_check_interval_s": 0.1, "models": [
+        {"id": CHAT, "source": str(tiny_model_dir), "max_model_len": 128, "keep_alive": -1},
+    ]})
+    server = ModelServer(CHAT, settings.models[0].engine_config(), load_on_start=True)
+    registry = ModelRegistry({CHAT: InProcessModelClient(server)})
+    lifecycle = LifecycleManager(registry, settings, on_release=router_metrics.release_counter())
+    transport = httpx.ASGITransport(app=create_api(registry, settings, lifecycle))
+    releases = metrics["llm_serve_model_releases"]
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+            assert (await http.post("/unload", json={"model": CHAT})).json()["status"] == "unloaded"
+            assert releases.calls == [(1.0, {"model": CHAT, "reason": "manual"})]
+            assert (await http.post("/unload", json={"model": CHAT})).json()["status"] == "unloaded"
+            assert len(releases.calls) == 1  # it held nothing: not a release
+            # Loaded on demand, then idle past this request's keep-alive: the idle loop releases it.
+            served = await http.post("/infer", json={"model": CHAT, "prompt": "Hi", "max_tokens": 2, "keep_alive": "200ms"})
+            assert served.status_code == 200, served.text
+            deadline = time.monotonic() + 10.0  # unloading takes a moment on a busy host
+            while len(releases.calls) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert releases.calls == [(1.0, {"model": CHAT, "reason": "manual"}), (1.0, {"model": CHAT, "reason": "idle"})]
+            assert server.engine is None
+    finally:
+        await lifecycle.stop()
+        await server.unload(force=True)
