@@ -22,7 +22,8 @@ CHAT = "tiny-chat"
 BASE = "tiny-base"  # not loaded, autoload off: /load and /unload reach a real model that stays cheap
 MAX_BYTES = 64 << 10
 POST_ROUTES = ["/infer", "/v1/completions", "/v1/chat/completions", "/load", "/unload"]
-GET_ROUTES = ["/healthz", "/readyz", "/models", "/v1/models", "/", "/favicon.ico", "/openapi.json"]
+GET_ROUTES = ["/healthz", "/readyz", "/models", f"/models/{CHAT}", "/v1/models", f"/v1/models/{CHAT}", "/pools", "/", "/favicon.ico",
+              "/openapi.json"]
 VALID: dict[str, dict[str, Any]] = {
     "/infer": {"model": CHAT, "prompt": "hi", "max_tokens": 2},
     "/v1/completions": {"model": CHAT, "prompt": "hi", "max_tokens": 2},
