@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from ray import serve
@@ -22,22 +22,52 @@ from deployments.errors import ServiceUnavailableError
 from serve_app.control_store import ControlStore, ModelRecord
 
 
-def write_user_config(app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
-    """Set one deployment's `user_config` in the application's deployed config (read, change,
-    write). False if the app has no deployed config (it was deployed with `serve.run`). Callers
-    must not run this concurrently: `ControlPlane` is its one writer."""
-    client = _get_global_client()
-    if client is None:
-        raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
-    configs: dict[str, ServeApplicationSchema] = ray.get(client._controller.get_app_configs.remote())
-    if app_name not in configs:
+class AppConfigs(Protocol):
+    """Where the applications' deployed configs are read and written (Ray Serve's controller)."""
+
+    def read(self) -> dict[str, ServeApplicationSchema]: ...
+
+    def write(self, configs: dict[str, ServeApplicationSchema]) -> None: ...
+
+
+class ServeControllerConfigs:
+    """The deployed configs of Ray Serve's controller (`serve deploy`'s, not `serve.run`'s)."""
+
+    def _controller(self) -> Any:
+        client = _get_global_client()
+        if client is None:
+            raise ServiceUnavailableError("Ray Serve's controller is not reachable", code="controller_unavailable")
+        return client._controller
+
+    def read(self) -> dict[str, ServeApplicationSchema]:
+        return ray.get(self._controller().get_app_configs.remote())  # type: ignore[no-any-return]
+
+    def write(self, configs: dict[str, ServeApplicationSchema]) -> None:
+        ray.get(self._controller().apply_config.remote(ServeDeploySchema(applications=list(configs.values()))))
+
+
+_WRITE_LOCK = threading.Lock()  # one read-change-write at a time in this process
+
+
+def write_user_config(app_name: str, deployment: str, user_config: dict[str, Any], configs: AppConfigs | None = None) -> bool:
+    """Set one deployment's `user_config` in the application's deployed config. False if the app has
+    no deployed config (it was deployed with `serve.run`). One writer: writes in this process take
+    turns (a lock), and across processes `ControlPlane` is the one process that writes."""
+    with _WRITE_LOCK:
+        return change_user_config(configs or ServeControllerConfigs(), app_name, deployment, user_config)
+
+
+def change_user_config(configs: AppConfigs, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
+    """The read, change and write itself, unguarded: two at once lose one (`write_user_config` guards it)."""
+    current = configs.read()
+    if app_name not in current:
         return False
-    data = configs[app_name].model_dump(exclude_unset=True)
+    data = current[app_name].model_dump(exclude_unset=True)
     deployments = [d for d in data.get("deployments", []) if d["name"] != deployment]
-    current = next((d for d in data.get("deployments", []) if d["name"] == deployment), {"name": deployment})
-    deployments.append(current | {"user_config": user_config})
-    configs[app_name] = ServeApplicationSchema.model_validate(data | {"deployments": deployments})
-    ray.get(client._controller.apply_config.remote(ServeDeploySchema(applications=list(configs.values()))))
+    mine = next((d for d in data.get("deployments", []) if d["name"] == deployment), {"name": deployment})
+    deployments.append(mine | {"user_config": user_config})
+    current[app_name] = ServeApplicationSchema.model_validate(data | {"deployments": deployments})
+    configs.write(current)
     return True
 
 
@@ -46,8 +76,9 @@ class ControlPlane(ControlStore):
     config, and the lifecycle records that outlive any router replica. It ends itself once its
     application has been deleted (`serve delete`, `serve shutdown`), so nothing is left behind."""
 
-    def __init__(self, app_name: str = "", check_every_s: float = 5.0) -> None:
+    def __init__(self, app_name: str = "", check_every_s: float = 5.0, configs: AppConfigs | None = None) -> None:
         super().__init__()
+        self.configs = configs or ServeControllerConfigs()
         if app_name:
             threading.Thread(target=self._end_with_app, args=(app_name, check_every_s), daemon=True).start()
 
@@ -64,7 +95,7 @@ class ControlPlane(ControlStore):
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def set_user_config(self, app_name: str, deployment: str, user_config: dict[str, Any]) -> bool:
-        return write_user_config(app_name, deployment, user_config)
+        return write_user_config(app_name, deployment, user_config, self.configs)
 
     # Pool reports in their own concurrency group (one thread): a config write that waits seconds on
     # Serve's controller must not hold up GET /models or the replicas' half-second reports.

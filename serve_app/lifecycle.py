@@ -6,7 +6,8 @@ Ray Serve runs each model's replicas and delivers the wanted state to every one 
   the idle loop, the memory budget);
 - serve_app.control_store: keep-alive clocks, the loaded belief and release counts, written through
   to a store that outlives this router replica (a named Ray actor under Ray);
-- serve_app.memory_budget: which idle models to release so a load fits (a pure decision);
+- serve_app.memory_budget: which idle models to release so a load fits (a pure decision), and
+  releasing them one a round (a load that still does not fit is refused, never let through);
 - serve_app.autoload: a request for an unloaded model loads it, streaming progress;
 - this module: the manager tying them together, the idle-release loop and the status view.
 """
@@ -26,7 +27,7 @@ from serve_app.autoload import stream_with_autoload
 from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings, ModelSettings
 from serve_app.control_store import LocalRecordStore, ModelRecord, RecordStore, RecordWriter, fresh_records
-from serve_app.memory_budget import MiB, plan_release
+from serve_app.memory_budget import make_room, plan_release
 from serve_app.streaming import Deadline
 from serve_app.transitions import TransitionQueue
 
@@ -77,12 +78,16 @@ class LifecycleManager:
             self._idle_task = asyncio.ensure_future(self._idle_loop())
 
     async def stop(self) -> None:
-        """Write the deferred records; cancel the idle loop and every background release."""
+        """Write the deferred records; cancel the idle loop, every background release and every
+        transition under way (each runs shielded from its callers, so cancelling them alone would
+        leave it running). The wanted state already written to the config stays."""
         self.writer.flush()
-        for task in [self._idle_task, *self._tasks]:
-            if task is not None and not task.done():
-                task.cancel()
-        await asyncio.gather(*[t for t in [self._idle_task, *self._tasks] if t is not None], return_exceptions=True)
+        tasks = [t for t in [self._idle_task, *self._tasks] if t is not None]
+        for usage in self.usage.values():
+            tasks += usage.transitions.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
     async def _restore(self) -> None:
@@ -142,19 +147,12 @@ class LifecycleManager:
 
     # --- the memory budget -------------------------------------------------------------------
     async def _make_room(self, model_id: str) -> None:
-        """Before a load: release what `plan_room` chose, least recently used first, each through
-        its own model's transition queue (a user's load of it waits its turn, and vice versa)."""
-        for _ in range(2 * len(self.models) + 2):  # each round releases one model or re-plans
-            plan = await self.plan_room(model_id)
-            if not plan:
-                return
-            mid, held = plan[0]
-            if self.usage[mid].transitions.busy:
-                # A load or unload of it was queued while we planned: queueing behind a load that
-                # waits for our budget lock would deadlock. Plan again (it is no longer idle).
-                continue
-            logger.info("releasing %s (%.0f MiB) to make room for %s", mid, held / MiB, model_id)
-            await self._transition(mid, "unload", reason="memory_pressure")
+        """Before a load: release what `plan_room` chose, least recently used first, each through its
+        own model's transition queue (a user's load of it waits its turn, and vice versa)."""
+        await make_room(
+            model_id, self.plan_room, lambda mid: self.usage[mid].transitions.busy,
+            lambda mid: self._transition(mid, "unload", reason="memory_pressure"), max_rounds=2 * len(self.models) + 2,
+        )
 
     async def plan_room(self, model_id: str) -> list[tuple[str, int]]:
         """The idle unpinned models (and bytes they hold) to release so that `model_id` fits its

@@ -1,13 +1,17 @@
-"""Which idle models to release so that a load fits its device's memory budget (a pure decision)."""
+"""Which idle models to release so that a load fits its device's memory budget (`plan_release`, a
+pure decision), and the releases themselves, one model at a time (`make_room`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from deployments.errors import InsufficientMemoryError
 
 MiB = 1 << 20
+logger = logging.getLogger(__name__)
+Plan = list[tuple[str, int]]
 
 
 def footprint(status: Mapping[str, Any]) -> int:
@@ -48,3 +52,33 @@ def plan_release(
             code="memory_budget_exceeded",
         )
     return [(mid, holders[mid]) for mid in chosen]
+
+
+async def make_room(
+    model_id: str, plan: Callable[[str], Awaitable[Plan]], is_busy: Callable[[str], bool],
+    release: Callable[[str], Awaitable[Any]], max_rounds: int,
+) -> None:
+    """Before a load of `model_id`: release the first model `plan` chooses, plan again, and so on
+    until nothing is left to release. A chosen model that became busy is skipped (queueing behind a
+    load of it that waits for the caller's budget lock would deadlock), and the plan is made again.
+    Raises 507 when `max_rounds` went by and the load still does not fit (its targets stayed busy,
+    or a release freed nothing: another router replica loaded it again), rather than loading over
+    the budget."""
+    for _ in range(max_rounds):
+        chosen = await plan(model_id)
+        if not chosen:
+            return
+        mid, held = chosen[0]
+        if is_busy(mid):
+            continue
+        logger.info("releasing %s (%.0f MiB) to make room for %s", mid, held / MiB, model_id)
+        await release(mid)
+    left = await plan(model_id)
+    if left:
+        raise InsufficientMemoryError(
+            f"loading {model_id!r} does not fit its memory budget: {max_rounds} rounds of releases left "
+            f"{', '.join(mid for mid, _ in left)} still holding {sum(held for _, held in left) / MiB:.0f} MiB "
+            "(busy, or loaded again); retry",
+            param="model",
+            code="memory_budget_exceeded",
+        )

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -52,14 +52,16 @@ class HandleModelClient:
         capacity: int = 0,
         use_channels: bool = False,
         socket_channels_only: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model_id = model_id
         self.handle = handle
         self.app_name = app_name
         self.timeout_s = timeout_s
         self.control = control  # the ControlPlane actor handle; None: write the config directly
-        self.capacity = capacity  # requests its replicas run or queue (for Retry-After)
-        self.service_rate = ServiceRate()
+        self.capacity = capacity  # requests its replicas run or queue: Retry-After's queue when none is counted here
+        self.clock = clock  # for the service rate (tests inject one)
+        self.service_rate = ServiceRate()  # also counts this router's generations in flight: the live queue
         # Per-replica channels (serve_app.channels): a deployment built with ChannelRouter, or (sockets only) a pool.
         self.channels = ChannelSet(handle, socket_channels_only) if use_channels else None
 
@@ -87,6 +89,8 @@ class HandleModelClient:
         if channels is not None:
             request_id, inbox = channels.register(request_id)
             request = dataclasses.replace(request, request_id=request_id, channels=channels.channel_ids())
+        self.service_rate.started(self.clock())
+        completed = False
         try:
             # .remote() itself raises BackPressureError when the model's queue is full.
             # Stamped: the replica measures the time the request waited in Ray Serve's queue from it.
@@ -99,11 +103,10 @@ class HandleModelClient:
                     chunks = from_inbox = _from_inbox(inbox, response)
             async for chunk in chunks:
                 yield chunk
-            settled = True
-            self.service_rate.record(time.monotonic())
+            settled = completed = True
         except BackPressureError:
             settled = True
-            raise self._overloaded() from None
+            raise self._overloaded(ahead=self.num_in_flight - 1) from None  # all but this one
         except (RayActorError, ActorUnavailableError):  # the replica died (killed, crashed, OOM)
             settled = True
             raise ServiceUnavailableError(
@@ -114,12 +117,18 @@ class HandleModelClient:
             settled = True
             raise (unwrap_error(exc) or exc) from None
         finally:
+            self.service_rate.ended(self.clock(), completed)
             if from_inbox is not None:
                 await from_inbox.aclose()
             if channels is not None:
                 channels.release(request_id)
             if response is not None and not settled:
                 response.cancel()  # the client left or failed: stop generating for it
+
+    @property
+    def num_in_flight(self) -> int:
+        """This router's generations of the model, queued or running."""
+        return self.service_rate.num_in_flight
 
     async def num_replicas(self) -> int:
         """Replicas Ray Serve reports RUNNING for this model's deployment."""
@@ -167,13 +176,18 @@ class HandleModelClient:
             status: ReplicaStatus = await getattr(self.handle, method).remote(*args)
             return status.to_dict()
         except BackPressureError:
-            raise self._overloaded() from None
+            raise self._overloaded(ahead=self.num_in_flight) from None
         except Exception as exc:
             raise (unwrap_error(exc) or exc) from None
 
-    def _overloaded(self) -> OverloadedError:
-        """503 with the time the requests ahead should take to drain, at the measured rate."""
-        retry_after = self.service_rate.seconds_for(self.capacity)
+    def _overloaded(self, ahead: int) -> OverloadedError:
+        """503 with the time the `ahead` requests should take to drain at the measured rate:
+        `ServiceRate.seconds_for` (ceil(ahead / rate), 1 to 120 s; 5 s before a rate is measured).
+        Ray Serve bounds the queue per caller (`max_queued_requests` at each handle), so what is
+        ahead of a refused request is this router's own requests in flight, and the rate is this
+        router's completions: a share of each, whatever the number of router replicas. With none
+        counted here (another caller filled the queue), the configured capacity stands in."""
+        retry_after = self.service_rate.seconds_for(ahead if ahead > 0 else self.capacity, now=self.clock())
         return OverloadedError(
             f"model {self.model_id!r} is at capacity (its queue is full); retry after {retry_after}s",
             headers={"Retry-After": str(retry_after)},
@@ -181,17 +195,33 @@ class HandleModelClient:
 
 
 class ServiceRate:
-    """Requests completed per second over the last `window_s` (at most `max_samples` of them)."""
+    """Requests completed per second of serving: the completions of the last `window_s` (at most
+    `max_samples`) over the time within them that this router had requests in flight, so the idle
+    time between bursts does not dilute the rate (Retry-After must not tell a client to wait a
+    minute for a queue that drains in a second). It also counts the requests in flight."""
 
     def __init__(self, window_s: float = 60.0, max_samples: int = 256) -> None:
         self.window_s = window_s
-        self.done: deque[float] = deque(maxlen=max_samples)
+        self.done: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (time, busy seconds until then)
+        self.num_in_flight = 0
+        self._busy_s = 0.0  # seconds with requests in flight, up to `_since`
+        self._since = 0.0
 
-    def record(self, now: float) -> None:
-        self.done.append(now)
+    def _busy_at(self, now: float) -> float:
+        return self._busy_s + (now - self._since if self.num_in_flight else 0.0)
+
+    def started(self, now: float) -> None:
+        self._busy_s, self._since = self._busy_at(now), now
+        self.num_in_flight += 1
+
+    def ended(self, now: float, completed: bool) -> None:
+        self._busy_s, self._since = self._busy_at(now), now
+        self.num_in_flight -= 1
+        if completed:
+            self.done.append((now, self._busy_s))
 
     def per_second(self, now: float) -> float | None:
-        recent = [t for t in self.done if now - t <= self.window_s]
+        recent = [busy for t, busy in self.done if now - t <= self.window_s]
         if len(recent) < 2:
             return None
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)

@@ -20,6 +20,7 @@ class TransitionQueue:
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self._pending: tuple[str, asyncio.Task[Status]] | None = None
+        self._tasks: set[asyncio.Task[Status]] = set()  # running or waiting for the lock
 
     @property
     def busy(self) -> bool:
@@ -37,11 +38,21 @@ class TransitionQueue:
             return await asyncio.shield(joined)
         task = asyncio.ensure_future(self._locked(work))
         self._pending = (action, task)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
     def start(self, action: str, work: Callable[[], Awaitable[Status]]) -> asyncio.Task[Status]:
         """`run` as a task of its own (to wait on while streaming progress)."""
         return asyncio.ensure_future(self.run(action, work))
+
+    def cancel(self) -> list[asyncio.Task[Status]]:
+        """Cancel every transition running or waiting (callers are shielded from cancellation, so
+        only this stops one: at shutdown); the tasks, to await."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     async def _locked(self, work: Callable[[], Awaitable[Status]]) -> Status:
         async with self._lock:
