@@ -56,7 +56,21 @@ def tiny_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) -> Iterator[str]:
+def corrupt_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its weights truncated: a load that fails (test_faults_ray)."""
+    import shutil
+
+    corrupt = tmp_path_factory.mktemp("e2e-corrupt")
+    for item in tiny_model_dir.iterdir():
+        if item.is_file():
+            shutil.copy(item, corrupt / item.name)
+    for weights in corrupt.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:1000])  # the header promises more than is there
+    return corrupt
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path, corrupt_model_dir: Path) -> Iterator[str]:
     ray = pytest.importorskip("ray")
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -64,7 +78,9 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) ->
 
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # set in tests/conftest.py before ray is imported
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the agent in 1 s, not 10 (test_metrics)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    # The dashboard too, as `make serve` starts it (test_sockets checks where it listens).
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_port=free_port(),
+             num_cpus=2, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     tiny = {"source": str(tiny_model_dir), "max_model_len": 128, "num_cpus": 0.1}
@@ -77,6 +93,8 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) ->
             tiny | {"id": "tiny-pair", "num_replicas": 2},  # load/unload must reach both replicas
             tiny | {"id": "tiny-scale", "max_num_seqs": 2, "max_ongoing_requests": 2,
                     "autoscaling": SCALE_TO_ZERO},
+            {"id": "tiny-broken", "source": str(corrupt_model_dir), "load_on_start": False, "autoload": False,
+             "num_cpus": 0.1},  # its load fails (test_faults_ray)
             {"id": SMOLLM2, "source": SMOLLM2_SOURCE, "max_model_len": 2048, "max_num_seqs": 16, "num_cpus": 1},
         ],
         # A catalogue larger than the pool: 6 adapters + their base, 2 members per replica, 2 replicas.
@@ -98,5 +116,6 @@ def serve_url(tiny_model_dir: Path, tiny_base_dir: Path, tiny_adapters: Path) ->
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, timeout_s=240)
     yield url
-    serve.shutdown()
-    ray.shutdown()
+    if ray.is_initialized():  # test_zz_shutdown_ray may have shut it down already
+        serve.shutdown()
+        ray.shutdown()

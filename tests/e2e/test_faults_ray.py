@@ -145,3 +145,26 @@ def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_comes_back(serv
     assert other_codes and set(other_codes) == {200}
     r = requests.post(f"{serve_url}/v1/completions", json={"model": SMOLLM2, "prompt": "Hello", "max_tokens": 5}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_load_that_fails_is_failed_with_its_reason_and_not_retried(serve_url: str) -> None:
+    """Truncated weights: `/load` answers `failed` with the reason; the replica stays up (no restart
+    storm: same pid, one load attempt, still `failed` ten seconds on); other models never notice."""
+    broken = "tiny-broken"
+    before = model_status(serve_url, broken)
+    assert before["status"] == "unloaded" and before["pid"]
+    r = requests.post(f"{serve_url}/load", json={"model": broken}, timeout=120)
+    assert r.json()["status"] == "failed", r.text
+    failed = model_status(serve_url, broken)
+    assert failed["status"] == "failed" and failed["error"] and "Traceback" not in failed["error"]
+    codes = []
+    for _ in range(10):  # ten seconds: a crash loop would restart the replica or retry the load
+        codes.append(requests.post(f"{serve_url}/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 4},
+                                   timeout=60).status_code)
+        time.sleep(1)
+    after = model_status(serve_url, broken)
+    assert (after["status"], after["pid"], after["num_loads"]) == ("failed", before["pid"], failed["num_loads"]), after
+    assert set(codes) == {200}
+    r = requests.post(f"{serve_url}/v1/completions", json={"model": broken, "prompt": "hi", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["message"], r.text  # not loaded; no load attempted
+    assert model_status(serve_url, broken)["num_loads"] == failed["num_loads"]

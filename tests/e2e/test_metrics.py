@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 TINY = "tiny-chat"
+BASE = "tiny-base"  # loaded and unloaded here: its load and its release are counted
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 Samples = list[tuple[str, dict[str, str], float]]
@@ -77,6 +78,8 @@ def wait_for(url: str, moved: Callable[[Samples], bool], timeout_s: float = 20.0
 def test_metrics_move_under_traffic(serve_url: str) -> None:
     assert requests.post(f"{serve_url}/load", json={"model": TINY}, timeout=120).status_code == 200
     before = scrape(serve_url)
+    for action, state in (("load", "loaded"), ("unload", "unloaded")):  # a load, then a release by hand
+        assert requests.post(f"{serve_url}/{action}", json={"model": BASE}, timeout=120).json()["status"] == state
     usages = [stream_chat(serve_url, f"Hello number {i}") for i in range(3)]
     bad = requests.post(f"{serve_url}/v1/chat/completions", timeout=30,
                         json={"model": TINY, "messages": [{"role": "user", "content": "x"}], "temperature": -1})
@@ -94,7 +97,8 @@ def test_metrics_move_under_traffic(serve_url: str) -> None:
         return (delta(s, f"{m}requests_total", **ok) >= 3 and delta(s, f"{m}generation_tokens_total", model=TINY) >= generated
                 and delta(s, f"{m}rejections_total", model=TINY, reason="bad_request") >= 1
                 and delta(s, f"{m}rejections_total", model=TINY, reason="overloaded") >= refused
-                and total(s, f"{m}model_state", model=TINY, state="loaded") >= 1)
+                and total(s, f"{m}model_state", model=TINY, state="loaded") >= 1
+                and delta(s, f"{m}model_releases_total", model=BASE, reason="manual") >= 1)
 
     after = wait_for(serve_url, moved)
     assert delta(after, f"{m}requests_total", **ok) >= 3
@@ -112,5 +116,8 @@ def test_metrics_move_under_traffic(serve_url: str) -> None:
     for gauge in ("kv_cache_usage_ratio", "kv_cache_used_blocks", "num_running_seqs", "num_waiting_seqs"):
         assert present(after, f"{m}{gauge}", model=TINY), gauge
     assert present(after, f"{m}model_load_duration_seconds_count", model=TINY)
+    assert delta(after, f"{m}model_load_duration_seconds_count", model=BASE) >= 1
+    assert delta(after, f"{m}model_releases_total", model=BASE, reason="manual") >= 1
+    assert total(after, f"{m}model_state", model=BASE, state="unloaded") >= 1
     assert any(n.startswith("ray_serve_") for n, _, _ in after)  # Ray Serve's own series come along
     assert all(n.startswith(("ray_llm_serve_", "ray_serve_")) for n, _, _ in after)
