@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def run_ours_inproc(args: argparse.Namespace, model: str, plan: Plan) -> dict[st
     return {"points": points, "engine_config": getattr(config, "__dict__", repr(config))}
 
 
-def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
-    """The real app with only this model, on a local Ray bound to 127.0.0.1; Ray is shut down afterwards."""
+@contextlib.contextmanager
+def ours_app(args: argparse.Namespace, model: str) -> Iterator[str]:
+    """The real app with only this model, on a local Ray bound to 127.0.0.1, as its URL; Ray is shut down afterwards."""
     import ray
     from ray import serve
 
@@ -181,13 +183,18 @@ def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str,
                                          "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
         if not wait_http(f"{url}/readyz"):
             raise RuntimeError("the Ray Serve app did not become ready")
-        points = run_client(measure_http(f"{url}/v1", model_id, plan, args.output_len))
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
         for proc in psutil.Process().children(recursive=True):  # Ray processes that outlived ray.shutdown
             log(f"killing leftover process {proc.pid} ({proc.name()})")
             proc.kill()
+
+
+def run_ours_http(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, Any]:
+    with ours_app(args, model) as url:
+        points = run_client(measure_http(f"{url}/v1", MODELS[model][0], plan, args.output_len))
     return {"points": points, "url": url}
 
 

@@ -78,12 +78,17 @@ def drain(handle: og.GenerationHandle, record: dict[str, Any]) -> bool:
     return handle.get_status() != og.GenerationStatus.RUNNING and not handle.can_read()
 
 
-def batched(gguf: str, prompts: list[str], concurrency: int, output_len: int) -> list[dict[str, Any]]:
-    """Closed loop through ContinuousBatchingPipeline: at most `concurrency` requests in flight."""
+def batched_pipeline(gguf: str, concurrency: int) -> og.ContinuousBatchingPipeline:
     scheduler = og.SchedulerConfig()
     scheduler.max_num_seqs = concurrency
     scheduler.cache_size = 1  # GB of KV cache: plenty for 10 x (prompt + 128)
-    pipe = og.ContinuousBatchingPipeline(gguf, scheduler, "CPU")
+    return og.ContinuousBatchingPipeline(gguf, scheduler, "CPU")
+
+
+def batched(gguf: str, prompts: list[str], concurrency: int, output_len: int,
+            pipe: og.ContinuousBatchingPipeline | None = None) -> list[dict[str, Any]]:
+    """Closed loop through ContinuousBatchingPipeline: at most `concurrency` requests in flight."""
+    pipe = pipe or batched_pipeline(gguf, concurrency)
     tokenizer, config = pipe.get_tokenizer(), generation_config(output_len)
     warm = pipe.add_request(10**6, tokenizer.encode(prompts[0]).input_ids, generation_config(4))
     while pipe.has_non_finished_requests():
@@ -104,7 +109,20 @@ def batched(gguf: str, prompts: list[str], concurrency: int, output_len: int) ->
     return records
 
 
+def serve_turns(gguf: str, concurrency: int) -> None:
+    """perf/bench_interleave.py's worker: one pipeline kept loaded; per stdin line {"prompts", "output_len"},
+    one closed-loop point, its records as one JSON line on stdout."""
+    pipe = batched_pipeline(gguf, concurrency)
+    print(json.dumps({"ready": og.get_version()}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        print(json.dumps(batched(gguf, job["prompts"], concurrency, job["output_len"], pipe)), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:  # python peer_openvino.py --serve GGUF CONCURRENCY
+        serve_turns(sys.argv[2], int(sys.argv[3]))
+        return
     job = json.load(sys.stdin)
     gguf, output_len = job["gguf"], job["output_len"]
     result: dict[str, Any] = {"openvino_genai": og.get_version(), "points": {}}
