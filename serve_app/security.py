@@ -36,6 +36,7 @@ PUBLIC_PREFIXES = ("/ui/",)
 ADMIN_PATHS = frozenset({"/load", "/unload"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 access_logger = logging.getLogger("serve_app.access")
+DEBUG_BODY_BYTES = 4096
 
 
 def route_path(scope: Scope) -> str:
@@ -174,7 +175,10 @@ class ErrorShapedCORS(CORSMiddleware):
 
 class AccessLog:
     """ASGI middleware: one INFO line per request with its id, route, status, body sizes and duration.
-    Never the body itself, headers or query string (prompts and keys stay out of the logs)."""
+    Never headers or the query string (keys stay out of the logs), and the body (prompts) only when
+    debug logging is asked for (`serve_app.access` at DEBUG, e.g. Serve's `logging_config:
+    {log_level: DEBUG}`): then one more DEBUG line with the request id and the body's first
+    `DEBUG_BODY_BYTES`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -186,10 +190,13 @@ class AccessLog:
         started = time.perf_counter()
         request_id, generated = _request_id(scope)
         counts = {"in": 0, "out": 0, "status": 500}
+        body = bytearray() if access_logger.isEnabledFor(logging.DEBUG) else None
 
         async def counting_receive() -> Message:
             message = await receive()
             counts["in"] += len(message.get("body", b""))
+            if body is not None and len(body) < DEBUG_BODY_BYTES:
+                body.extend(message.get("body", b"")[: DEBUG_BODY_BYTES - len(body)])
             return message
 
         async def logging_send(message: Message) -> None:
@@ -209,6 +216,8 @@ class AccessLog:
                 request_id, scope.get("method", "?"), _printable(route_path(scope)), counts["status"],
                 counts["in"] or _declared_length(scope), counts["out"], (time.perf_counter() - started) * 1000,
             )
+            if body:
+                access_logger.debug("request_id=%s body=%r", request_id, bytes(body).decode("utf-8", "replace"))
 
 
 def _request_id(scope: Scope) -> tuple[str, bool]:

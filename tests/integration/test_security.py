@@ -196,6 +196,16 @@ async def test_logs_carry_ids_sizes_and_timings_but_no_prompt(keyed: httpx.Async
         assert request_id == response.headers.get("x-request-id", "client-id-1")
 
 
+async def test_debug_logging_adds_the_body_with_its_request_id(keyed: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="serve_app.access")
+    body = {"model": CHAT, "prompt": SECRET_PROMPT, "max_tokens": 2}
+    response = await keyed.post("/infer", headers=bearer(USER_KEY) | {"x-request-id": "client-id-2"}, json=body)
+    assert response.status_code == 200
+    debug = [r.getMessage() for r in caplog.records if r.name == "serve_app.access" and r.levelno == logging.DEBUG]
+    assert len(debug) == 1 and debug[0].startswith("request_id=client-id-2 body=") and SECRET_PROMPT in debug[0]
+    assert USER_KEY not in caplog.text  # headers never
+
+
 def pickle_that_creates(marker: Path) -> bytes:
     """A pickle that, when loaded, creates `marker` (what a malicious checkpoint would do, harmlessly)."""
 
