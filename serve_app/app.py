@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 
 def log_through_serve() -> None:
     """Send our packages' INFO logs (loads, releases and their reasons) to the replica's Ray Serve
-    log (the `ray.serve` logger's handlers); otherwise Python's default level drops them."""
+    log (the `ray.serve` logger's handlers); otherwise Python's default level drops them. DEBUG too
+    when Serve's `logging_config` asks for it (`log_level: DEBUG`)."""
     serve_logger = logging.getLogger("ray.serve")
     for name in ("serve_app", "deployments"):
         ours = logging.getLogger(name)
-        ours.setLevel(logging.INFO)
+        ours.setLevel(min(logging.INFO, serve_logger.getEffectiveLevel()))
         for handler in serve_logger.handlers:
             if handler not in ours.handlers:
                 ours.addHandler(handler)
