@@ -5,8 +5,9 @@ requests, one model replica `kill -9` at a third of the run and one router repli
 thirds. Prints requests sent and outcomes by kind and status, writes perf/results/soak_faults.json, and
 fails (exit 1) unless: every accepted request that the client did not leave ended (its last event
 `[DONE]`, with the full token count unless a fault hit it) -- streams in flight through the killed
-router replica lose their connection and are counted apart --, no 5xx outside the fault windows,
-and each model replica's resident memory at the end within 15% (+64 MiB) of its warm start (for the
+router replica lose their connection and are counted apart --, no 5xx outside the fault windows
+and no bare 500 anywhere (a fault is a 503 or an SSE error event), every hostile request a 4xx (a
+503 while the router replica is down), and each model replica's resident memory at the end within 15% (+64 MiB) of its warm start (for the
 killed model, its new replica's).
 Run: .venv/bin/python perf/soak_faults.py --duration-s 300
 """
@@ -60,6 +61,8 @@ async def one_request(http: httpx.AsyncClient, kind: str, model: str, rng: rando
         if kind == "hostile":
             r = await http.post("/v1/completions", content=rng.choice(HOSTILE), headers={"content-type": "application/json"})
             out.status, out.done = r.status_code, True
+            if r.status_code >= 500:
+                out.error_code = error_code(r.content)
         else:
             n = rng.randint(8, 48)
             body = {"model": model, "prompt": f"Soak {rng.random():.6f}: tell me about rivers.", "max_tokens": n, "min_tokens": n,
@@ -73,12 +76,21 @@ async def one_request(http: httpx.AsyncClient, kind: str, model: str, rng: rando
     return out
 
 
+def error_code(body: bytes) -> str:
+    """The OpenAI error code of a body, else what the body starts with (who answered: HAProxy, Serve)."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return repr(body[:60])
+
+
 async def stream(http: httpx.AsyncClient, body: dict[str, Any], out: Outcome, leave_after: int | None) -> None:
     async with http.stream("POST", "/v1/completions", json=body) as r:
         out.status = r.status_code
         if r.status_code != 200:
-            await r.aread()
             out.done = True
+            if r.status_code >= 500:
+                out.error_code = error_code(await r.aread())
             return
         if not body["stream"]:
             data = json.loads(await r.aread())
@@ -163,8 +175,11 @@ async def soak(url: str, duration_s: float, concurrency: int, seed: int) -> dict
 
 
 def judge(outcomes: list[Outcome], faults: list[dict[str, Any]], rss_start: dict[str, int], rss_end: dict[str, int]) -> dict[str, Any]:
+    def fault_of(o: Outcome) -> str | None:
+        return next((f["what"] for f in faults if o.start <= f["until"] and o.end >= f["at"]), None)
+
     def in_fault(o: Outcome) -> bool:
-        return any(o.start <= f["until"] and o.end >= f["at"] for f in faults)
+        return fault_of(o) is not None
 
     # A stream in flight through the router replica when it is killed loses its connection: that
     # is the injected fault itself (one router replica), reported apart. Anything else accepted
@@ -176,16 +191,22 @@ def judge(outcomes: list[Outcome], faults: list[dict[str, Any]], rss_start: dict
     lost = [o for o in outcomes if o.kind != "leave" and not cut_by_router_kill(o) and (o.exception or (o.status == 200 and not o.done))]
     wrong = [o for o in outcomes if o.error_code and not in_fault(o)]
     server_errors = [o for o in outcomes if (o.status or 0) >= 500 and not in_fault(o)]
-    hostile_not_4xx = [o for o in outcomes if o.kind == "hostile" and not (o.status and 400 <= o.status < 500)]
+    # A hostile body is a 4xx; while the router replica is down, the ingress's 503 (nothing read it).
+    hostile_not_4xx = [o for o in outcomes if o.kind == "hostile" and not (o.status and 400 <= o.status < 500)
+                       and not (o.status == 503 and in_fault(o))]
+    plain_500 = [o for o in outcomes if o.status == 500]  # faults end in 503s and error events, never a bare 500
     growth = {m: rss_end.get(m, 0) / max(rss_start.get(m, 1), 1) for m in rss_start}
     memory_flat = all(rss_end.get(m, 0) <= rss_start[m] * 1.15 + 64 * 2**20 for m in rss_start)
-    by = Counter(f"{o.kind} {o.status if o.status is not None else o.exception}{' in-fault' if in_fault(o) else ''}" for o in outcomes)
+    by = Counter(f"{o.kind} {o.status if o.status is not None else o.exception}"
+                 f"{f' ({o.error_code})' if (o.status or 0) >= 500 else ''}{f' during the {fault_of(o)} kill' if in_fault(o) else ''}"
+                 for o in outcomes)
     return {
         "requests": len(outcomes), "outcomes": dict(sorted(by.items())), "faults": faults, "cut_by_router_kill": len(cut),
         "lost": [asdict(o) for o in lost][:20], "errors_outside_faults": [asdict(o) for o in wrong][:20],
         "server_errors_outside_faults": len(server_errors), "hostile_not_4xx": len(hostile_not_4xx),
-        "rss_start": rss_start, "rss_end": rss_end, "rss_growth": growth, "memory_flat": memory_flat,
-        "passed": not lost and not wrong and not server_errors and not hostile_not_4xx and memory_flat and len(faults) == 2,
+        "status_500": len(plain_500), "rss_start": rss_start, "rss_end": rss_end, "rss_growth": growth, "memory_flat": memory_flat,
+        "passed": not lost and not wrong and not server_errors and not hostile_not_4xx and not plain_500 and memory_flat
+        and len(faults) == 2,
     }
 
 
@@ -220,7 +241,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: result[k] for k in ("requests", "outcomes", "cut_by_router_kill", "server_errors_outside_faults", "hostile_not_4xx",
-                                             "rss_start", "rss_end", "memory_flat", "passed")}, indent=1))
+                                             "status_500", "rss_start", "rss_end", "memory_flat", "passed")}, indent=1))
     print(f"[soak] faults: {[(f['what'], f['recovered_s']) for f in result['faults']]}; lost: {len(result['lost'])}; "
           f"errors outside faults: {len(result['errors_outside_faults'])}; wrote {args.out}")
     sys.exit(0 if result["passed"] else 1)
