@@ -78,11 +78,14 @@ def test_a_router_replica_killed_mid_traffic_comes_back_with_its_state(serve_url
     (pid,) = router_pids()
     os.kill(pid, signal.SIGKILL)
     # While no router replica is up: HAProxy's answer is a 503 in the error shape (serve_app/haproxy-loopback),
-    # or Serve's own proxy (its backup) holds the request until the new router takes it.
+    # or Serve's own proxy (its backup) holds the request until the new router takes it, or a request that
+    # reached the dying router loses its connection -- never a bare 500, never a hang.
     # (tiny-pair: a request to tiny-chat would move the keep-alive clock checked below.)
-    during = [requests.post(f"{serve_url}/v1/completions", json={"model": "tiny-pair", "prompt": "hi", "max_tokens": 2}, timeout=60)
-              for _ in range(3)]
-    for r in during:
+    for _ in range(3):
+        try:
+            r = requests.post(f"{serve_url}/v1/completions", json={"model": "tiny-pair", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        except requests.ConnectionError:
+            continue
         assert r.status_code in (200, 503), (r.status_code, r.text[:200])
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"] == "1"
