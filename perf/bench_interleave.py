@@ -37,17 +37,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from perf import bench_peer  # noqa: E402  (applies Ray's loopback environment first)
 from perf.bench_serving import Record, build_prompts, run_client  # noqa: E402
 from perf.common import MODELS, machine  # noqa: E402
-from perf.peer_measure import closed_loop, log, measure_http, point  # noqa: E402
+from perf.peer_measure import closed_loop, log, measure_http, point, records_of  # noqa: E402
 
 import psutil  # noqa: E402
 
 SYSTEMS = ("openvino", "ours-http", "ours-inproc")
 ORDERS = list(itertools.permutations(SYSTEMS))  # every order in turn: no system always follows the same one
-
-
-def records_of(raw: list[dict[str, Any]]) -> list[Record]:
-    return [Record(start=r["start"], end=r["end"], chunk_times=r["chunk_times"], status=200,
-                   completion_tokens=r["completion_tokens"]) for r in raw]
 
 
 def worker_ours(source: str, concurrency: int, max_num_seqs: int) -> None:
@@ -143,7 +138,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         return fig[str(args.concurrency)]  # type: ignore[no-any-return]
                     return point(workers[system].turn(prompts, args.output_len), args.output_len)
 
-            log(f"Ray's processes: {len(psutil.Process().children(recursive=True)) - 2} and more; workers ready")
             for system in SYSTEMS:  # warm-up turns, not kept
                 one_turn(system, f"warm.{system}")
             for r in range(args.rounds):

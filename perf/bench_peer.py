@@ -41,7 +41,7 @@ from perf import bench_serving  # noqa: E402
 from perf.bench_serving import Record, run_client  # noqa: E402
 from perf.common import MODELS, machine  # noqa: E402
 from perf.peer_measure import (Plan, Skipped, cpu_seconds, host_yardstick, log, measure, measure_http, other_cores,  # noqa: E402
-                               point, port_for)
+                               point, port_for, records_of)
 from perf.peer_report import median_ratios, median_round, print_report, ratios, write_plot  # noqa: E402
 
 LABELS = {"llama": "llama.cpp llama-server, HTTP/SSE", "openvino": "OpenVINO GenAI, in process (no HTTP)",
@@ -124,9 +124,8 @@ def run_openvino(args: argparse.Namespace, model: str, plan: Plan) -> dict[str, 
     if done.returncode != 0:
         raise Skipped(f"peer_openvino.py exited {done.returncode}: {done.stderr.strip()[-800:]}")
     data, others = json.loads(done.stdout), other_cores(before, time.perf_counter() - t0)  # over the whole child
-    points = {c: point([Record(start=r["start"], end=r["end"], chunk_times=r["chunk_times"], status=200,
-                               completion_tokens=r["completion_tokens"]) for r in recs], args.output_len)
-              | {"other_processes_cores": others} for c, recs in data.pop("points").items()}
+    points = {c: point(records_of(recs), args.output_len) | {"other_processes_cores": others}
+              for c, recs in data.pop("points").items()}
     return {"points": points, **data, "venv_install_s": install_s, "api": "1 stream: LLMPipeline.generate with a "
             "StreamerBase; N streams: ContinuousBatchingPipeline add_request/step/GenerationHandle.read"}
 

@@ -52,6 +52,12 @@ async def closed_loop(send: Send, prompts: list[str], concurrency: int, output_l
     return records
 
 
+def records_of(raw: list[dict[str, Any]]) -> list[Record]:
+    """Records a worker process sent as JSON (peer_openvino.py's, bench_interleave.py's)."""
+    return [Record(start=r["start"], end=r["end"], chunk_times=r["chunk_times"], status=200,
+                   completion_tokens=r["completion_tokens"]) for r in raw]
+
+
 def point(records: list[Record], output_len: int) -> dict[str, Any]:
     """bench_serving's figures, plus requests that got other than output_len tokens, and tokens per chunk."""
     fig = summarize(records)
