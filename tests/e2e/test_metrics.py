@@ -98,7 +98,8 @@ def test_metrics_move_under_traffic(serve_url: str) -> None:
                 and delta(s, f"{m}rejections_total", model=TINY, reason="bad_request") >= 1
                 and delta(s, f"{m}rejections_total", model=TINY, reason="overloaded") >= refused
                 and total(s, f"{m}model_state", model=TINY, state="loaded") >= 1
-                and delta(s, f"{m}model_releases_total", model=BASE, reason="manual") >= 1)
+                and delta(s, f"{m}model_releases_total", model=BASE, reason="manual") >= 1
+                and total(s, f"{m}model_state", model=BASE, state="unloaded") >= 1)  # the replica's next sample
 
     after = wait_for(serve_url, moved)
     assert delta(after, f"{m}requests_total", **ok) >= 3
