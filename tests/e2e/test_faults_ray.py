@@ -143,7 +143,7 @@ def test_a_replica_killed_mid_stream_ends_the_stream_cleanly_and_comes_back(serv
         done.set()
         other.join()
     assert other_codes and set(other_codes) == {200}
-    r = requests.post(f"{serve_url}/v1/completions", json={"model": SMOLLM2, "prompt": "Hello", "max_tokens": 5}, timeout=60)
+    r = requests.post(f"{serve_url}/v1/completions", json={"model": SMOLLM2, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
