@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -65,8 +66,9 @@ def worker_ours(source: str, concurrency: int, max_num_seqs: int) -> None:
 class Worker:
     """A system that runs in a process of its own and answers one JSON line per job."""
 
-    def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin: TextIO = self.proc.stdin
         self.stdout: TextIO = self.proc.stdout

@@ -16,6 +16,7 @@ from deployments.engine.layers.attention import build_metadata
 from deployments.engine.lora import LoRAManager
 from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
 from deployments.engine.models import build_model, is_native, load_config
+from deployments.engine.lanes import LANE_MIN_SEQS, DecodeLanes
 from deployments.engine.scheduler import SchedulerOutput
 from deployments.engine.weights.select import choose_weights
 
@@ -72,6 +73,7 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, lora_dtype, self.device)
             self.facts["lora_slot_bytes"] = self.lora.slot_bytes
         self._allocate_kv_cache()
+        self.lanes = DecodeLanes.for_runner(self)
 
     def _allocate_kv_cache(self) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim], allocated once and never reshaped: fp32 for
@@ -93,6 +95,10 @@ class ModelRunner:
         """Run every scheduled token as one flat batch; logits [num sampling seqs, vocab] in the
         order of `scheduler_output.sample_indices`."""
         seqs, counts = scheduler_output.seqs, scheduler_output.num_new_tokens
+        if self.lanes is not None:
+            if len(seqs) >= LANE_MIN_SEQS and all(c == 1 for c in counts):
+                return self.lanes.execute(self, scheduler_output)
+            self.lanes.restore()
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)  # decodes first
         input_ids: list[int] = []
         positions: list[list[int]] = []
@@ -118,6 +124,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     @torch.inference_mode()
+    def decode_rows(self, seqs: list[Any]) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of a batch of decodes (one new token each), in their order."""
+        positions = [[seq.num_computed_tokens] for seq in seqs]
+        meta = build_metadata(positions, [seq.block_table for seq in seqs], self.block_size, self.model.sliding_window, self.device)
+        ids = torch.tensor([seq.token_ids[seq.num_computed_tokens] for seq in seqs], device=self.device)
+        hidden = self.model(ids, torch.tensor([p[0] for p in positions], device=self.device), meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, vocab] at every position of one sequence (teacher forcing), through the same
         paged path; it writes blocks 0.. of the cache, so the engine must be idle (LLMEngine.score)."""
@@ -139,6 +154,8 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop every reference to the weights and the cache so they can be freed."""
+        if self.lanes is not None:
+            self.lanes.close()
         self.model.bind_kv_cache([], self.block_size)
         del self.model, self.tokenizer, self.kv_cache
 
