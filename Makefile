@@ -75,7 +75,7 @@ typecheck: $(STAMP)
 test-fast: install
 	$(PY) -m pytest tests/unit tests/integration
 
-# make bench: the standard performance set (about 10 minutes here, plus 7 for bench_peer); JSON + PNG under perf/results.
+# make bench: the standard performance set (about 10 minutes here, plus 7 for bench_peer and 5 for the interleaved two); JSON + PNG under perf/results.
 bench: $(VENV)/.perf-installed
 	$(PY) perf/bench_engine.py --name bench_engine
 	$(PY) perf/quality.py
@@ -87,6 +87,10 @@ bench: $(VENV)/.perf-installed
 	$(PY) perf/bench_prefill.py
 	# Peers side by side (llama.cpp, OpenVINO GenAI in perf/.venv-openvino, made on first use), both models.
 	$(PY) perf/bench_peer.py
+	# SmolLM2 at 10 streams in short interleaved turns (OpenVINO, ours over HTTP, ours in process), and what
+	# other processes' CPU costs each engine (decode lanes against one batch).
+	$(PY) perf/bench_interleave.py --rounds 6
+	$(PY) perf/bench_preemption.py --systems ours,ours-one-batch,openvino --rounds 4
 
 $(VENV)/.perf-installed: $(STAMP)
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,perf]'
