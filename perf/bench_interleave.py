@@ -161,17 +161,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=12)
+    add_turn_args(p, "bench_interleave")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--port", type=int, default=8000)
+    return p.parse_args(argv)
+
+
+def add_turn_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The turn's workload and where results go (shared with bench_preemption.py)."""
     p.add_argument("--requests", type=int, default=20, help="requests per turn (closed loop at --concurrency)")
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=16, help="our engine's batch limit (as config/serve.yaml)")
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
-    p.add_argument("--name", default="bench_interleave")
+    p.add_argument("--name", default=name)
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "perf/results")
-    return p.parse_args(argv)
+
+
+def write_report(args: argparse.Namespace, result: dict[str, Any], t0: float, packages: tuple[str, ...]) -> Path:
+    """perf/results/<name>.json: the host, the workload, the result and the wall time."""
+    report = {"environment": {**machine(), **{pkg: version(pkg) for pkg in packages}},
+              "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              **result, "wall_s": time.perf_counter() - t0}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{args.name}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -181,18 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t0 = time.perf_counter()
     result = run(args)
-    report = {"environment": {**machine(), **{pkg: version(pkg) for pkg in ("torch", "transformers", "ray")}},
-              "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              **result, "wall_s": time.perf_counter() - t0}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
+    path = write_report(args, result, t0, ("torch", "transformers", "ray"))
     for s, fig in result["summary"].items():
         print(f"{s:12s} tok/s median {fig['tok_s_median']:.1f} ({fig['tok_s_min']:.1f}-{fig['tok_s_max']:.1f}), "
               f"ITL p50 {fig['itl_p50_ms_median']:.2f} ms over {fig['turns']} turns")
     for name, r in result["ratios"].items():
         print(f"{name:24s} median {r['median']:.3f}, pooled {r['pooled']:.3f}, rounds {r['min']:.2f}-{r['max']:.2f}, "
               f"{r['rounds_at_or_above_1']}/{len(r['per_round'])} rounds >= 1")
-    print(f"wrote {args.out_dir / (args.name + '.json')} in {report['wall_s']:.0f} s")
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ load's share of the two cores, and their ratio (loss / share: 1 = the engine los
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from perf import bench_interleave as bi  # noqa: E402
 from perf import bench_peer  # noqa: E402
 from perf.bench_serving import build_prompts  # noqa: E402
-from perf.common import MODELS, machine  # noqa: E402
+from perf.common import MODELS  # noqa: E402
 from perf.peer_measure import log  # noqa: E402
 
 BURNER = """import sys, time
@@ -111,14 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--period-ms", type=float, default=2.5)
     p.add_argument("--burn-ms", type=float, default=0.1)
     p.add_argument("--cores", type=int, default=len(psutil.Process().cpu_affinity() or [0]))
-    p.add_argument("--requests", type=int, default=20)
-    p.add_argument("--concurrency", type=int, default=10)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
-    p.add_argument("--name", default="bench_preemption")
-    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "perf/results")
+    bi.add_turn_args(p, "bench_preemption")
     return p.parse_args(argv)
 
 
@@ -126,15 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     t0 = time.perf_counter()
     result = run(args)
-    report = {"environment": {**machine(), **{pkg: version(pkg) for pkg in ("torch", "transformers")}},
-              "workload": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **result,
-              "wall_s": time.perf_counter() - t0}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=str))
+    path = bi.write_report(args, result, t0, ("torch", "transformers"))
     for system, s in result["summary"].items():
         print(f"{system:9s} quiet {s['quiet_tok_s']:.1f} tok/s, with load {s['load_tok_s']:.1f}: loss {100 * s['loss']:.1f}% for "
               f"{100 * s['load_share']:.1f}% of the cores taken (x{s['amplification']:.2f})")
-    print(f"wrote {args.out_dir / (args.name + '.json')} in {report['wall_s']:.0f} s")
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
