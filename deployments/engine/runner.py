@@ -136,6 +136,8 @@ class ModelRunner:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, vocab] at every position of one sequence (teacher forcing), through the same
         paged path; it writes blocks 0.. of the cache, so the engine must be idle (LLMEngine.score)."""
+        if self.lanes is not None:
+            self.lanes.restore()  # a prompt's rows over both threads, whatever the last step was
         n = len(token_ids)
         num_blocks = -(-n // self.block_size)
         if num_blocks > self.num_blocks:

@@ -73,6 +73,10 @@ def test_generations_through_lanes_complete_with_preemption(arrive_every: int | 
     assert lanes.num_steps > 0
     assert engine.scheduler.num_preemptions > 0
     assert engine.block_manager.num_used_blocks == 0
+    torch.set_num_threads(1)  # as a lanes step leaves it
+    engine.score(engine.encode("Teacher forcing"))  # scoring runs over both threads again
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
     engine.add_request("after", engine.encode("One more"), SamplingParams(max_tokens=2, temperature=0.0))
     while engine.has_unfinished():  # a step of one sequence: one batch, torch's threads handed back
         engine.step()
