@@ -32,7 +32,7 @@ class DecodeLanes:
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self.num_steps = 0  # steps run as lanes (tests, /models)
+        self.num_steps = 0  # steps run as lanes (tests read it)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-lane")
 
     @classmethod
