@@ -88,6 +88,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions, "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "adapter_slots": self.adapters.num_slots, "num_adapters": len(self.adapters.slot_of),
+            "decode_lane_steps": self.runner.lanes.num_steps if self.runner.lanes is not None else 0,  # engine/lanes.py
         }
 
     def score(self, token_ids: list[int]) -> torch.Tensor:

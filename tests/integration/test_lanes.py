@@ -35,6 +35,7 @@ def test_a_lanes_step_matches_the_one_batch_step(family: str, tiny_model_dir: Pa
     for _ in range(12):  # prefills, then decodes past the tiny Gemma's sliding window (8)
         engine.step()
     assert lanes.num_steps > 0  # decode steps of 8 sequences ran as lanes
+    assert engine.stats()["decode_lane_steps"] == lanes.num_steps  # /models shows it (kv_cache's counters)
     assert torch.get_num_threads() == 1  # a lanes step holds torch at one thread
     step = engine.scheduler.schedule()
     assert len(step.seqs) == len(PROMPTS) and all(n == 1 for n in step.num_new_tokens)
@@ -84,6 +85,7 @@ def test_generations_through_lanes_complete_with_preemption(arrive_every: int | 
 
 
 def test_lanes_are_off_where_they_do_not_apply(tiny_model_dir: Path) -> None:
-    assert LLMEngine(EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=8)).runner.lanes is None  # reference path
+    fp32 = LLMEngine(EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=8))
+    assert fp32.runner.lanes is None and fp32.stats()["decode_lane_steps"] == 0  # the reference path
     assert int4_engine(tiny_model_dir, num_threads=1).runner.lanes is None
     assert int4_engine(tiny_model_dir, max_loras=2).runner.lanes is None
