@@ -53,8 +53,8 @@ class DecodeLanes:
         self.num_steps += 1
         half = (len(seqs) + 1) // 2
         torch.set_num_threads(1)  # until a step of another kind (ModelRunner.execute restores it)
-        other = self.pool.submit(runner.decode_rows, seqs[half:])
-        first = runner.decode_rows(seqs[:half])
+        other = self.pool.submit(runner.forward, seqs[half:], [1] * (len(seqs) - half), range(len(seqs) - half))
+        first = runner.forward(seqs[:half], [1] * half, range(half))
         logits = torch.cat([first, other.result()])
         order = scheduler_output.sample_indices
         if order == list(range(len(seqs))):

@@ -5,6 +5,7 @@ runs it, and returns the logits of the sequences that sample."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,15 +91,20 @@ class ModelRunner:
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(num_layers)], cfg.block_size)
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """Run every scheduled token as one flat batch; logits [num sampling seqs, vocab] in the
-        order of `scheduler_output.sample_indices`."""
+        """Run every scheduled token as one flat batch (a step of many decodes: two, engine/lanes.py);
+        logits [num sampling seqs, vocab] in the order of `scheduler_output.sample_indices`."""
         seqs, counts = scheduler_output.seqs, scheduler_output.num_new_tokens
         if self.lanes is not None:
             if len(seqs) >= LANE_MIN_SEQS and all(c == 1 for c in counts):
                 return self.lanes.execute(self, scheduler_output)
             self.lanes.restore()
+        return self.forward(seqs, counts, scheduler_output.sample_indices)
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[Any], counts: list[int], sample_indices: Sequence[int]) -> torch.Tensor:
+        """`counts[i]` new tokens of each sequence as one flat batch; logits of the sequences `sample_indices`
+        names, in that order."""
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)  # decodes first
         input_ids: list[int] = []
         positions: list[list[int]] = []
@@ -120,17 +126,8 @@ class ModelRunner:
         for i, pos in zip(order, positions):
             offset += len(pos)
             ends[i] = offset - 1
-        rows = torch.tensor([ends[i] for i in scheduler_output.sample_indices], dtype=torch.long, device=self.device)
+        rows = torch.tensor([ends[i] for i in sample_indices], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
-
-    @torch.inference_mode()
-    def decode_rows(self, seqs: list[Any]) -> torch.Tensor:
-        """Logits [len(seqs), vocab] of a batch of decodes (one new token each), in their order."""
-        positions = [[seq.num_computed_tokens] for seq in seqs]
-        meta = build_metadata(positions, [seq.block_table for seq in seqs], self.block_size, self.model.sliding_window, self.device)
-        ids = torch.tensor([seq.token_ids[seq.num_computed_tokens] for seq in seqs], device=self.device)
-        hidden = self.model(ids, torch.tensor([p[0] for p in positions], device=self.device), meta)
-        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
