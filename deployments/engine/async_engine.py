@@ -1,7 +1,8 @@
-"""An asyncio face for the engine: one background thread runs `step()`; each request gets a queue.
+"""An asyncio face for the engine: one background thread per lane runs `step(lane)` (engine/lanes.py: one
+thread, or two where lanes apply); each request gets a queue.
 
-Requests and aborts are handed to the engine thread through a thread-safe inbox, so the engine
-itself stays single-threaded. Leaving `generate()` early (the client went away) aborts the request.
+Requests and aborts are handed to lane 0's thread through a thread-safe inbox and applied between its
+steps. Leaving `generate()` early (the client went away) aborts the request.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_S = 1.0
 """How long the engine thread waits for work before it counts as idle (and runs `on_idle`)."""
+STALL_S = 0.005
+"""How long a lane with work but nothing schedulable (its blocks held by the other lane) waits to look again."""
 
 
 class EngineDeadError(RuntimeError):
@@ -89,10 +92,11 @@ class AsyncLLMEngine:
         self.on_idle: Callable[[], None] | None = None
         """Called on the engine thread once per idle spell: after some work, IDLE_S with none (the
         replica gives freed heap pages back to the OS then, never between steps)."""
-        # The loop thread builds the engine and runs every step: all torch work stays on one thread,
-        # so the process has one OpenMP thread pool. A second pool (load on one thread, steps on
-        # another) makes libgomp count more threads than cores and stop spinning between parallel
+        # The loop thread builds the engine and runs lane 0, the only lane that ever runs torch on more
+        # than one thread, so the process has one OpenMP thread pool. A second pool (load on one thread,
+        # steps on another) makes libgomp count more threads than cores and stop spinning between parallel
         # regions: SmolLM2 int4 went from 16 to 27 ms per single-stream step (perf/README.md).
+        self._lane_threads: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -147,8 +151,11 @@ class AsyncLLMEngine:
     def shutdown(self) -> None:
         """Stop the loop thread, end every open stream with `EngineDeadError`, free the engine."""
         self._stopped = True
-        self._wakeup.set()
+        for event in self.engine.lanes.wakeups:
+            event.set()
         self._thread.join(timeout=60)
+        for thread in self._lane_threads:
+            thread.join(timeout=60)
         self._fail_all(EngineDeadError("the model was unloaded while this request was running"))
         self.engine.release()
 
@@ -171,21 +178,36 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         if not self._build():
             return
-        worked = False
+        lanes = self.engine.lanes
+        lanes.wakeups[0] = self._wakeup  # _send wakes lane 0, which drains the inbox
+        lanes.threaded = lanes.num_lanes > 1
+        for lane in range(1, lanes.num_lanes):  # engine/lanes.py: one thread per lane, each at one torch thread
+            thread = threading.Thread(target=self._run_lane, args=(lane,), name=f"engine-lane-{lane}", daemon=True)
+            self._lane_threads.append(thread)
+            thread.start()
+        self._run_lane(0)
+
+    def _run_lane(self, lane: int) -> None:
+        lanes, worked = self.engine.lanes, False
+        wakeup = lanes.wakeups[lane]
         try:
             while not self._stopped:
-                self._drain_inbox()
-                if not self.engine.has_unfinished():
-                    woke = self._wakeup.wait(timeout=IDLE_S)
-                    self._wakeup.clear()
-                    if not woke and worked and (hook := self.on_idle) is not None:
+                if lane == 0:
+                    self._drain_inbox()
+                if not lanes.has_work(lane) or lanes.stalled[lane]:
+                    woke = wakeup.wait(timeout=STALL_S if lanes.stalled[lane] else IDLE_S)
+                    wakeup.clear()
+                    lanes.stalled[lane] = False
+                    if not woke and worked and lane == 0 and not self.engine.has_unfinished() and (hook := self.on_idle) is not None:
                         worked = False
                         self._idle(hook)
                     continue
                 worked = True
-                self._deliver(self.engine.step())
+                self._deliver(self.engine.step(lane))
         except Exception as exc:  # noqa: BLE001 - a crashed step must reach every waiting request
             self._stopped = True
+            for event in lanes.wakeups:
+                event.set()
             self._fail_all(EngineDeadError(f"engine step failed: {exc!r}"))
 
     def _idle(self, hook: Callable[[], None]) -> None:

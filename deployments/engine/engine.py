@@ -8,6 +8,7 @@ from deployments.engine.block_manager import BlockManager
 from deployments.engine.config import EngineConfig
 from deployments.engine.detokenizer import IncrementalDetokenizer
 from deployments.engine.adapter_loader import AdapterError, LoRAWeights
+from deployments.engine.lanes import LaneSet, lanes_apply
 from deployments.engine.lora import AdapterSlots
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams, Sequence
 from deployments.engine.runner import ModelRunner
@@ -16,7 +17,9 @@ from deployments.engine.scheduler import Scheduler
 
 
 class LLMEngine:
-    """Continuous batching over one model. Not thread-safe: drive it from one thread."""
+    """Continuous batching over one model. Drive it from one thread (`step()` runs every lane in turn), or
+    with lanes (engine/lanes.py) call `step(lane)` from one thread per lane; `add_request` and `abort` may
+    then come from lane 0's thread between its steps."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -26,7 +29,12 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, limit) if limit else config.max_model_len
         self.eos_token_ids = self._find_eos_token_ids()
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.eos_token_ids)
+        schedulers = [
+            Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.eos_token_ids)
+            for _ in range(2 if lanes_apply(self.runner) else 1)
+        ]
+        self.lanes = LaneSet(schedulers, torch.get_num_threads())
+        self.scheduler = schedulers[0]  # lane 0 admits every request
         self.sampler = Sampler(self.eos_token_ids)
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.adapters = AdapterSlots(config.max_loras)
@@ -80,21 +88,23 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         """KV-cache use and scheduling counters, for /models and the benchmarks."""
-        bm = self.block_manager
+        bm, schedulers = self.block_manager, self.lanes.schedulers
         return {
             "block_size": bm.block_size, "num_blocks": bm.num_blocks, "num_used_blocks": bm.num_used_blocks,
             "num_free_blocks": bm.num_free_blocks, "kv_cache_bytes": self.runner.kv_cache_bytes,
             "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits,
-            "num_preemptions": self.scheduler.num_preemptions, "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": sum(s.num_preemptions for s in schedulers),
+            "num_running": sum(len(s.running) for s in schedulers) + sum(len(i) for i in self.lanes.incoming),
+            "num_waiting": sum(len(s.waiting) for s in schedulers),
             "adapter_slots": self.adapters.num_slots, "num_adapters": len(self.adapters.slot_of),
-            "decode_lane_steps": self.runner.lanes.num_steps if self.runner.lanes is not None else 0,  # engine/lanes.py
+            "num_lanes": self.lanes.num_lanes, "lane_steps": self.lanes.num_split_steps,  # engine/lanes.py
         }
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Teacher-forced logits [T, vocab] of one token sequence (quality gates); idle engine only."""
         if self.has_unfinished():
             raise RuntimeError("score() needs an idle engine")
+        torch.set_num_threads(self.lanes.threads)  # a prompt's rows over every thread, whatever a lane left
         logits = self.runner.score(token_ids)
         self.block_manager.reset_prefix_cache()  # the blocks it wrote no longer hold what they hashed
         return logits
@@ -114,12 +124,15 @@ class LLMEngine:
             seq.adapter, seq.cache_salt = adapter, self.adapter_salts[adapter]
         self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.sampler.add(seq)
-        self.scheduler.add(seq)
+        with self.lanes.lock:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        seq = self.scheduler.abort(request_id)
-        if seq is None:
+        with self.lanes.lock:
+            found = self.lanes.abort(request_id)
+        if found is None:
             return None
+        seq = found[1]
         self._free({request_id})
         self._release_adapter(seq)
         return RequestOutput(request_id, [], "", FinishReason.ABORT, seq.num_prompt_tokens, seq.num_output_tokens)
@@ -162,27 +175,37 @@ class LLMEngine:
         seq.adapter, seq.lora_slot = None, -1
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.lanes.num_unfinished() > 0
 
     # --- one iteration -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
+    def step(self, lane: int | None = None) -> list[RequestOutput]:
+        """One step of `lane`; without one, a step of every lane in turn on the calling thread."""
+        if lane is None:
+            return [output for k in range(self.lanes.num_lanes) if k == 0 or self.lanes.has_work(k) for output in self.step(k)]
+        lanes = self.lanes
+        with lanes.lock:  # the bookkeeping; the forward pass and sampling run outside it
+            scheduler = lanes.begin(lane)
+            scheduler_output = scheduler.schedule()
+            lanes.scheduled(lane, scheduler_output)
         if scheduler_output.is_empty:
             return []
         logits = self.runner.execute(scheduler_output)
         sampling = [scheduler_output.seqs[i] for i in scheduler_output.sample_indices]
         sampled = self.sampler(logits, sampling) if sampling else []
-        updated = self.scheduler.update_from_output(scheduler_output, sampled)
-        return self._process_outputs(updated)
+        with lanes.lock:
+            updated = scheduler.update_from_output(scheduler_output, sampled)
+            outputs = self._process_outputs(updated, scheduler)
+            lanes.end(lane)
+        return outputs
 
-    def _process_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+    def _process_outputs(self, seqs: list[Sequence], scheduler: Scheduler) -> list[RequestOutput]:
         outputs, finished = [], set()
         for seq in seqs:
             token_id = seq.last_token_id
             detokenizer = self.detokenizers[seq.request_id]
             ended_by_eos = seq.finish_reason is FinishReason.STOP  # the scheduler only stops on EOS
             if not ended_by_eos and detokenizer.push(token_id):
-                self.scheduler.finish(seq, FinishReason.STOP)
+                scheduler.finish(seq, FinishReason.STOP)
             text = detokenizer.pop_delta(finished=seq.is_finished)
             outputs.append(
                 RequestOutput(

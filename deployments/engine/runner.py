@@ -17,7 +17,6 @@ from deployments.engine.layers.attention import build_metadata
 from deployments.engine.lora import LoRAManager
 from deployments.engine.loader import checkpoint_directory, describe_source, load_generic, load_tokenizer, resolve_model_path
 from deployments.engine.models import build_model, is_native, load_config
-from deployments.engine.lanes import LANE_MIN_SEQS, DecodeLanes
 from deployments.engine.scheduler import SchedulerOutput
 from deployments.engine.weights.select import choose_weights
 
@@ -74,7 +73,6 @@ class ModelRunner:
             self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank, lora_dtype, self.device)
             self.facts["lora_slot_bytes"] = self.lora.slot_bytes
         self._allocate_kv_cache()
-        self.lanes = DecodeLanes.for_runner(self)
 
     def _allocate_kv_cache(self) -> None:
         """One tensor [layers, 2, slots, kv_heads, head_dim], allocated once and never reshaped: fp32 for
@@ -92,14 +90,9 @@ class ModelRunner:
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(num_layers)], cfg.block_size)
 
     def execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """Run every scheduled token as one flat batch (a step of many decodes: two, engine/lanes.py);
-        logits [num sampling seqs, vocab] in the order of `scheduler_output.sample_indices`."""
-        seqs, counts = scheduler_output.seqs, scheduler_output.num_new_tokens
-        if self.lanes is not None:
-            if len(seqs) >= LANE_MIN_SEQS and all(c == 1 for c in counts):
-                return self.lanes.execute(self, scheduler_output)
-            self.lanes.restore()
-        return self.forward(seqs, counts, scheduler_output.sample_indices)
+        """Run every scheduled token as one flat batch; logits [num sampling seqs, vocab] in the order of
+        `scheduler_output.sample_indices`. Two lanes (engine/lanes.py) may call it at once."""
+        return self.forward(scheduler_output.seqs, scheduler_output.num_new_tokens, scheduler_output.sample_indices)
 
     @torch.inference_mode()
     def forward(self, seqs: list[Any], counts: list[int], sample_indices: Sequence[int]) -> torch.Tensor:
@@ -133,8 +126,6 @@ class ModelRunner:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, vocab] at every position of one sequence (teacher forcing), through the same
         paged path; it writes blocks 0.. of the cache, so the engine must be idle (LLMEngine.score)."""
-        if self.lanes is not None:
-            self.lanes.restore()  # a prompt's rows over both threads, whatever the last step was
         n = len(token_ids)
         num_blocks = -(-n // self.block_size)
         if num_blocks > self.num_blocks:
@@ -153,8 +144,6 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop every reference to the weights and the cache so they can be freed."""
-        if self.lanes is not None:
-            self.lanes.close()
         self.model.bind_kv_cache([], self.block_size)
         del self.model, self.tokenizer, self.kv_cache
 

@@ -52,6 +52,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_running_elsewhere = 0
+        """Sequences of another lane holding blocks of the same pool (engine/lanes.py): a waiting sequence
+        that does not fit now may fit when they finish."""
 
     @property
     def num_unfinished(self) -> int:
@@ -121,7 +124,7 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, num_new):
                 self.block_manager.free(seq)  # a waiting sequence holds no blocks: look again next step
                 seq.num_computed_tokens = 0
-                if not self.running and not out.seqs:  # the whole pool cannot hold it (validate prevents this)
+                if not self.running and not out.seqs and not self.num_running_elsewhere:  # the whole pool cannot hold it (validate prevents this)
                     self.waiting.popleft()
                     seq.finish(FinishReason.LENGTH)
                     continue
@@ -159,15 +162,15 @@ class Scheduler:
         for seq in scheduler_output.seqs:
             if not seq.is_finished:
                 self.block_manager.cache_full_blocks(seq)
-        self._drop_finished()
+        self.drop_finished()
         return updated
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Finish a sequence for a reason found outside the scheduler (a stop string, an abort)."""
         seq.finish(reason)
-        self._drop_finished()
+        self.drop_finished()
 
-    def _drop_finished(self) -> None:
+    def drop_finished(self) -> None:
         for seq in [s for s in self.running if s.is_finished] + [s for s in self.waiting if s.is_finished]:
             self.block_manager.cache_full_blocks(seq)
             self.block_manager.free(seq)

@@ -1,17 +1,20 @@
-"""Decode lanes (deployments/engine/lanes.py): a decode step of enough sequences runs as two halves side
-by side, each on one thread. The same step's logits must match the one-batch step's, the lanes must
-really run (and hand torch's thread count back for other steps), and whole generations through them
-must complete with every token, prompts arriving together and staggered, with preemption."""
+"""Lanes on the real engine (deployments/engine/lanes.py): two schedulers stepping on two threads over one
+model and one KV pool. Half a step's sequences run on one thread at once on each lane give the logits of
+the whole step over both threads; generations through AsyncLLMEngine with lanes complete with every token
+(arriving together and staggered, with preemption, with aborts mid-stream), free every block, and leave lane
+0 on both threads once the load is gone; lanes are off where they do not apply."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from deployments.engine import EngineConfig, LLMEngine, SamplingParams, kernels
-from deployments.engine import lanes as lanes_module
+from deployments.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams, kernels
+from deployments.engine.scheduler import SchedulerOutput
 
 pytestmark = pytest.mark.skipif(kernels.load("native") is None, reason=f"CPU kernels not built here: {kernels._failed.get('native')}")
 
@@ -19,73 +22,92 @@ PROMPTS = ["The quick brown fox", "Ray Serve hosts models", "A paged cache holds
            "Hello", "Tokens stream over SSE to every client", "Lanes", "The sea on a calm night"]
 
 
-def int4_engine(model_dir: Path, **overrides: object) -> LLMEngine:
+def int4_config(model_dir: Path, **overrides: object) -> EngineConfig:
     settings: dict[str, object] = {"model": str(model_dir), "weights": "int4", "max_num_seqs": 8, "block_size": 4, "num_threads": 2}
-    return LLMEngine(EngineConfig(**(settings | overrides)))  # type: ignore[arg-type]
+    return EngineConfig(**(settings | overrides))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_a_lanes_step_matches_the_one_batch_step(family: str, tiny_model_dir: Path, tiny_gemma_dir: Path) -> None:
-    engine = int4_engine(tiny_model_dir if family == "llama" else tiny_gemma_dir)
-    lanes = engine.runner.lanes
-    assert lanes is not None and lanes_module.LANE_MIN_SEQS <= len(PROMPTS)
+def test_two_halves_on_two_threads_give_the_whole_steps_logits(family: str, tiny_model_dir: Path, tiny_gemma_dir: Path) -> None:
+    engine = LLMEngine(int4_config(tiny_model_dir if family == "llama" else tiny_gemma_dir))
+    assert engine.lanes.num_lanes == 2
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(str(i), engine.encode(prompt), params)
     for _ in range(12):  # prefills, then decodes past the tiny Gemma's sliding window (8)
         engine.step()
-    assert lanes.num_steps > 0  # decode steps of 8 sequences ran as lanes
-    assert engine.stats()["decode_lane_steps"] == lanes.num_steps  # /models shows it (kv_cache's counters)
-    assert torch.get_num_threads() == 1  # a lanes step holds torch at one thread
     step = engine.scheduler.schedule()
     assert len(step.seqs) == len(PROMPTS) and all(n == 1 for n in step.num_new_tokens)
-    split = engine.runner.execute(step)  # both runs write the same cache slots
-    engine.runner.lanes = None
-    torch.set_num_threads(2)
-    whole = engine.runner.execute(step)
-    assert split.shape == whole.shape == (len(PROMPTS), whole.shape[1])
-    torch.testing.assert_close(split, whole, rtol=1e-3, atol=1e-3)  # attention's context splits may round differently
-    engine.runner.lanes = lanes
-    lanes.restore()
-    assert torch.get_num_threads() == 2
+    whole = engine.runner.execute(step)  # both runs write the same cache slots
+    halves = [SchedulerOutput(step.seqs[:4], [1] * 4), SchedulerOutput(step.seqs[4:], [1] * 4)]
+    logits: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
+
+    def lane(k: int) -> None:
+        torch.set_num_threads(1)
+        logits[k] = engine.runner.execute(halves[k])
+
+    threads = [threading.Thread(target=lane, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.testing.assert_close(torch.cat(logits), whole, rtol=1e-3, atol=1e-3)  # attention's context splits may round differently
 
 
-@pytest.mark.parametrize("arrive_every", [None, 1], ids=["together", "staggered"])
-def test_generations_through_lanes_complete_with_preemption(arrive_every: int | None, tiny_model_dir: Path) -> None:
-    runner = int4_engine(tiny_model_dir).runner
-    block_bytes = runner.kv_cache_bytes // runner.num_blocks
-    engine = int4_engine(tiny_model_dir, kv_cache_bytes=40 * block_bytes)  # 8 x ~30 tokens need ~64 blocks: preemption
-    assert engine.runner.num_blocks == 40
-    lanes = engine.runner.lanes
-    assert lanes is not None
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    tokens: dict[str, list[int]] = {}
-    waiting, step = list(enumerate(PROMPTS)), 0
-    while waiting or engine.has_unfinished():
-        if waiting and (arrive_every is None or step % arrive_every == 0):
-            for i, prompt in waiting if arrive_every is None else waiting[:1]:
-                engine.add_request(str(i), engine.encode(prompt), params)
-            waiting = [] if arrive_every is None else waiting[1:]
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        step += 1
-    assert sorted(tokens) == [str(i) for i in range(len(PROMPTS))]
-    assert all(len(t) == 24 for t in tokens.values())
-    assert lanes.num_steps > 0
-    assert engine.scheduler.num_preemptions > 0
-    assert engine.block_manager.num_used_blocks == 0
-    torch.set_num_threads(1)  # as a lanes step leaves it
-    engine.score(engine.encode("Teacher forcing"))  # scoring runs over both threads again
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(1)
-    engine.add_request("after", engine.encode("One more"), SamplingParams(max_tokens=2, temperature=0.0))
-    while engine.has_unfinished():  # a step of one sequence: one batch, torch's threads handed back
-        engine.step()
-    assert torch.get_num_threads() == 2
+async def generate_all(engine: AsyncLLMEngine, prompts: list[str], max_tokens: int, stagger_s: float = 0.0,
+                       leave_after: dict[int, int] | None = None) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, prompt: str) -> list[int]:
+        await asyncio.sleep(i * stagger_s)
+        tokens: list[int] = []
+        async for out in engine.generate(f"req-{i}", engine.engine.encode(prompt), params):
+            tokens += out.new_token_ids
+            if leave_after is not None and i in leave_after and len(tokens) >= leave_after[i]:
+                break  # the client goes away: the request is aborted, maybe while its lane steps
+        return tokens
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+@pytest.mark.parametrize("stagger_s", [0.0, 0.002], ids=["together", "staggered"])
+def test_generations_through_two_lane_threads_complete_with_preemption(stagger_s: float, tiny_model_dir: Path) -> None:
+    probe = LLMEngine(int4_config(tiny_model_dir))
+    block_bytes = probe.runner.kv_cache_bytes // probe.runner.num_blocks
+    del probe
+    engine = AsyncLLMEngine(int4_config(tiny_model_dir, max_num_seqs=12, kv_cache_bytes=60 * block_bytes))
+    try:
+        assert engine.engine.lanes.num_lanes == 2 and engine.engine.runner.num_blocks == 60
+        prompts = PROMPTS + [p + " again" for p in PROMPTS[:4]]  # 12 x ~40 tokens need ~120 blocks: preemption
+        results = asyncio.run(generate_all(engine, prompts, 32, stagger_s))
+        assert [len(t) for t in results] == [32] * len(prompts)
+        stats = engine.engine.stats()
+        assert stats["lane_steps"] > 0 and stats["num_preemptions"] > 0
+        assert stats["num_used_blocks"] == 0 and stats["num_running"] == stats["num_waiting"] == 0
+        one = asyncio.run(generate_all(engine, ["One more"], 4))
+        assert len(one[0]) == 4
+        assert not engine.engine.lanes.split
+        assert asyncio.run(engine.call(torch.get_num_threads)) == 2  # lane 0 alone: both threads again
+    finally:
+        engine.shutdown()
+
+
+def test_clients_leaving_mid_stream_abort_while_lanes_run(tiny_model_dir: Path) -> None:
+    engine = AsyncLLMEngine(int4_config(tiny_model_dir, max_num_seqs=10))
+    try:
+        prompts = PROMPTS + ["Two more", "prompts here"]
+        leave = {1: 3, 4: 10, 6: 1, 9: 20}
+        results = asyncio.run(generate_all(engine, prompts, 40, leave_after=leave))
+        for i, tokens in enumerate(results):
+            assert len(tokens) == (leave[i] if i in leave else 40)
+        stats = engine.engine.stats()
+        assert stats["lane_steps"] > 0 and stats["num_used_blocks"] == 0 and engine.engine.lanes.num_unfinished() == 0
+    finally:
+        engine.shutdown()
 
 
 def test_lanes_are_off_where_they_do_not_apply(tiny_model_dir: Path) -> None:
     fp32 = LLMEngine(EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=8))
-    assert fp32.runner.lanes is None and fp32.stats()["decode_lane_steps"] == 0  # the reference path
-    assert int4_engine(tiny_model_dir, num_threads=1).runner.lanes is None
-    assert int4_engine(tiny_model_dir, max_loras=2).runner.lanes is None
+    assert fp32.lanes.num_lanes == 1 and fp32.stats()["num_lanes"] == 1  # the reference path
+    assert LLMEngine(int4_config(tiny_model_dir, num_threads=1)).lanes.num_lanes == 1
+    assert LLMEngine(int4_config(tiny_model_dir, max_loras=2)).lanes.num_lanes == 1

@@ -55,7 +55,7 @@ async def test_a_streamed_request_records_latencies_and_tokens(app, monkeypatch:
     http, server, metrics = app
     step = server.engine.engine.step
     # 20 ms more per step, so tokens mostly reach the consumer one by one.
-    monkeypatch.setattr(server.engine.engine, "step", lambda: (time.sleep(0.02), step())[1])
+    monkeypatch.setattr(server.engine.engine, "step", lambda lane=None: (time.sleep(0.02), step(lane))[1])
     before = {name: len(m.calls) for name, m in metrics.items()}
     body = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "min_tokens": 6,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
