@@ -129,10 +129,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         with self.lanes.lock:
-            found = self.lanes.abort(request_id)
-        if found is None:
+            seq = self.lanes.abort(request_id)
+        if seq is None:
             return None
-        seq = found[1]
         self._free({request_id})
         self._release_adapter(seq)
         return RequestOutput(request_id, [], "", FinishReason.ABORT, seq.num_prompt_tokens, seq.num_output_tokens)

@@ -115,23 +115,23 @@ class LaneSet:
             if stalled and other != lane:
                 self.wakeups[other].set()
 
-    def abort(self, request_id: str) -> tuple[Scheduler, Sequence] | None:
+    def abort(self, request_id: str) -> Sequence | None:
         """Finish a request wherever it is. A lane whose step is running keeps the sequence until its
         update (which frees the blocks of finished sequences): its forward pass may still write them."""
         for lane, scheduler in enumerate(self.schedulers):
             if not self.busy[lane]:
                 if (seq := scheduler.abort(request_id)) is not None:
-                    return scheduler, seq
+                    return seq
                 continue
             for seq in [*scheduler.running, *scheduler.waiting]:
                 if seq.request_id == request_id and not seq.is_finished:
                     seq.finish(FinishReason.ABORT)
-                    return scheduler, seq
-        for lane, pending in enumerate(self.incoming):
+                    return seq
+        for pending in self.incoming:
             for seq in pending:
                 if seq.request_id == request_id and not seq.is_finished:
                     seq.finish(FinishReason.ABORT)  # its blocks are freed when the lane takes it
-                    return self.schedulers[lane], seq
+                    return seq
         return None
 
     def _hand_over(self, lane: int, other: int, running: list[Sequence], waiting: list[Sequence]) -> None:

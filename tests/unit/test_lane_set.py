@@ -92,7 +92,7 @@ def test_an_abort_during_a_lanes_step_frees_its_blocks_after_the_step() -> None:
     assert lanes.busy[1] and held
     with lanes.lock:
         found = lanes.abort(victim.request_id)
-    assert found is not None and found[1] is victim and victim.finish_reason is FinishReason.ABORT
+    assert found is victim and victim.finish_reason is FinishReason.ABORT
     manager = lanes.schedulers[0].block_manager
     assert all(manager.blocks[b].ref_count == 1 for b in held)  # its forward pass may still write them
     finish_step(lanes, 1, scheduler, out)
