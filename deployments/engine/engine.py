@@ -119,26 +119,31 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
-        if adapter is not None:
-            seq.lora_slot = self.adapters.acquire(adapter)
-            seq.adapter, seq.cache_salt = adapter, self.adapter_salts[adapter]
-        self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
-        self.sampler.add(seq)
-        with self.lanes.lock:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
+        with self.lanes.lock:  # the other lane may be releasing an adapter or taking sequences meanwhile
+            if adapter is not None:
+                seq.lora_slot = self.adapters.acquire(adapter)
+                seq.adapter, seq.cache_salt = adapter, self.adapter_salts[adapter]
+            self.detokenizers[request_id] = detokenizer
+            self.sampler.add(seq)
             self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         with self.lanes.lock:
             seq = self.lanes.abort(request_id)
-        if seq is None:
-            return None
-        self._free({request_id})
-        self._release_adapter(seq)
+            if seq is None:
+                return None
+            self._free({request_id})
+            self._release_adapter(seq)
         return RequestOutput(request_id, [], "", FinishReason.ABORT, seq.num_prompt_tokens, seq.num_output_tokens)
 
     # --- LoRA adapters -----------------------------------------------------------------------
     def add_adapter(self, weights: LoRAWeights) -> None:
         """Put an adapter in a free slot (a retiring one of the same name is kept instead)."""
+        with self.lanes.lock:  # a slot no running sequence uses: the lanes' steps may run meanwhile
+            self._add_adapter(weights)
+
+    def _add_adapter(self, weights: LoRAWeights) -> None:
         if self.runner.lora is None:
             raise AdapterError(f"adapter {weights.name!r}: this engine has no adapter slots (max_loras: 0)")
         if weights.name in self.adapters.slot_of:
@@ -154,12 +159,13 @@ class LLMEngine:
 
     def remove_adapter(self, name: str) -> None:
         """Free its slot now, or (while sequences use it) retire it until the last one ends."""
-        if name not in self.adapters.slot_of:
-            return
-        if self.adapters.in_use.get(name):
-            self.adapters.retiring.add(name)
-            return
-        self._clear_adapter(name)
+        with self.lanes.lock:
+            if name not in self.adapters.slot_of:
+                return
+            if self.adapters.in_use.get(name):
+                self.adapters.retiring.add(name)
+                return
+            self._clear_adapter(name)
 
     def _clear_adapter(self, name: str) -> None:
         slot = self.adapters.slot_of.pop(name)

@@ -14,7 +14,8 @@ balance asks: with at least `LANE_MIN_SEQS` active sequences the lanes split the
 `LANE_MIN_SEQS - 2` lane 1 hands everything back and lane 0 runs one batch over every thread (one
 stream needs both threads for its latency). A sequence changes lanes only between its steps, with its
 blocks: the pool and its prefix cache are shared. Lanes apply on CPU where every projection is one of
-our kernels' (`decode_layers`: int4, group-wise int8) and LoRA is off; elsewhere the set has one lane.
+our kernels' (`decode_layers`: int4, group-wise int8), with or without LoRA adapters; elsewhere the set has
+one lane.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ LANE_MIN_SEQS = int(os.environ.get("LLM_SERVE_LANE_MIN_SEQS", "8"))
 
 def lanes_apply(runner: Any) -> bool:
     """Two lanes where they pay: CPU, our kernels built, a native model whose projections are all our
-    kernels' (bf16 layers' matmuls want both threads), no LoRA (its adapter batch is per step), 2+ threads."""
-    if LANE_MIN_SEQS <= 0 or runner.device.type != "cpu" or runner.lora is not None:
+    kernels' (bf16 layers' matmuls want both threads), 2+ threads. LoRA too: each thread's step carries
+    its own adapter batch (LoRAManager.set_batch)."""
+    if LANE_MIN_SEQS <= 0 or runner.device.type != "cpu":
         return False
     if kernels.cpu_kernels() is None or torch.get_num_threads() < 2 or not getattr(runner.model, "_fusable", False):
         return False

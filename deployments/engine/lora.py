@@ -14,6 +14,8 @@ where `mask` keeps, for each token, only its own adapter's columns (base tokens:
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any
 
 import torch
@@ -154,7 +156,7 @@ class LoRAManager:
 
     def __init__(self, model: Any, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
-        self.batch: LoRABatch | None = None
+        self._step = threading.local()  # each lane's thread runs its own step (engine/lanes.py)
         self.layers: list[LoRALinear] = []
         for i, layer in enumerate(model.layers):
             for parent_name, parent in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
@@ -186,12 +188,18 @@ class LoRAManager:
         for layer in self.layers:
             layer.write(slot, weights)
 
+    @property
+    def batch(self) -> LoRABatch | None:
+        """The calling thread's current step's slots (None: base only)."""
+        return getattr(self._step, "batch", None)
+
     def set_batch(self, token_slots: list[int] | None) -> None:
-        """This step's slot per token (None or all -1: a base-only step, LoRA skipped)."""
+        """This thread's step's slot per token (None or all -1: a base-only step, LoRA skipped). Per thread:
+        two lanes run their steps at once, each with its own adapters."""
         if token_slots is None or max(token_slots, default=-1) < 0:
-            self.batch = None
+            self._step.batch = None
             return
-        self.batch = LoRABatch(token_slots, self.device)
+        self._step.batch = LoRABatch(token_slots, self.device)
 
     @property
     def slot_bytes(self) -> int:

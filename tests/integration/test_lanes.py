@@ -1,8 +1,8 @@
 """Lanes on the real engine (deployments/engine/lanes.py): two schedulers stepping on two threads over one
 model and one KV pool. Half a step's sequences run on one thread at once on each lane give the logits of
 the whole step over both threads; generations through AsyncLLMEngine with lanes complete with every token
-(arriving together and staggered, with preemption, with aborts mid-stream), free every block, and leave lane
-0 on both threads once the load is gone; lanes are off where they do not apply."""
+(arriving together and staggered, with preemption, with aborts mid-stream, with mixed LoRA adapters), free
+every block, and leave lane 0 on both threads once the load is gone; lanes are off where they do not apply."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from deployments.engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams, kernels
+from deployments.engine.adapter_loader import load_adapter
 from deployments.engine.scheduler import SchedulerOutput
+from tests.tiny_models import save_lora_adapter
 
 pytestmark = pytest.mark.skipif(kernels.load("native") is None, reason=f"CPU kernels not built here: {kernels._failed.get('native')}")
 
@@ -27,13 +29,27 @@ def int4_config(model_dir: Path, **overrides: object) -> EngineConfig:
     return EngineConfig(**(settings | overrides))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_two_halves_on_two_threads_give_the_whole_steps_logits(family: str, tiny_model_dir: Path, tiny_gemma_dir: Path) -> None:
-    engine = LLMEngine(int4_config(tiny_model_dir if family == "llama" else tiny_gemma_dir))
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("lane-adapters")
+    return [save_lora_adapter(tiny_model_dir, root / name, seed, 8, None) for seed, name in enumerate(["a", "b"], start=1)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "llama-lora"])
+def test_two_halves_on_two_threads_give_the_whole_steps_logits(family: str, tiny_model_dir: Path, tiny_gemma_dir: Path,
+                                                               adapter_dirs: list[Path]) -> None:
+    """With LoRA, each half carries other adapters: a batch shared between the threads would mix them up."""
+    lora = family.endswith("lora")
+    engine = LLMEngine(int4_config(tiny_gemma_dir if family == "gemma3" else tiny_model_dir, max_loras=2 if lora else 0))
     assert engine.lanes.num_lanes == 2
+    adapters: list[str | None] = [None] * len(PROMPTS)
+    if lora:
+        for name, path in zip(["a", "b"], adapter_dirs):
+            engine.add_adapter(load_adapter(path, name, 8))
+        adapters = ["a", "a", None, "a", "b", None, "b", "b"]  # halves: mostly a, mostly b
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), engine.encode(prompt), params)
+        engine.add_request(str(i), engine.encode(prompt), params, adapters[i])
     for _ in range(12):  # prefills, then decodes past the tiny Gemma's sliding window (8)
         engine.step()
     step = engine.scheduler.schedule()
@@ -106,8 +122,43 @@ def test_clients_leaving_mid_stream_abort_while_lanes_run(tiny_model_dir: Path) 
         engine.shutdown()
 
 
+def test_adapters_through_two_lane_threads(tiny_model_dir: Path, adapter_dirs: list[Path]) -> None:
+    """Mixed adapters and the base through lanes: the same tokens as the one-batch synchronous engine."""
+    engine = AsyncLLMEngine(int4_config(tiny_model_dir, max_num_seqs=10, max_loras=2))
+    reference = LLMEngine(int4_config(tiny_model_dir, max_num_seqs=10, max_loras=2))
+    try:
+        for name, path in zip(["a", "b"], adapter_dirs):
+            asyncio.run(engine.call(engine.engine.add_adapter, load_adapter(path, name, 8)))
+            reference.add_adapter(load_adapter(path, name, 8))
+        prompts = PROMPTS + ["Two more", "prompts here"]
+        adapters = ["a", None, "b", "a", "b", None, "a", "b", "a", None]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+        async def one(i: int) -> list[int]:
+            tokens: list[int] = []
+            async for out in engine.generate(f"r{i}", engine.engine.encode(prompts[i]), params, adapters[i]):
+                tokens += out.new_token_ids
+            return tokens
+
+        async def all_of() -> list[list[int]]:
+            return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+
+        got = asyncio.run(all_of())
+        for i, prompt in enumerate(prompts):
+            reference.add_request(f"r{i}", reference.encode(prompt), params, adapters[i])
+        want: dict[str, list[int]] = {}
+        while reference.has_unfinished():
+            for out in reference.step():
+                want.setdefault(out.request_id, []).extend(out.new_token_ids)
+        assert engine.engine.stats()["lane_steps"] > 0
+        same = sum(got[i] == want[f"r{i}"] for i in range(len(prompts)))
+        assert same >= len(prompts) - 1  # one thread against two may round a near-tie the other way
+        assert engine.engine.adapters.in_use == {}
+    finally:
+        engine.shutdown()
+
+
 def test_lanes_are_off_where_they_do_not_apply(tiny_model_dir: Path) -> None:
     fp32 = LLMEngine(EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=8))
     assert fp32.lanes.num_lanes == 1 and fp32.stats()["num_lanes"] == 1  # the reference path
     assert LLMEngine(int4_config(tiny_model_dir, num_threads=1)).lanes.num_lanes == 1
-    assert LLMEngine(int4_config(tiny_model_dir, max_loras=2)).lanes.num_lanes == 1
