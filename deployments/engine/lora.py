@@ -15,7 +15,6 @@ where `mask` keeps, for each token, only its own adapter's columns (base tokens:
 from __future__ import annotations
 
 import threading
-
 from typing import Any
 
 import torch
