@@ -33,7 +33,8 @@ SERIES: dict[str, tuple[str, str, str, list[float] | None]] = {
                    "Seconds from the router handing a request to Ray Serve until its replica started it.", QUEUE_BUCKETS),
     "ttft": ("Histogram", "llm_serve_time_to_first_token_seconds",
              "Seconds from the router handing a request over to its first token (queue time included).", TTFT_BUCKETS),
-    "itl": ("Histogram", "llm_serve_inter_token_latency_seconds", "Seconds between consecutive tokens of a request.", ITL_BUCKETS),
+    "itl": ("Histogram", "llm_serve_inter_token_latency_seconds",
+            "Seconds between consecutive tokens of a request (one observation per streamed output: its gap over its tokens).", ITL_BUCKETS),
     "e2e": ("Histogram", "llm_serve_e2e_request_latency_seconds",
             "Seconds from the router handing a request over to its last token (queue time included).", E2E_BUCKETS),
     "prompt_tokens": ("Counter", "llm_serve_prompt_tokens", "Prompt tokens of requests that produced output.", None),
@@ -185,10 +186,8 @@ class RequestTimer:
         if self.first_at is None:
             self.first_at = now
             m.ttft.observe(self.queued_s + now - self.started, tags=m.tags)
-        elif num_new:
-            gap = (now - self.last_at) / num_new
-            for _ in range(num_new):
-                m.itl.observe(gap, tags=m.tags)
+        elif num_new:  # one observation per output: the gap spread over the tokens it carries
+            m.itl.observe((now - self.last_at) / num_new, tags=m.tags)  # (~25 us each through Ray's metrics)
         self.last_at = now
         self.num_prompt_tokens, self.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
 

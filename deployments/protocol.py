@@ -107,6 +107,7 @@ class ReplicaStatus:
     last_used: float | None = None
     num_running_requests: int = 0
     max_num_seqs: int | None = None
+    stream_interval: int | str | None = None
     num_threads: int | None = None
     device: str | None = None
     memory_estimate: dict[str, int] | None = None

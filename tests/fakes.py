@@ -13,6 +13,7 @@ from typing import Any
 from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.config import EngineConfig
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams
+from deployments.engine.stream_interval import StreamInterval
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ScriptedEngine:
     ) -> None:
         time.sleep(load_delay_s)  # a load that takes a while (ModelServer runs it in a thread)
         self.engine = _ScriptedCore(config, has_chat_template)
+        self.pacing = StreamInterval(1)  # every word its own output
         self.replies = dict(replies or {})
         self.default_reply = default_reply
         self.delay_s = delay_s

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from deployments.engine.request import InvalidRequestError, RequestOutput, SamplingParams
+from deployments.engine.stream_interval import StreamInterval, parse_stream_interval
 
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class AsyncLLMEngine:
         self._load_error: BaseException | None = None
         self._config, self._engine_factory = config, engine_factory
         self.engine: LLMEngine
+        self.pacing = StreamInterval(parse_stream_interval(config.stream_interval))  # steps per output
         self.on_idle: Callable[[], None] | None = None
         """Called on the engine thread once per idle spell: after some work, IDLE_S with none (the
         replica gives freed heap pages back to the OS then, never between steps)."""
@@ -195,6 +197,7 @@ class AsyncLLMEngine:
                 if lane == 0:
                     self._drain_inbox()
                 if not lanes.has_work(lane) or lanes.stalled[lane]:
+                    self.pacing.flush(lane, self._deliver)
                     woke = wakeup.wait(timeout=STALL_S if lanes.stalled[lane] else IDLE_S)
                     wakeup.clear()
                     lanes.stalled[lane] = False
@@ -203,7 +206,8 @@ class AsyncLLMEngine:
                         self._idle(hook)
                     continue
                 worked = True
-                self._deliver(self.engine.step(lane))
+                outputs = self.engine.step(lane)
+                self.pacing.pace(lane, outputs, lanes.num_running(), self._deliver)
         except Exception as exc:  # noqa: BLE001 - a crashed step must reach every waiting request
             self._stopped = True
             for event in lanes.wakeups:

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from deployments.engine.stream_interval import parse_stream_interval
+
 WeightFormat = Literal["int4", "bf16", "fp32"]
 """How weights are held in memory once loaded."""
 WeightChoice = Literal["auto", WeightFormat]
@@ -59,6 +61,9 @@ class EngineConfig:
     """LoRA adapter slots preallocated beside the base (0: no adapters, no LoRA cost at all)."""
     max_lora_rank: int = 16
     """The largest adapter rank a slot holds; a higher-rank adapter is refused."""
+    stream_interval: int | str = "auto"
+    """Steps whose tokens one output of a request carries (vLLM's `stream_interval`); `auto`: 1, or 2
+    while 8+ sequences run (engine/stream_interval.py). First tokens and last outputs are never held."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,6 +83,7 @@ class EngineConfig:
             raise ValueError(f"max_loras={self.max_loras!r} must be an integer >= 0")
         if not isinstance(self.max_lora_rank, int) or self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank={self.max_lora_rank!r} must be a positive integer")
+        parse_stream_interval(self.stream_interval)
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads!r} must be a positive integer or None")
 

@@ -70,6 +70,9 @@ class LaneSet:
     def num_active(self, lane: int) -> int:
         return len(self.schedulers[lane].running) + len(self.incoming[lane])
 
+    def num_running(self) -> int:
+        return sum(self.num_active(lane) for lane in range(len(self.schedulers)))
+
     def num_unfinished(self) -> int:
         return sum(s.num_unfinished for s in self.schedulers) + sum(len(i) for i in self.incoming)
 

@@ -119,6 +119,9 @@ class ModelInfo(BaseModel):
     last_used: float | None = None
     num_running_requests: int = 0
     max_num_seqs: int | None = None
+    stream_interval: int | str | None = Field(
+        None, description="Engine steps whose tokens one streamed event carries; auto: 1, or 2 while 8+ sequences run."
+    )
     num_threads: int | None = None
     device: str | None = None
     memory_estimate: dict[str, int] | None = None

@@ -114,8 +114,8 @@ def test_clients_leaving_mid_stream_abort_while_lanes_run(tiny_model_dir: Path) 
         prompts = PROMPTS + ["Two more", "prompts here"]
         leave = {1: 3, 4: 10, 6: 1, 9: 20}
         results = asyncio.run(generate_all(engine, prompts, 40, leave_after=leave))
-        for i, tokens in enumerate(results):
-            assert len(tokens) == (leave[i] if i in leave else 40)
+        for i, tokens in enumerate(results):  # a leaver left after the output that reached its count (outputs may carry several)
+            assert leave[i] <= len(tokens) < 40 if i in leave else len(tokens) == 40
         stats = engine.engine.stats()
         assert stats["lane_steps"] > 0 and stats["num_used_blocks"] == 0 and engine.engine.lanes.num_unfinished() == 0
     finally:
