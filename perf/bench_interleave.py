@@ -46,12 +46,12 @@ SYSTEMS = ("openvino", "ours-http", "ours-inproc")
 ORDERS = list(itertools.permutations(SYSTEMS))  # every order in turn: no system always follows the same one
 
 
-def worker_ours(source: str, concurrency: int, max_num_seqs: int) -> None:
+def worker_ours(source: str, concurrency: int, max_num_seqs: int, stream_interval: int | str = 1) -> None:
     """Ours in process, as a worker: one AsyncLLMEngine kept loaded; the same line protocol as
     peer_openvino.py --serve (a job per stdin line, its records as one JSON line)."""
     from deployments.engine import AsyncLLMEngine, EngineConfig
 
-    engine = AsyncLLMEngine(EngineConfig(model=source, max_num_seqs=max_num_seqs))
+    engine = AsyncLLMEngine(EngineConfig(model=source, max_num_seqs=max_num_seqs, stream_interval=stream_interval))
     loop = asyncio.new_event_loop()  # one loop for the engine's life
     print(json.dumps({"ready": "ours"}), flush=True)
     for line in sys.stdin:
@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source, gguf = MODELS["smollm2"][1], str(bench_peer.gguf_path("smollm2"))
     py_ov, _ = bench_peer.openvino_python(args)
     workers = {"openvino": Worker([str(py_ov), str(REPO_ROOT / "perf/peer_openvino.py"), "--serve", gguf, str(args.concurrency)]),
-               "ours-inproc": Worker([sys.executable, __file__, "--worker-ours", source, str(args.concurrency), str(args.max_num_seqs)])}
+               "ours-inproc": Worker([sys.executable, __file__, "--worker-ours", source, str(args.concurrency), str(args.max_num_seqs),
+                                            str(args.stream_interval)])}
     turns: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
     with bench_peer.ours_app(args, "smollm2") as url:
         try:
@@ -173,6 +174,8 @@ def add_turn_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=16, help="our engine's batch limit (as config/serve.yaml)")
+    p.add_argument("--stream-interval", type=lambda v: v if v == "auto" else int(v), default=1,
+                   help="our engine's steps per streamed output, in process and over HTTP alike (auto: 2 from 8 sequences)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
     p.add_argument("--name", default=name)
@@ -191,8 +194,8 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], t0: float, pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    if sys.argv[1:2] == ["--worker-ours"]:  # bench_interleave.py --worker-ours SOURCE CONCURRENCY MAX_NUM_SEQS
-        worker_ours(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if sys.argv[1:2] == ["--worker-ours"]:  # bench_interleave.py --worker-ours SOURCE CONCURRENCY MAX_NUM_SEQS STREAM_INTERVAL
+        worker_ours(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if sys.argv[5] == "auto" else int(sys.argv[5]))
         return
     args = parse_args(argv)
     t0 = time.perf_counter()

@@ -179,7 +179,8 @@ def ours_app(args: argparse.Namespace, model: str) -> Iterator[str]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])})
         serve.run(build_app({"models": [{"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads,
-                                         "max_ongoing_requests": 64, "num_cpus": 1}]}), name="llm", route_prefix="/")
+                                         "max_ongoing_requests": 64, "num_cpus": 1,
+                                         "stream_interval": getattr(args, "stream_interval", 1)}]}), name="llm", route_prefix="/")
         if not wait_http(f"{url}/readyz"):
             raise RuntimeError("the Ray Serve app did not become ready")
         yield url

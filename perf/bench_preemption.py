@@ -56,7 +56,8 @@ def cpu_s(pids: list[int]) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     source, gguf = MODELS["smollm2"][1], str(bench_peer.gguf_path("smollm2"))
     workers: dict[str, bi.Worker] = {}
-    ours = [sys.executable, bi.__file__, "--worker-ours", source, str(args.concurrency), str(args.max_num_seqs)]
+    ours = [sys.executable, bi.__file__, "--worker-ours", source, str(args.concurrency), str(args.max_num_seqs),
+            str(args.stream_interval)]
     if "ours" in args.systems:
         workers["ours"] = bi.Worker(ours)
     if "ours-one-batch" in args.systems:  # the step's kernels over both threads, without decode lanes (engine/lanes.py)

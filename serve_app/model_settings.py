@@ -67,8 +67,8 @@ class ModelSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     num_threads: int | None = Field(None, ge=1)
     stream_interval: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
-        "auto", description="Engine steps whose tokens one streamed event carries (vLLM's stream_interval); "
-        "auto: every step, or every 2 while 8+ sequences run (fewer events, more tokens/s under load)."
+        1, description="Engine steps whose tokens one streamed event carries (vLLM's stream_interval; 1: every token as it "
+        "comes); auto: every step, or every 2 while 8+ sequences run (fewer events, more tokens/s under load)."
     )
     chat_template: str | None = Field(None, description="Jinja chat template supplied or overriding the model's.")
     load_on_start: bool = True

@@ -61,7 +61,7 @@ class EngineConfig:
     """LoRA adapter slots preallocated beside the base (0: no adapters, no LoRA cost at all)."""
     max_lora_rank: int = 16
     """The largest adapter rank a slot holds; a higher-rank adapter is refused."""
-    stream_interval: int | str = "auto"
+    stream_interval: int | str = 1
     """Steps whose tokens one output of a request carries (vLLM's `stream_interval`); `auto`: 1, or 2
     while 8+ sequences run (engine/stream_interval.py). First tokens and last outputs are never held."""
 

@@ -120,7 +120,7 @@ class ModelInfo(BaseModel):
     num_running_requests: int = 0
     max_num_seqs: int | None = None
     stream_interval: int | str | None = Field(
-        None, description="Engine steps whose tokens one streamed event carries; auto: 1, or 2 while 8+ sequences run."
+        None, description="Engine steps whose tokens one streamed event carries (1: every token); auto: 1, or 2 while 8+ sequences run."
     )
     num_threads: int | None = None
     device: str | None = None

@@ -48,7 +48,7 @@ def test_auto_merges_two_steps_per_output_under_load_with_the_same_tokens(weight
         pytest.skip("CPU kernels not built here: no lanes")
     base = {"model": str(tiny_model_dir), "weights": weights, "max_num_seqs": 10, "block_size": 4, "num_threads": 2}
     every_step = run(EngineConfig(**base, stream_interval=1), PROMPTS)  # type: ignore[arg-type]
-    paced = run(EngineConfig(**base), PROMPTS)  # type: ignore[arg-type]  # auto
+    paced = run(EngineConfig(**base, stream_interval="auto"), PROMPTS)  # type: ignore[arg-type]
     for ones, pairs in zip(every_step, paced):
         assert [t for o in pairs for t in o] == [t for o in ones for t in o]  # the same tokens, in order
         assert [len(o) for o in ones] == [1] * MAX_TOKENS

@@ -31,6 +31,10 @@ def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loo
     (pool,) = settings.pools  # SmolLM2 and the adapters make serve fine-tunes, in one pool
     assert [m.id for m in pool.models] == ["smollm2-135m-instruct"] and pool.models[0].source.startswith("pkg://")
     assert pool.adapter_dir == "~/.cache/llm-serve/adapters"
+    assert settings.models[0].engine_config().stream_interval == 1  # every token as it comes, as vLLM's default
+    args = app_args()
+    args["models"][0]["stream_interval"] = "auto"
+    assert parse_app_settings(args).models[0].engine_config().stream_interval == "auto"
 
 
 @pytest.mark.parametrize(
@@ -45,6 +49,8 @@ def test_shipped_config_serves_the_embedded_models_and_their_gptq_variant_on_loo
         (lambda a: a["pools"][0]["models"][0].update(id="gemma-3-270m"), "unique"),
         (lambda a: a["pools"][0].update(adapters=[{"id": "x", "base": "nope", "path": "/x"}]), "base 'nope' is not a model"),
         (lambda a: a["pools"][0].update(max_models_per_replica=0), "pools.0.max_models_per_replica"),
+        (lambda a: a["models"][0].update(stream_interval=0), "models.0.stream_interval"),
+        (lambda a: a["models"][0].update(stream_interval="fast"), "models.0.stream_interval"),
     ],
 )
 def test_bad_config_names_the_bad_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
