@@ -91,6 +91,8 @@ bench: $(VENV)/.perf-installed
 	# other processes' CPU costs each engine (decode lanes against one batch).
 	$(PY) perf/bench_interleave.py --rounds 6
 	$(PY) perf/bench_preemption.py --systems ours,ours-one-batch,openvino --rounds 4
+	# stream_interval 1 against auto, over HTTP and in process, alternated.
+	$(PY) perf/bench_stream_interval.py --rounds 6
 
 $(VENV)/.perf-installed: $(STAMP)
 	$(PIP) install -q -c requirements/constraints.txt -e '.[dev,perf]'

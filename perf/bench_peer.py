@@ -166,8 +166,9 @@ def run_ours_inproc(args: argparse.Namespace, model: str, plan: Plan) -> dict[st
 
 
 @contextlib.contextmanager
-def ours_app(args: argparse.Namespace, model: str) -> Iterator[str]:
-    """The real app with only this model, on a local Ray bound to 127.0.0.1, as its URL; Ray is shut down afterwards."""
+def ours_app(args: argparse.Namespace, model: str, variants: dict[str, dict[str, Any]] | None = None) -> Iterator[str]:
+    """The real app with only this model, on a local Ray bound to 127.0.0.1, as its URL; Ray is shut down afterwards.
+    With `variants` (id -> settings), one deployment of the model per variant instead, under those ids."""
     import ray
     from ray import serve
 
@@ -178,9 +179,10 @@ def ours_app(args: argparse.Namespace, model: str) -> Iterator[str]:
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])})
-        serve.run(build_app({"models": [{"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads,
-                                         "max_ongoing_requests": 64, "num_cpus": 1,
-                                         "stream_interval": getattr(args, "stream_interval", 1)}]}), name="llm", route_prefix="/")
+        base = {"id": model_id, "source": source, "max_num_seqs": args.max_num_seqs, "num_threads": args.num_threads,
+                "max_ongoing_requests": 64, "num_cpus": 1, "stream_interval": getattr(args, "stream_interval", 1)}
+        models = [base | {"id": name} | settings for name, settings in variants.items()] if variants else [base]
+        serve.run(build_app({"models": models}), name="llm", route_prefix="/")
         if not wait_http(f"{url}/readyz"):
             raise RuntimeError("the Ray Serve app did not become ready")
         yield url
