@@ -4,11 +4,12 @@ Every output that leaves the engine costs the serving path the same whatever it 
 the serving loop, a channel frame, an SSE event rendered and written by the router, read and written
 by HAProxy, read and parsed by the client. On a CPU host those processes share the cores with the
 engine, so under load fewer, larger outputs are more tokens per second for everyone (10 streams of
-SmolLM2 on a 2-core host, `auto` against 1: +8% over HTTP, +4% in process; perf/README.md, session 25).
+SmolLM2 on a 2-core host, `auto` against 1 alternated in one run: +9% over HTTP, +3% in process; perf/README.md,
+session 25).
 
 `StreamInterval(n)` merges a request's outputs until they span `n` steps (the engine's default is 1: every
 step). `auto` (0) streams every step while fewer than `AUTO_MIN_SEQS` sequences run, and every
-`AUTO_INTERVAL` steps from there (~19 ms between a stream's outputs for SmolLM2 on 2 cores). A request's
+`AUTO_INTERVAL` steps from there (~18 ms between a stream's outputs for SmolLM2 at 10 streams on 2 cores). A request's
 first token (its TTFT) and its last output are never held, nor an output whose request its lane did not
 step again (moved to the other lane, preempted or aborted): each lane's held outputs leave at its next
 step or when it stops for lack of work. Thread-safe: each lane's thread calls `pace` after its steps.
