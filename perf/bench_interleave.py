@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = run(args)
     path = write_report(args, result, t0, ("torch", "transformers", "ray"))
+    print_result(result)
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
+def print_result(result: dict[str, Any], width: int = 12) -> None:
+    """Each system's median tok/s and ITL p50, then each ratio's per-round statistics."""
     for s, fig in result["summary"].items():
-        print(f"{s:12s} tok/s median {fig['tok_s_median']:.1f} ({fig['tok_s_min']:.1f}-{fig['tok_s_max']:.1f}), "
+        print(f"{s:{width}s} tok/s median {fig['tok_s_median']:.1f} ({fig['tok_s_min']:.1f}-{fig['tok_s_max']:.1f}), "
               f"ITL p50 {fig['itl_p50_ms_median']:.2f} ms over {fig['turns']} turns")
     for name, r in result["ratios"].items():
-        print(f"{name:24s} median {r['median']:.3f}, pooled {r['pooled']:.3f}, rounds {r['min']:.2f}-{r['max']:.2f}, "
+        print(f"{name:{width + 12}s} median {r['median']:.3f}, pooled {r['pooled']:.3f}, rounds {r['min']:.2f}-{r['max']:.2f}, "
               f"{r['rounds_at_or_above_1']}/{len(r['per_round'])} rounds >= 1")
-    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

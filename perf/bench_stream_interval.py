@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = run(args)
     path = bi.write_report(args, result, t0, ("torch", "transformers", "ray"))
-    for s, fig in result["summary"].items():
-        print(f"{s:18s} tok/s median {fig['tok_s_median']:.1f} ({fig['tok_s_min']:.1f}-{fig['tok_s_max']:.1f}), "
-              f"ITL p50 {fig['itl_p50_ms_median']:.2f} ms over {fig['turns']} turns")
-    for name, r in result["ratios"].items():
-        print(f"{name:28s} median {r['median']:.3f}, pooled {r['pooled']:.3f}, rounds {r['min']:.2f}-{r['max']:.2f}, "
-              f"{r['rounds_at_or_above_1']}/{len(r['per_round'])} rounds >= 1")
+    bi.print_result(result, width=18)
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
