@@ -168,13 +168,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stream_interval_arg(value: str) -> int | str:
+    """`auto` or a step count, as given on a command line."""
+    return value if value == "auto" else int(value)
+
+
 def add_turn_args(p: argparse.ArgumentParser, name: str) -> None:
     """The turn's workload and where results go (shared with bench_preemption.py)."""
     p.add_argument("--requests", type=int, default=20, help="requests per turn (closed loop at --concurrency)")
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=16, help="our engine's batch limit (as config/serve.yaml)")
-    p.add_argument("--stream-interval", type=lambda v: v if v == "auto" else int(v), default=1,
+    p.add_argument("--stream-interval", type=stream_interval_arg, default=1,
                    help="our engine's steps per streamed output, in process and over HTTP alike (auto: 2 from 8 sequences)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--openvino-venv", type=Path, default=REPO_ROOT / "perf/.venv-openvino")
@@ -195,7 +200,7 @@ def write_report(args: argparse.Namespace, result: dict[str, Any], t0: float, pa
 
 def main(argv: list[str] | None = None) -> None:
     if sys.argv[1:2] == ["--worker-ours"]:  # bench_interleave.py --worker-ours SOURCE CONCURRENCY MAX_NUM_SEQS STREAM_INTERVAL
-        worker_ours(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] if sys.argv[5] == "auto" else int(sys.argv[5]))
+        worker_ours(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), stream_interval_arg(sys.argv[5]))
         return
     args = parse_args(argv)
     t0 = time.perf_counter()

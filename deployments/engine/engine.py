@@ -94,7 +94,7 @@ class LLMEngine:
             "num_free_blocks": bm.num_free_blocks, "kv_cache_bytes": self.runner.kv_cache_bytes,
             "prefix_cache_queries": bm.num_prefix_queries, "prefix_cache_hits": bm.num_prefix_hits,
             "num_preemptions": sum(s.num_preemptions for s in schedulers),
-            "num_running": sum(len(s.running) for s in schedulers) + sum(len(i) for i in self.lanes.incoming),
+            "num_running": self.lanes.num_running(),
             "num_waiting": sum(len(s.waiting) for s in schedulers),
             "adapter_slots": self.adapters.num_slots, "num_adapters": len(self.adapters.slot_of),
             "num_lanes": self.lanes.num_lanes, "lane_steps": self.lanes.num_split_steps,  # engine/lanes.py

@@ -71,7 +71,7 @@ class LaneSet:
         return len(self.schedulers[lane].running) + len(self.incoming[lane])
 
     def num_running(self) -> int:
-        return sum(self.num_active(lane) for lane in range(len(self.schedulers)))
+        return sum(self.num_active(lane) for lane in range(self.num_lanes))
 
     def num_unfinished(self) -> int:
         return sum(s.num_unfinished for s in self.schedulers) + sum(len(i) for i in self.incoming)

@@ -5,7 +5,6 @@ runs it, and returns the logits of the sequences that sample."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -89,15 +88,11 @@ class ModelRunner:
         self.kv_cache_bytes = self.kv_cache.numel() * self.kv_cache.element_size()
         model.bind_kv_cache([(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(num_layers)], cfg.block_size)
 
+    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
         """Run every scheduled token as one flat batch; logits [num sampling seqs, vocab] in the order of
         `scheduler_output.sample_indices`. Two lanes (engine/lanes.py) may call it at once."""
-        return self.forward(scheduler_output.seqs, scheduler_output.num_new_tokens, scheduler_output.sample_indices)
-
-    @torch.inference_mode()
-    def forward(self, seqs: list[Any], counts: list[int], sample_indices: Sequence[int]) -> torch.Tensor:
-        """`counts[i]` new tokens of each sequence as one flat batch; logits of the sequences `sample_indices`
-        names, in that order."""
+        seqs, counts = scheduler_output.seqs, scheduler_output.num_new_tokens
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)  # decodes first
         input_ids: list[int] = []
         positions: list[list[int]] = []
@@ -119,7 +114,7 @@ class ModelRunner:
         for i, pos in zip(order, positions):
             offset += len(pos)
             ends[i] = offset - 1
-        rows = torch.tensor([ends[i] for i in sample_indices], dtype=torch.long, device=self.device)
+        rows = torch.tensor([ends[i] for i in scheduler_output.sample_indices], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     @torch.inference_mode()

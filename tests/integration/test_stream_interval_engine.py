@@ -63,3 +63,32 @@ def test_one_stream_gets_every_token_as_it_comes(tiny_model_dir: Path) -> None:
     config = EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=10, block_size=4, stream_interval="auto")
     (outputs,) = run(config, PROMPTS[:1])
     assert [len(o) for o in outputs] == [1] * MAX_TOKENS
+
+
+def test_models_view_reports_the_interval_and_the_outputs_it_merged(tiny_model_dir: Path) -> None:
+    """What GET /models shows for a replica: its stream_interval, and kv_cache.outputs_merged counting the
+    outputs held back under load (none with stream_interval 1)."""
+    from deployments.protocol import GenerateRequest
+    from deployments.server import ModelServer
+
+    async def serve_all(server: ModelServer) -> None:
+        async def one(prompt: str) -> None:
+            request = GenerateRequest(params={"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}, prompt=prompt)
+            async for _ in server.generate(request):
+                pass
+
+        await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    merged = {}
+    for interval in (1, "auto"):
+        config = EngineConfig(model=str(tiny_model_dir), weights="fp32", max_num_seqs=10, block_size=4, stream_interval=interval)
+        server = ModelServer("tiny", config)
+        try:
+            asyncio.run(serve_all(server))
+            status = server.status()
+            assert status.stream_interval == interval
+            assert status.kv_cache is not None
+            merged[interval] = status.kv_cache["outputs_merged"]
+        finally:
+            asyncio.run(server.unload())
+    assert merged[1] == 0 and merged["auto"] >= len(PROMPTS) * (MAX_TOKENS // 2 - 2)
