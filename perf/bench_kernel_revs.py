@@ -3,8 +3,8 @@
 Both kernel builds are loaded into one process (the base's sources from `git show REV:...`, built under a
 name of their own; the working tree's as the engine builds them) and take turns as the engine's kernels,
 round by round in alternating order, over the same SmolLM2 engine: each turn runs 1 and then 10 streams of
-128 tokens (`ignore_eos`) and times every engine step after the first two, and the first step of the 10 streams
-(their ten prompts prefilled together) as the turn's prefill. The host's speed drifts by
+128 tokens (`ignore_eos`) and times every engine step after the first two, and each turn's first step (its prompts
+prefilled: one, then ten together; each prompt with a unique head, so no prefix-cache hit). The host's speed drifts by
 20-40% within minutes, so only these same-process, alternated medians compare the two. A kernel function
 the base build lacks runs as the base's Python ran it (`table_rows`: torch indexing of the packed table).
 
@@ -60,8 +60,8 @@ def run_turn(engine: LLMEngine, tag: str, streams: int, output_len: int) -> tupl
     """(median step in ms over `streams` requests of `output_len` tokens, first two steps left out; the first
     step in ms, which prefills every prompt)."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(build_prompts(streams)):
-        engine.add_request(f"{tag}-{i}", engine.encode(prompt), params)
+    for i, prompt in enumerate(build_prompts(streams)):  # a unique head: no prefix-cache hit on an earlier turn's blocks
+        engine.add_request(f"{tag}-{i}", engine.encode(f"Request {tag}.{i}: {prompt}"), params)
     start = time.perf_counter()
     engine.step()
     prefill = (time.perf_counter() - start) * 1e3
@@ -92,7 +92,7 @@ def main() -> None:
         base.table_rows = packed_rows  # as the base's Python ran it
     builds = {"base": base, "current": current}
     engine = LLMEngine(EngineConfig(model=args.model, weights="int4"))
-    results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": [], "prefill_10": []} for name in builds}
+    results: dict[str, dict[str, list[float]]] = {name: {"1": [], "10": [], "prefill_1": [], "prefill_10": []} for name in builds}
     for rnd in range(args.rounds):
         order = list(builds) if rnd % 2 == 0 else list(reversed(builds))
         for name in order:
@@ -100,15 +100,15 @@ def main() -> None:
             for streams in (1, 10):
                 ms, prefill = run_turn(engine, f"{name}{rnd}s{streams}", streams, args.output_len)
                 results[name][str(streams)].append(ms)
-                if streams == 10:
-                    results[name]["prefill_10"].append(prefill)
+                results[name][f"prefill_{streams}"].append(prefill)
                 print(f"round {rnd + 1} {name:7s} {streams:2d} streams: {ms:.2f} ms/step, first step {prefill:.1f} ms", flush=True)
     kernels._built["native"] = int4._ours = current
     summary = {name: {s: statistics.median(v) for s, v in by.items()} for name, by in results.items()}
-    change = {s: summary["current"][s] / summary["base"][s] - 1 for s in ("1", "10", "prefill_10")}
+    change = {s: summary["current"][s] / summary["base"][s] - 1 for s in ("1", "10", "prefill_1", "prefill_10")}
     print(f"summary: kernels at {args.base} -> working tree, median ms/step: 1 stream {summary['base']['1']:.2f} -> "
           f"{summary['current']['1']:.2f} ({change['1']:+.1%}), 10 streams {summary['base']['10']:.2f} -> "
-          f"{summary['current']['10']:.2f} ({change['10']:+.1%}), prefill of the ten prompts "
+          f"{summary['current']['10']:.2f} ({change['10']:+.1%}), prefill of one prompt {summary['base']['prefill_1']:.1f} -> "
+          f"{summary['current']['prefill_1']:.1f} ms ({change['prefill_1']:+.1%}), of the ten prompts "
           f"{summary['base']['prefill_10']:.1f} -> {summary['current']['prefill_10']:.1f} ms ({change['prefill_10']:+.1%})")
     out = {"environment": machine(), "base": args.base, "model": args.model, "output_len": args.output_len,
            "rounds": results, "median_ms_per_step": summary}
@@ -125,12 +125,13 @@ def plot(results: dict[str, dict[str, list[float]]], base: str, env: dict[str, A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, streams in zip(axes, ("1", "10", "prefill_10")):
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, streams in zip(axes, ("1", "10", "prefill_1", "prefill_10")):
         for name, marker in (("base", "o"), ("current", "s")):
             values = results[name][streams]
             ax.plot(range(1, len(values) + 1), values, marker=marker, label=base if name == "base" else "working tree")
-        ax.set_title("ten prompts prefilled: ms" if streams == "prefill_10" else f"{streams} stream(s): ms per decode step")
+        titles = {"prefill_1": "one prompt prefilled: ms", "prefill_10": "ten prompts prefilled: ms"}
+        ax.set_title(titles.get(streams, f"{streams} stream(s): ms per decode step"))
         ax.set_xlabel("round")
         ax.legend()
     fig.suptitle(f"our kernels, SmolLM2 int4, {env['cpu_model']}, {env['torch_cpu_capability']}")

@@ -1,7 +1,7 @@
 """Our CPU kernels (deployments/engine/kernels/) against a float64 reference: the int4
 matmul (on the activations as it codes them: one int8 code per value, two in a row's outlier groups)
 on both of its instruction paths (the host's, and AVX2 built on any x86 host), every row-tile
-remainder, padded outputs, all-zero groups; its layout round-trips; LLM_SERVE_INT4_KERNEL=torch falls
+remainder, many rows (a prefill's path) bit-equal to each row alone, padded outputs, all-zero groups; its layout round-trips; LLM_SERVE_INT4_KERNEL=torch falls
 back; the int8 matmul and vocabulary ranking (both instruction paths) and the exact rescoring on top of it."""
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_feat
     s = torch.cat([weight.scales, weight.scales.new_zeros(padded, in_features // 32)])
     z = torch.cat([weight.zeros, weight.zeros.new_zeros(padded, in_features // 32)])
     packed, scales = int4._pack_ours(q, s, z)
-    for rows in range(0, 14):  # every remainder of the 6-row (AVX-512) and 4-row (AVX2) tiles
+    for rows in [*range(0, 14), 17, 18, 19]:  # every remainder of the 6-row (AVX-512) and 4-row (AVX2) tiles, and of
+        # the 4-row tiles over a block's unpacked weights (AVX-512, more than 12 rows)
         x = torch.randn(rows, in_features).bfloat16()
         x[:, 32:64] *= 50  # a group with large values next to ordinary ones
         out = module.q4_linear(x, packed, scales)
@@ -79,6 +80,22 @@ def test_kernel_matches_a_float64_reference(isa: str, in_features: int, out_feat
             assert relative_error(both[:, :out_features], reference(coded(x, 0.0)[0], weight)) < 1e-5
             assert relative_error(both[:, :out_features], reference(x, weight)) < 2e-4
             assert not padded or float(out[:, out_features:].abs().max()) == 0.0  # zero padding rows
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_many_rows_give_each_rows_own_result(isa: str) -> None:
+    """A prefill's rows (AVX-512: past 12 rows the block's weights are unpacked once and shared by every row
+    tile) give, bit for bit, what each row gives alone (one row tile, weights unpacked in registers)."""
+    module = kernels.load(isa)
+    assert module is not None, kernels._failed.get(isa)
+    torch.manual_seed(3)
+    weight = Int4Weight.quantize(torch.randn(48, 320) * 0.05)
+    packed, scales = int4._pack_ours(weight.q, weight.scales, weight.zeros)
+    x = torch.randn(43, 320)
+    x[::5, 64:96] *= 40  # outlier groups: their second codes
+    together = module.q4_linear(x, packed, scales)
+    alone = torch.cat([module.q4_linear(x[r : r + 1], packed, scales) for r in range(len(x))])
+    assert torch.equal(together, alone)
 
 
 def test_both_instruction_paths_agree() -> None:

@@ -20,6 +20,15 @@
 namespace llm_kernels {
 namespace {
 
+#ifndef Q4_SCRATCH_MIN_ROWS
+#define Q4_SCRATCH_MIN_ROWS 12
+#endif
+// More rows than this (a prefill; AVX-512): a block's weights are unpacked once for all its row tiles (tile_u).
+// Not at decode batch sizes: from 5 rows, 10 streams' decode steps were 6.2-6.5 against 4.6-5.8 ms (session 26).
+constexpr int64_t SCRATCH_MIN_ROWS = Q4_SCRATCH_MIN_ROWS;
+
+struct alignas(64) Line { uint8_t bytes[64]; };  // a vector's worth of unpacked codes, aligned for its load
+
 // The next 16-row block's bytes for this group, asked for while this block is computed (by its first row
 // tile only). Left to the hardware prefetchers, one core streaming weights from memory ran at ~75% of its
 // speed on the same weights in cache; with this, 10 rows on one core 12.1-13.7 -> 10.2 ms for SmolLM2's 120
@@ -97,6 +106,69 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
 }
 
 
+// Many rows (a prefill): a 16-row block's weights unpacked once into `wu` ([K/32, 8, 64] bytes, one code per
+// byte) by `unpack_block`, then every row tile reads them with one load per 4 inputs, instead of unpacking
+// them again per tile (a load-broadcast, a shift and a mask). The same integer sums and fp32 order as tile<R>.
+inline void unpack_block(const uint8_t* wb, int64_t K, uint8_t* wu) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  const __m512i nibble = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+  for (int64_t e = 0; e < K / 4; ++e) {
+    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);  // the next block's line
+    _mm512_store_si512((void*)(wu + e * 64), _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wb + e * 32))), nibble), mask));
+  }
+}
+
+template <int R>
+void tile_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
+            int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i hi[R];
+    for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
+    const uint8_t* wg = wu + g * 8 * 64;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      const __m512i w = _mm512_load_si512((const void*)(wg + k4 * 64));
+      for (int r = 0; r < R; ++r) hi[r] = dp_bcst(hi[r], w, c.q1 + at + r * K + k4 * 4);
+    }
+    __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
+    __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      __m512 dot;
+      float scale = c.da[i];
+      if (c.two[i]) {
+        __m512i lo = _mm512_setzero_si512();
+        for (int k4 = 0; k4 < 8; ++k4) lo = dp_bcst(lo, _mm512_load_si512((const void*)(wg + k4 * 64)), c.q2 + at + r * K + k4 * 4);
+        dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo));
+      } else {
+        dot = _mm512_cvtepi32_ps(hi[r]);
+        scale *= 256.f;
+      }
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(scale)), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c.sa[i]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
+}
+
+template <int R>
+void rows_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
+            float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile_u<R>(wu, db, mb, K, c, r0, y, N, n0);
+    else rows_u<R - 1>(wu, db, mb, K, c, r0, count, y, N, n0);
+  }
+}
+#ifndef Q4_SCRATCH_ROWS
+#define Q4_SCRATCH_ROWS 4  // rows per tile over unpacked weights: 2-5 measured within noise, 6 slower, 7+ spill (session 26)
+#endif
+constexpr bool HAS_SCRATCH = true;
+constexpr int SCRATCH_ROWS = Q4_SCRATCH_ROWS;
+
+
 // int8 weights (per-row scale s, stored as u = w + 128 so vpdpbusd takes them unsigned; no saturation),
 // for ranking a vocabulary: y[r][n] = s[n] * sum_g (da_g / 256) * (sum(u * (256 q1 + q2)) - 128 * sum(256 q1 + q2)).
 // Layout [N/16, K/4, 64] uint8: byte 4l + j of entry (b, c) = u[16b + l][4c + j].
@@ -146,6 +218,11 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
 #endif
 constexpr int MAX_ROWS = Q4_MAX_ROWS;
 constexpr bool HAS_Q8 = true;
+constexpr bool HAS_SCRATCH = false;
+constexpr int SCRATCH_ROWS = MAX_ROWS;
+inline void unpack_block(const uint8_t*, int64_t, uint8_t*) {}
+template <int R>
+void rows_u(const uint8_t*, const at::Half*, const at::Half*, int64_t, const Codes&, int64_t, int64_t, float*, int64_t, int64_t) {}
 
 // Sums of 4 products u8 x s8 per int32 lane: vpdpbusd where AVX-VNNI exists; else maddubs, whose int16
 // pair sums (|w a + w' a'| <= 2 * 15 * 127 = 3810 for int4 weights) add up in int16 over a whole group
@@ -316,10 +393,20 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* Y = y.data_ptr<float>();
   // Two chunks per thread: every chunk restarts the weights' stream (4 per thread were 4-6% slower at 1
   // and 10 rows, 16 were 25% slower; session 13), and more than one keeps a preempted thread's share small.
+  const bool scratch = HAS_SCRATCH && M > SCRATCH_MIN_ROWS;
   dynamic_for(0, NB, chunk_for(NB, 2), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
+    std::vector<Line> lines(scratch ? K / 4 : 0);
+    uint8_t* wu = reinterpret_cast<uint8_t*>(lines.data());
+    for (int64_t b = b0; b < b1; ++b) {
+      if (scratch) {
+        unpack_block(W + b * (K / 4) * 32, K, wu);
+        for (int64_t r = 0; r < M; r += SCRATCH_ROWS)
+          rows_u<SCRATCH_ROWS>(wu, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(SCRATCH_ROWS, M - r), Y, N, b * 16);
+        continue;
+      }
       for (int64_t r = 0; r < M; r += MAX_ROWS)
         rows<MAX_ROWS>(W + b * (K / 4) * 32, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(MAX_ROWS, M - r), Y, N, b * 16);
+    }
   });
   return y;
 }
