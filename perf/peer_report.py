@@ -27,6 +27,10 @@ def ratios(runs: dict[str, dict[str, Any]], conc: str) -> dict[str, Any]:
     best = max((s for s in tps if s in PEERS), key=lambda s: tps[s], default=None)
     out: dict[str, Any] = {"best_peer": best, "over_best_peer": {s: v / tps[best] for s, v in tps.items()} if best
                            else {}}
+    for metric in ("ttft_ms", "itl_ms"):  # p50 over the best peer's: below 1 is better; per round, like tok/s
+        p50 = {s: r["points"][conc][metric]["p50"] for s, r in runs.items() if conc in r.get("points", {})}
+        if best and p50.get(best):
+            out[f"{metric[:-3]}_over_best_peer"] = {s: v / p50[best] for s, v in p50.items() if v is not None}
     speeds = {s: host_speed(runs[s]) for s in tps}
     if best and speeds[best] and all(speeds.values()):
         out["host_over_best_peer"] = {s: v / speeds[best] for s, v in speeds.items()}  # type: ignore[operator]
@@ -50,10 +54,15 @@ def median_round(runs: list[dict[str, Any]], concs: list[str]) -> dict[str, Any]
 
 
 def median_ratios(per_round: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median over rounds of each ratio (each round's against that round's best peer)."""
+    """The median over rounds of each ratio (each round's against that round's best peer): tok/s, and the TTFT and
+    ITL p50s (the table's point is one round's, the round with the median tok/s; these ratios take every round)."""
     out: dict[str, Any] = {"best_peer": statistics.mode([r["best_peer"] for r in per_round]), "over_best_peer": {}}
     for system in {s for r in per_round for s in r["over_best_peer"]}:
         out["over_best_peer"][system] = statistics.median(r["over_best_peer"][system] for r in per_round if system in r["over_best_peer"])
+    for key in ("ttft_over_best_peer", "itl_over_best_peer"):
+        have = [r[key] for r in per_round if key in r]
+        if have:
+            out[key] = {system: statistics.median(h[system] for h in have if system in h) for system in {s for h in have for s in h}}
     if all("host_over_best_peer" in r for r in per_round):
         out["host_over_best_peer"] = {system: statistics.median(r["host_over_best_peer"][system] for r in per_round)
                                       for system in per_round[0]["host_over_best_peer"]}
@@ -86,6 +95,8 @@ def print_report(results: dict[str, Any], rat: dict[str, Any]) -> None:
                             if c in run.get("points", {}))
             ours = ", ".join(f"{s}/{r['best_peer']} {v:.2f}" for s, v in r["over_best_peer"].items() if s not in PEERS)
             http = f", ours-http/ours-inproc {r['http_over_inproc']:.2f}" if "http_over_inproc" in r else ""
+            http += "".join(f", {s} {name} p50 {v:.2f}x the best peer's" for key, name in (("ttft_over_best_peer", "TTFT"), ("itl_over_best_peer", "ITL"))
+                            for s, v in r.get(key, {}).items() if s not in PEERS and c == "1")
             host = ", host yardstick over the best peer's turn " + ", ".join(
                 f"{s} {v:.2f}" for s, v in r["host_over_best_peer"].items() if s not in PEERS) if "host_over_best_peer" in r else ""
             parts.append(f"c={c}: {tps} tok/s ({ours}{http}{host})")
