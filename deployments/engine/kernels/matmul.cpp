@@ -23,7 +23,7 @@ namespace {
 #ifndef Q4_SCRATCH_MIN_ROWS
 #define Q4_SCRATCH_MIN_ROWS 12
 #endif
-// More rows than this (a prefill; AVX-512): a block's weights are unpacked once for all its row tiles (tile_u).
+// More rows than this (a prefill): a block's weights are unpacked once for all its row tiles (tile_u).
 // Not at decode batch sizes: from 5 rows, 10 streams' decode steps were 6.2-6.5 against 4.6-5.8 ms (session 26).
 constexpr int64_t SCRATCH_MIN_ROWS = Q4_SCRATCH_MIN_ROWS;
 
@@ -218,11 +218,6 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
 #endif
 constexpr int MAX_ROWS = Q4_MAX_ROWS;
 constexpr bool HAS_Q8 = true;
-constexpr bool HAS_SCRATCH = false;
-constexpr int SCRATCH_ROWS = MAX_ROWS;
-inline void unpack_block(const uint8_t*, int64_t, uint8_t*) {}
-template <int R>
-void rows_u(const uint8_t*, const at::Half*, const at::Half*, int64_t, const Codes&, int64_t, int64_t, float*, int64_t, int64_t) {}
 
 // Sums of 4 products u8 x s8 per int32 lane: vpdpbusd where AVX-VNNI exists; else maddubs, whose int16
 // pair sums (|w a + w' a'| <= 2 * 15 * 127 = 3810 for int4 weights) add up in int16 over a whole group
@@ -348,6 +343,92 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(y + (r0 + r) * N + n0, lo[r]);
     _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, hi[r]);
+  }
+}
+
+// Many rows (a prefill), as on AVX-512 above: a block's weights unpacked once into `wu` ([K/32, 8, 64] bytes: per
+// 4 inputs, rows n0..n0+7 then n0+8..n0+15, one code per byte), then every row tile loads them (2 loads per 4
+// inputs instead of a load, a shift and two masks). The same sums and fp32 order as tile<R>.
+constexpr bool HAS_SCRATCH = true;
+#ifndef Q4_SCRATCH_ROWS
+#define Q4_SCRATCH_ROWS 3  // 2, 3, 4, 6 measured: 3 best (0.72-0.83 of the old tile's time past 16 rows; 4 spills, 0.94-0.97; session 26)
+#endif
+constexpr int SCRATCH_ROWS = Q4_SCRATCH_ROWS;
+
+inline void unpack_block(const uint8_t* wb, int64_t K, uint8_t* wu) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t e = 0; e < K / 4; ++e) {
+    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);  // the next block's line
+    const __m256i pk = _mm256_loadu_si256((const __m256i*)(wb + e * 32));
+    _mm256_store_si256((__m256i*)(wu + e * 64), _mm256_and_si256(pk, mask));
+    _mm256_store_si256((__m256i*)(wu + e * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask));
+  }
+}
+
+template <int R>
+void tile_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
+            int64_t N, int64_t n0) {
+  const int64_t G = K / GROUP;
+  __m256 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i lo1[R], lo2[R], hi1[R], hi2[R];
+    bool second[R], any = false;
+    for (int r = 0; r < R; ++r) {
+      lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
+      any |= second[r] = c.two[(r0 + r) * G + g];
+    }
+    const uint8_t* wg = wu + g * 8 * 64;
+    const int64_t at = r0 * K + g * GROUP;
+    for (int k4 = 0; k4 < 8; ++k4) {
+      const __m256i wl = _mm256_load_si256((const __m256i*)(wg + k4 * 64)), wh = _mm256_load_si256((const __m256i*)(wg + k4 * 64 + 32));
+      for (int r = 0; r < R; ++r) {
+        __m256i a1 = _mm256_set1_epi32(load4(c.q1 + at + r * K + k4 * 4));
+        lo1[r] = step4(lo1[r], wl, a1);
+        hi1[r] = step4(hi1[r], wh, a1);
+      }
+    }
+    for (int k4 = 0; any && k4 < 8; ++k4) {
+      const __m256i wl = _mm256_load_si256((const __m256i*)(wg + k4 * 64)), wh = _mm256_load_si256((const __m256i*)(wg + k4 * 64 + 32));
+      for (int r = 0; r < R; ++r) {
+        if (!second[r]) continue;
+        __m256i a2 = _mm256_set1_epi32(load4(c.q2 + at + r * K + k4 * 4));
+        lo2[r] = step4(lo2[r], wl, a2);
+        hi2[r] = step4(hi2[r], wh, a2);
+      }
+    }
+    __m256 dl = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16)));
+    __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16 + 8)));
+    __m256 ml = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16)));
+    __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * G + g;
+      const __m256 s = _mm256_set1_ps(c.sa[i]);
+      __m256i dotl = widen(lo1[r]), doth = widen(hi1[r]);
+      float scale = c.da[i];
+      if (second[r]) {
+        dotl = _mm256_add_epi32(_mm256_slli_epi32(dotl, 8), widen(lo2[r]));
+        doth = _mm256_add_epi32(_mm256_slli_epi32(doth, 8), widen(hi2[r]));
+      } else {
+        scale *= 256.f;
+      }
+      const __m256 a = _mm256_set1_ps(scale);
+      lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
+      hi[r] = _mm256_fmadd_ps(mh, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(doth), _mm256_mul_ps(dh, a), hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(y + (r0 + r) * N + n0, lo[r]);
+    _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, hi[r]);
+  }
+}
+
+template <int R>
+void rows_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
+            float* y, int64_t N, int64_t n0) {
+  if constexpr (R > 0) {
+    if (count == R) tile_u<R>(wu, db, mb, K, c, r0, y, N, n0);
+    else rows_u<R - 1>(wu, db, mb, K, c, r0, count, y, N, n0);
   }
 }
 #endif
