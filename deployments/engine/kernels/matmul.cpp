@@ -23,7 +23,7 @@ namespace {
 #ifndef Q4_SCRATCH_MIN_ROWS
 #define Q4_SCRATCH_MIN_ROWS 12
 #endif
-// More rows than this (a prefill): a block's weights are unpacked once for all its row tiles (tile_u).
+// More rows than this (a prefill): a block's weights are unpacked once for all its row tiles (tile<R, true>).
 // Not at decode batch sizes: from 5 rows, 10 streams' decode steps were 6.2-6.5 against 4.6-5.8 ms (session 26).
 constexpr int64_t SCRATCH_MIN_ROWS = Q4_SCRATCH_MIN_ROWS;
 
@@ -66,7 +66,10 @@ inline __m512i dp_bcst(__m512i acc, __m512i w, const int8_t* p) {
   return acc;
 }
 
-template <int R>
+// UNPACKED (many rows, a prefill): `wb` is the block's weights unpacked once by `unpack_block` ([K/32, 8, 64]
+// bytes, one code per byte), which every row tile then reads with one load per 4 inputs instead of unpacking
+// them again (a load-broadcast, a shift and a mask). The same integer sums and fp32 order either way.
+template <int R, bool UNPACKED = false>
 void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
           int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
@@ -75,13 +78,14 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i w[8], hi[R];  // the group's weights stay unpacked in registers for the second codes
+    __m512i w[8], hi[R];  // the group's weights stay in registers for the second codes
     for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
-    const uint8_t* wg = wb + g * 8 * 32;
+    const uint8_t* wg = wb + g * 8 * (UNPACKED ? 64 : 32);
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
-    for (int k4 = 0; k4 < 8; ++k4) {  // 32 bytes in both halves, shifted per half, masked: 2 operations
-      w[k4] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wg + k4 * 32))), nibble), mask);
+    if (!UNPACKED && r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
+    for (int k4 = 0; k4 < 8; ++k4) {  // packed: 32 bytes in both halves, shifted per half, masked
+      w[k4] = UNPACKED ? _mm512_load_si512((const void*)(wg + k4 * 64))
+                       : _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wg + k4 * 32))), nibble), mask);
       for (int r = 0; r < R; ++r) hi[r] = dp_bcst(hi[r], w[k4], c.q1 + at + r * K + k4 * 4);
     }
     __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
@@ -105,67 +109,19 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
 }
 
-
-// Many rows (a prefill): a 16-row block's weights unpacked once into `wu` ([K/32, 8, 64] bytes, one code per
-// byte) by `unpack_block`, then every row tile reads them with one load per 4 inputs, instead of unpacking
-// them again per tile (a load-broadcast, a shift and a mask). The same integer sums and fp32 order as tile<R>.
+// The block's weights as tile<R, true> reads them; also asks for the next block's lines.
 inline void unpack_block(const uint8_t* wb, int64_t K, uint8_t* wu) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m512i nibble = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
   for (int64_t e = 0; e < K / 4; ++e) {
-    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);  // the next block's line
+    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);
     _mm512_store_si512((void*)(wu + e * 64), _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(wb + e * 32))), nibble), mask));
   }
 }
 
-template <int R>
-void tile_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
-            int64_t N, int64_t n0) {
-  const int64_t G = K / GROUP;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m512i hi[R];
-    for (int r = 0; r < R; ++r) hi[r] = _mm512_setzero_si512();
-    const uint8_t* wg = wu + g * 8 * 64;
-    const int64_t at = r0 * K + g * GROUP;
-    for (int k4 = 0; k4 < 8; ++k4) {
-      const __m512i w = _mm512_load_si512((const void*)(wg + k4 * 64));
-      for (int r = 0; r < R; ++r) hi[r] = dp_bcst(hi[r], w, c.q1 + at + r * K + k4 * 4);
-    }
-    __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(db + g * 16)));
-    __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mb + g * 16)));
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = (r0 + r) * G + g;
-      __m512 dot;
-      float scale = c.da[i];
-      if (c.two[i]) {
-        __m512i lo = _mm512_setzero_si512();
-        for (int k4 = 0; k4 < 8; ++k4) lo = dp_bcst(lo, _mm512_load_si512((const void*)(wg + k4 * 64)), c.q2 + at + r * K + k4 * 4);
-        dot = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo));
-      } else {
-        dot = _mm512_cvtepi32_ps(hi[r]);
-        scale *= 256.f;
-      }
-      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(scale)), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c.sa[i]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * N + n0, acc[r]);
-}
-
-template <int R>
-void rows_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
-            float* y, int64_t N, int64_t n0) {
-  if constexpr (R > 0) {
-    if (count == R) tile_u<R>(wu, db, mb, K, c, r0, y, N, n0);
-    else rows_u<R - 1>(wu, db, mb, K, c, r0, count, y, N, n0);
-  }
-}
 #ifndef Q4_SCRATCH_ROWS
 #define Q4_SCRATCH_ROWS 4  // rows per tile over unpacked weights: 2-5 measured within noise, 6 slower, 7+ spill (session 26)
 #endif
-constexpr bool HAS_SCRATCH = true;
 constexpr int SCRATCH_ROWS = Q4_SCRATCH_ROWS;
 
 
@@ -284,7 +240,10 @@ void tile8(const uint8_t* wb, const float* sb, int64_t K, const Codes& c, const 
   }
 }
 
-template <int R>
+// UNPACKED (many rows, a prefill), as on AVX-512: `wb` is the block's weights unpacked once ([K/32, 8, 64] bytes:
+// per 4 inputs, rows n0..n0+7 then n0+8..n0+15, one code per byte), two loads per 4 inputs instead of a load, a
+// shift and two masks. The same sums and fp32 order either way.
+template <int R, bool UNPACKED = false>
 void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
           int64_t N, int64_t n0) {
   const int64_t G = K / GROUP;
@@ -298,12 +257,21 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
       lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
       any |= second[r] = c.two[(r0 + r) * G + g];
     }
-    const uint8_t* wg = wb + g * 8 * 32;
+    const uint8_t* wg = wb + g * 8 * (UNPACKED ? 64 : 32);
     const int64_t at = r0 * K + g * GROUP;
-    if (r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
+    if (!UNPACKED && r0 == 0) prefetch_next_q4(wg, db, mb, K, G, g);
+    auto weights = [&](int k4, __m256i& wl, __m256i& wh) {  // 4 inputs' codes for rows n0..n0+7 and n0+8..n0+15
+      if constexpr (UNPACKED) {
+        wl = _mm256_load_si256((const __m256i*)(wg + k4 * 64));
+        wh = _mm256_load_si256((const __m256i*)(wg + k4 * 64 + 32));
+      } else {
+        const __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
+        wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      }
+    };
     for (int k4 = 0; k4 < 8; ++k4) {
-      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
-      __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      __m256i wl, wh;
+      weights(k4, wl, wh);
       for (int r = 0; r < R; ++r) {
         __m256i a1 = _mm256_set1_epi32(load4(c.q1 + at + r * K + k4 * 4));
         lo1[r] = step4(lo1[r], wl, a1);
@@ -311,8 +279,8 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
       }
     }
     for (int k4 = 0; any && k4 < 8; ++k4) {  // the second codes, for the rows whose group has them
-      __m256i pk = _mm256_loadu_si256((const __m256i*)(wg + k4 * 32));
-      __m256i wl = _mm256_and_si256(pk, mask), wh = _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask);
+      __m256i wl, wh;
+      weights(k4, wl, wh);
       for (int r = 0; r < R; ++r) {
         if (!second[r]) continue;
         __m256i a2 = _mm256_set1_epi32(load4(c.q2 + at + r * K + k4 * 4));
@@ -346,99 +314,29 @@ void tile(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, 
   }
 }
 
-// Many rows (a prefill), as on AVX-512 above: a block's weights unpacked once into `wu` ([K/32, 8, 64] bytes: per
-// 4 inputs, rows n0..n0+7 then n0+8..n0+15, one code per byte), then every row tile loads them (2 loads per 4
-// inputs instead of a load, a shift and two masks). The same sums and fp32 order as tile<R>.
-constexpr bool HAS_SCRATCH = true;
 #ifndef Q4_SCRATCH_ROWS
 #define Q4_SCRATCH_ROWS 3  // 2, 3, 4, 6 measured: 3 best (0.72-0.83 of the old tile's time past 16 rows; 4 spills, 0.94-0.97; session 26)
 #endif
 constexpr int SCRATCH_ROWS = Q4_SCRATCH_ROWS;
 
+// The block's weights as tile<R, true> reads them; also asks for the next block's lines.
 inline void unpack_block(const uint8_t* wb, int64_t K, uint8_t* wu) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   for (int64_t e = 0; e < K / 4; ++e) {
-    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);  // the next block's line
+    if ((e & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + (K / 4) * 32 + e * 32), _MM_HINT_T0);
     const __m256i pk = _mm256_loadu_si256((const __m256i*)(wb + e * 32));
     _mm256_store_si256((__m256i*)(wu + e * 64), _mm256_and_si256(pk, mask));
     _mm256_store_si256((__m256i*)(wu + e * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(pk, 4), mask));
   }
 }
-
-template <int R>
-void tile_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, float* y,
-            int64_t N, int64_t n0) {
-  const int64_t G = K / GROUP;
-  __m256 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i lo1[R], lo2[R], hi1[R], hi2[R];
-    bool second[R], any = false;
-    for (int r = 0; r < R; ++r) {
-      lo1[r] = lo2[r] = hi1[r] = hi2[r] = _mm256_setzero_si256();
-      any |= second[r] = c.two[(r0 + r) * G + g];
-    }
-    const uint8_t* wg = wu + g * 8 * 64;
-    const int64_t at = r0 * K + g * GROUP;
-    for (int k4 = 0; k4 < 8; ++k4) {
-      const __m256i wl = _mm256_load_si256((const __m256i*)(wg + k4 * 64)), wh = _mm256_load_si256((const __m256i*)(wg + k4 * 64 + 32));
-      for (int r = 0; r < R; ++r) {
-        __m256i a1 = _mm256_set1_epi32(load4(c.q1 + at + r * K + k4 * 4));
-        lo1[r] = step4(lo1[r], wl, a1);
-        hi1[r] = step4(hi1[r], wh, a1);
-      }
-    }
-    for (int k4 = 0; any && k4 < 8; ++k4) {
-      const __m256i wl = _mm256_load_si256((const __m256i*)(wg + k4 * 64)), wh = _mm256_load_si256((const __m256i*)(wg + k4 * 64 + 32));
-      for (int r = 0; r < R; ++r) {
-        if (!second[r]) continue;
-        __m256i a2 = _mm256_set1_epi32(load4(c.q2 + at + r * K + k4 * 4));
-        lo2[r] = step4(lo2[r], wl, a2);
-        hi2[r] = step4(hi2[r], wh, a2);
-      }
-    }
-    __m256 dl = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16)));
-    __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(db + g * 16 + 8)));
-    __m256 ml = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16)));
-    __m256 mh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mb + g * 16 + 8)));
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = (r0 + r) * G + g;
-      const __m256 s = _mm256_set1_ps(c.sa[i]);
-      __m256i dotl = widen(lo1[r]), doth = widen(hi1[r]);
-      float scale = c.da[i];
-      if (second[r]) {
-        dotl = _mm256_add_epi32(_mm256_slli_epi32(dotl, 8), widen(lo2[r]));
-        doth = _mm256_add_epi32(_mm256_slli_epi32(doth, 8), widen(hi2[r]));
-      } else {
-        scale *= 256.f;
-      }
-      const __m256 a = _mm256_set1_ps(scale);
-      lo[r] = _mm256_fmadd_ps(ml, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dotl), _mm256_mul_ps(dl, a), lo[r]));
-      hi[r] = _mm256_fmadd_ps(mh, s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(doth), _mm256_mul_ps(dh, a), hi[r]));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(y + (r0 + r) * N + n0, lo[r]);
-    _mm256_storeu_ps(y + (r0 + r) * N + n0 + 8, hi[r]);
-  }
-}
-
-template <int R>
-void rows_u(const uint8_t* wu, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
-            float* y, int64_t N, int64_t n0) {
-  if constexpr (R > 0) {
-    if (count == R) tile_u<R>(wu, db, mb, K, c, r0, y, N, n0);
-    else rows_u<R - 1>(wu, db, mb, K, c, r0, count, y, N, n0);
-  }
-}
 #endif
 
-template <int R>
+template <int R, bool UNPACKED = false>
 void rows(const uint8_t* wb, const at::Half* db, const at::Half* mb, int64_t K, const Codes& c, int64_t r0, int64_t count,
           float* y, int64_t N, int64_t n0) {
   if constexpr (R > 0) {
-    if (count == R) tile<R>(wb, db, mb, K, c, r0, y, N, n0);
-    else rows<R - 1>(wb, db, mb, K, c, r0, count, y, N, n0);
+    if (count == R) tile<R, UNPACKED>(wb, db, mb, K, c, r0, y, N, n0);
+    else rows<R - 1, UNPACKED>(wb, db, mb, K, c, r0, count, y, N, n0);
   }
 }
 
@@ -474,7 +372,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* Y = y.data_ptr<float>();
   // Two chunks per thread: every chunk restarts the weights' stream (4 per thread were 4-6% slower at 1
   // and 10 rows, 16 were 25% slower; session 13), and more than one keeps a preempted thread's share small.
-  const bool scratch = HAS_SCRATCH && M > SCRATCH_MIN_ROWS;
+  // (Past SCRATCH_MIN_ROWS, 8 per thread measured no better: session 26.)
+  const bool scratch = M > SCRATCH_MIN_ROWS;
   dynamic_for(0, NB, chunk_for(NB, 2), [&](int64_t b0, int64_t b1) {
     std::vector<Line> lines(scratch ? K / 4 : 0);
     uint8_t* wu = reinterpret_cast<uint8_t*>(lines.data());
@@ -482,7 +381,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
       if (scratch) {
         unpack_block(W + b * (K / 4) * 32, K, wu);
         for (int64_t r = 0; r < M; r += SCRATCH_ROWS)
-          rows_u<SCRATCH_ROWS>(wu, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(SCRATCH_ROWS, M - r), Y, N, b * 16);
+          rows<SCRATCH_ROWS, true>(wu, D + b * G * 16, MN + b * G * 16, K, c, r, std::min<int64_t>(SCRATCH_ROWS, M - r), Y, N, b * 16);
         continue;
       }
       for (int64_t r = 0; r < M; r += MAX_ROWS)
