@@ -58,7 +58,7 @@ class ModelSettings(BaseModel):
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     max_model_len: int = Field(2048, ge=16)
     max_num_seqs: int = Field(8, ge=1, description="Sequences run together in one step.")
-    max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per step: decodes first, then prompt chunks.")
+    max_num_batched_tokens: int = Field(256, ge=1, description="Tokens per step: decodes first, then prompt chunks.")
     block_size: int = Field(16, ge=1, le=256, description="Token slots per KV-cache block.")
     kv_cache_bytes: ByteCount | None = Field(
         None, description="KV cache preallocated per replica ('128MiB'); unset: max_num_seqs full sequences, at most 256 MiB."

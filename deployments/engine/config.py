@@ -41,9 +41,10 @@ class EngineConfig:
     """Longest prompt + completion accepted, in tokens (capped by the model's own limit)."""
     max_num_seqs: int = 8
     """How many sequences run together in one step; the rest wait."""
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 256
     """Tokens per step (one per decoding sequence, then prompt chunks): bounds how long a new
-    prompt can stall the running streams."""
+    prompt can stall the running streams. 256 (OpenVINO GenAI's chunk): against 512, the same tok/s at 10 streams
+    and an earlier first token for half a wave of prompts (perf/README.md, session 26)."""
     block_size: int = 16
     """Token slots per KV-cache block."""
     kv_cache_bytes: int | None = None
