@@ -70,10 +70,7 @@ def _coalesce(
         nxt = pending.get_nowait()
         if isinstance(nxt, BaseException):
             return merged, nxt
-        merged = RequestOutput(
-            merged.request_id, merged.new_token_ids + nxt.new_token_ids, merged.text + nxt.text,
-            nxt.finish_reason, nxt.num_prompt_tokens, nxt.num_output_tokens,
-        )
+        merged = merged.then(nxt)
     return merged, None
 
 

@@ -214,3 +214,8 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def then(self, nxt: RequestOutput) -> RequestOutput:
+        """This output and the request's next one as one (a consumer that fell behind, a stream interval)."""
+        return RequestOutput(self.request_id, self.new_token_ids + nxt.new_token_ids, self.text + nxt.text,
+                             nxt.finish_reason, nxt.num_prompt_tokens, nxt.num_output_tokens)

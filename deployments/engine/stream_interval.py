@@ -37,12 +37,6 @@ def parse_stream_interval(value: int | str) -> int:
     return value
 
 
-def merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive outputs of one request as one."""
-    return RequestOutput(a.request_id, a.new_token_ids + b.new_token_ids, a.text + b.text, b.finish_reason,
-                         b.num_prompt_tokens, b.num_output_tokens)
-
-
 class StreamInterval:
     """Holds outputs back and merges them (see the module's docstring)."""
 
@@ -71,7 +65,7 @@ class StreamInterval:
                 stepped.add(out.request_id)
                 n = 1
                 if (held := self._held.pop(out.request_id, None)) is not None:
-                    out, n = merge(held[1], out), held[2] + 1
+                    out, n = held[1].then(out), held[2] + 1
                     self.num_merged += 1
                 if n >= steps or out.finished or out.num_output_tokens <= 1:
                     due.append(out)
