@@ -94,9 +94,11 @@ def test_generations_through_two_lane_threads_complete_with_preemption(stagger_s
     engine = AsyncLLMEngine(int4_config(tiny_model_dir, max_num_seqs=12, kv_cache_bytes=60 * block_bytes))
     try:
         assert engine.engine.lanes.num_lanes == 2 and engine.engine.runner.num_blocks == 60
-        prompts = PROMPTS + [p + " again" for p in PROMPTS[:4]]  # 12 x ~40 tokens need ~120 blocks: preemption
-        results = asyncio.run(generate_all(engine, prompts, 32, stagger_s))
-        assert [len(t) for t in results] == [32] * len(prompts)
+        # 12 prompts of ~40 tokens + 48 each need ~260 blocks. 48 tokens, not 32: staggered requests on a loaded
+        # host overlapped too little for a preemption now and then (0 preemptions in a CI run; 6+ now, loaded)
+        prompts = PROMPTS + [p + " again" for p in PROMPTS[:4]]
+        results = asyncio.run(generate_all(engine, prompts, 48, stagger_s))
+        assert [len(t) for t in results] == [48] * len(prompts)
         stats = engine.engine.stats()
         assert stats["lane_steps"] > 0 and stats["num_preemptions"] > 0
         assert stats["num_used_blocks"] == 0 and stats["num_running"] == stats["num_waiting"] == 0
