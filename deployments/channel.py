@@ -9,7 +9,7 @@ stream carries only `Routed` first and, at the end, success or the error (so Ray
 cancellation and replica-death handling stay per request). The channel ends itself once none of the
 caller's requests has run here for `IDLE_CLOSE_S`.
 
-On one host a channel goes through a Unix socket instead (`ChannelListener`): the replica listens in
+On one host a channel goes through a Unix socket instead (deployments.channel_socket): the replica listens in
 a private directory and names the socket in its `Routed`; a caller that can reach it connects and
 gets the same batches, one frame each, with no Ray call per message. A Ray message cost ~500 us of
 CPU in each process here (gRPC's threads handing it to the event loop); a socket frame ~60 us to
@@ -23,26 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import pickle
-import shutil
-import struct
-import tempfile
+import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
+from deployments.channel_socket import ChannelListener, SocketOut, frame
 from deployments.errors import ChannelClosedError
 from deployments.protocol import ChannelBatch, Chunk
 
 IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
-SOCKET_IDLE_CLOSE_S = 60.0  # a socket channel holds no call open: it may idle longer
-SOCKET_PREFIX = "llm-serve-channel-"  # its directory: this prefix, the replica's pid, a random part
-FRAME = struct.Struct("<I")  # a frame: its length, then a pickle
 logger = logging.getLogger(__name__)
 
 
 class Channel:
-    """One caller's open channel on this replica: chunks pushed by its requests, sent as one batch per wakeup."""
+    """One caller's open channel on this replica: chunks pushed by its requests, sent as one batch per
+    wakeup of the serving loop, or, through a socket, written by the engine's lane thread as its step ends
+    (`push_from_thread`: no wakeup of the serving loop per step)."""
 
     def __init__(self, local: bool = False) -> None:
         self._items: ChannelBatch = []
@@ -50,17 +45,49 @@ class Channel:
         self.closed = False
         self.local = local  # through a socket on this host: a request alone uses it too
         self.num_running = 0  # requests of this caller running on this replica (through the channel or not)
+        self._lock = threading.Lock()  # _items, _out and writes to the socket, from the loop and lane threads
+        self._out: SocketOut | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop (opened on it)
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+        self._wake_pending = False
+        self.frames_sent_from_thread = 0  # steps' frames an engine thread wrote straight into the socket
 
     def push(self, request_id: str, chunk: Chunk) -> None:
+        """On the serving loop."""
         if self.closed:
             raise ChannelClosedError("the router's channel to this replica closed; retry")
-        self._items.append((request_id, chunk))
+        with self._lock:
+            self._items.append((request_id, chunk))
         self._ready.set()
 
-    async def batches(self, idle_close_s: float = IDLE_CLOSE_S) -> AsyncIterator[ChannelBatch]:
-        """Everything pushed since the last batch; the requests of one engine step arrive together.
-        Ends once none of the caller's requests has run here for `idle_close_s`: an open channel is
-        an ongoing call, which Ray Serve's graceful shutdown of the replica would wait for."""
+    def push_from_thread(self, items: ChannelBatch) -> None:
+        """On an engine thread: one step's chunks, written to the socket at once when nothing is ahead of
+        them (else queued for the serving loop, which keeps their order and merges them as for a slow caller)."""
+        with self._lock:
+            if self.closed or self._loop is None:
+                raise ChannelClosedError("the router's channel to this replica closed; retry")
+            out = self._out
+            if out is not None and not self._items and out.idle():
+                if out.send(frame(items)):
+                    self.frames_sent_from_thread += 1
+                    return
+            else:
+                self._items.extend(items)
+            if not self._wake_pending:  # the loop writes what waits (or the rest of a partial write)
+                self._wake_pending = True
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def _wait(self, idle_close_s: float) -> bool:
+        """Until something is to be sent; False once the channel is to end (closed, or idle for
+        `idle_close_s` with none of the caller's requests running here: an open channel is an ongoing
+        call, which Ray Serve's graceful shutdown of the replica would wait for)."""
+        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(idle_close_s):
@@ -68,17 +95,43 @@ class Channel:
             except TimeoutError:
                 if self.num_running == 0:
                     self.close()
-                    return
+                    return False
                 continue
+            self._ready.clear()
+            return not self.closed
+
+    async def batches(self, idle_close_s: float = IDLE_CLOSE_S) -> AsyncIterator[ChannelBatch]:
+        """Everything pushed since the last batch; the requests of one engine step arrive together."""
+        while await self._wait(idle_close_s):
+            with self._lock:
+                items, self._items = self._items, []
+            if items:
+                yield items
+
+    async def write_to(self, writer: asyncio.StreamWriter, idle_close_s: float) -> None:
+        """Send this channel through a socket until it ends: frames from the engine's threads go
+        straight in, the rest from here, in order; a slow caller gets fewer, larger frames."""
+        with self._lock:
             if self.closed:
                 return
-            self._ready.clear()
-            items, self._items = self._items, []
-            yield items
+            out = self._out = SocketOut(writer)
+        while await self._wait(idle_close_s):
+            with self._lock:  # a lane thread sends only when nothing is ahead of its frame
+                data = out.take_rest()
+                if self._items:
+                    data += frame(self._items)
+                    self._items = []
+                if data:
+                    writer.write(data)
+            await writer.drain()
 
     def close(self) -> None:
-        self.closed = True
-        self._ready.set()  # a waiting `batches` ends
+        with self._lock:
+            self.closed = True
+            if self._out is not None:  # its own descriptor: closed with the channel, or the caller never sees the end
+                self._out.close()
+                self._out = None
+        self._ready.set()  # a waiting `batches` or `write_to` ends
 
 
 class ChannelRegistry:
@@ -97,7 +150,7 @@ class ChannelRegistry:
         """Start the socket, once (where there are no Unix sockets, channels stay Ray calls)."""
         if self.listener is not None:
             return
-        self.listener = ChannelListener(self, replica_name)
+        self.listener = ChannelListener(self.open, self.close, replica_name)
         try:
             await self.listener.start()
         except (OSError, AttributeError, NotImplementedError) as exc:
@@ -135,81 +188,3 @@ class ChannelRegistry:
 
     def __len__(self) -> int:
         return len(self._channels)
-
-
-def write_frame(writer: asyncio.StreamWriter, item: Any) -> None:
-    data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(FRAME.pack(len(data)) + data)
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    """The next frame's object; `asyncio.IncompleteReadError` once the other end closed."""
-    (size,) = FRAME.unpack(await reader.readexactly(FRAME.size))
-    return pickle.loads(await reader.readexactly(size))  # from our own replica, through a socket only its user can reach
-
-
-class ChannelListener:
-    """This replica's Unix socket for channels from callers on this host, in a directory of its own
-    that only this user can enter (the frames are pickles). A caller sends its channel id and gets
-    this replica's name back, then the channel's batches, one frame each."""
-
-    def __init__(self, registry: ChannelRegistry, replica_name: str) -> None:
-        self.registry, self.replica_name = registry, replica_name
-        self.path: str | None = None
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> str:
-        _remove_stale_directories()
-        directory = tempfile.mkdtemp(prefix=f"{SOCKET_PREFIX}{os.getpid()}-")  # mode 0700
-        self._server = await asyncio.start_unix_server(self._serve, os.path.join(directory, "channel.sock"))
-        self.path = os.path.join(directory, "channel.sock")
-        return self.path
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        channel_id, channel, closed = "", None, None
-        try:
-            channel_id = str(await read_frame(reader))
-            channel = opened = self.registry.open(channel_id, local=True)
-            write_frame(writer, self.replica_name)
-            closed = asyncio.ensure_future(reader.read())  # the caller sends nothing more: this ends when it goes
-            closed.add_done_callback(lambda _: opened.close())
-            async for batch in opened.batches(SOCKET_IDLE_CLOSE_S):
-                write_frame(writer, batch)
-                await writer.drain()  # a slow caller: the next batch holds more
-        except (OSError, asyncio.IncompleteReadError, pickle.UnpicklingError):
-            pass  # the caller went away
-        finally:
-            if closed is not None:
-                closed.cancel()
-            if channel is not None:
-                self.registry.close(channel_id, channel)
-            writer.close()
-
-    def close(self) -> None:
-        """Remove the socket's directory and stop listening (also from a finalizer, its loop maybe gone)."""
-        if self.path is not None:
-            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
-            self.path = None
-        if self._server is not None:
-            with contextlib.suppress(RuntimeError):  # the event loop is closed: its sockets go with the process
-                self._server.close()
-            self._server = None
-
-
-def _remove_stale_directories() -> None:
-    """Socket directories left by replicas that were killed (their pid no longer runs)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(tempfile.gettempdir()):
-            pid = name[len(SOCKET_PREFIX):].split("-")[0] if name.startswith(SOCKET_PREFIX) else ""
-            if pid.isdigit() and not _running(int(pid)):
-                shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True

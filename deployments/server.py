@@ -21,12 +21,13 @@ from deployments.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from deployments.engine.async_engine import EngineDeadError
 from deployments.engine.adapter_loader import AdapterError
 from deployments.engine.estimate import MemoryEstimate, estimate_memory
-from deployments.engine.request import InvalidRequestError, RequestOutput
-from deployments.channel import Channel, ChannelRegistry
+from deployments.engine.request import InvalidRequestError
+from deployments.channel import ChannelRegistry
 from deployments.errors import BadRequestError, ModelLoadingError, ModelNotLoadedError, ModelUnloadingError, ServiceUnavailableError
-from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed, Usage
+from deployments.protocol import ChannelBatch, Chunk, GenerateRequest, ReplicaStatus, Routed
 from deployments.memory import allocator, ensure_fits, gpu_memory, load_footprint, purge_freed_pages, release_freed_memory, rss_bytes
-from deployments.metrics import ReplicaMetrics, RequestTimer
+from deployments.metrics import ReplicaMetrics
+from deployments.sinks import channel_sink, channel_thread_sink, to_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +41,6 @@ class ModelStatus(str, enum.Enum):
 
 
 DRAIN_POLL_S = 0.05
-
-
-def to_chunk(out: RequestOutput) -> Chunk:
-    """An engine output as a wire chunk (usage on the last)."""
-    usage = Usage(out.num_prompt_tokens, out.num_output_tokens) if out.finished else None
-    return Chunk(out.text, out.new_token_ids, out.finish_reason.value if out.finish_reason else None, usage)
-
-
-def channel_sink(channel: Channel, request_id: str, timer: RequestTimer) -> Callable[[RequestOutput], None]:
-    """Records each output and pushes it into the caller's channel, on the serving loop."""
-
-    def push(out: RequestOutput) -> None:
-        timer.output(out)
-        channel.push(request_id, to_chunk(out))
-
-    return push
 
 
 class ModelServer:
@@ -252,7 +237,9 @@ class ModelServer:
             request_id = request.request_id or engine.next_request_id()
             # Through a channel, each step's output goes straight in (no wakeup of this generator per token).
             sink = channel_sink(channel, request_id, timer) if via_channel and channel is not None else None
-            outputs = engine.generate(request_id, prompt_ids, params, adapter, sink=sink)
+            # through a socket, from the engine thread: the serving loop wakes for the last output only
+            thread_sink = channel_thread_sink(channel, request_id, timer) if sink is not None and channel.local else None
+            outputs = engine.generate(request_id, prompt_ids, params, adapter, sink=sink, thread_sink=thread_sink)
             async with aclosing(outputs):  # closed (and the engine request aborted) even when we are closed at a yield
                 if request.channels is not None:
                     yield Routed(self.replica_name, via_channel, self.channels.path)

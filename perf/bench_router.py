@@ -5,7 +5,7 @@ SSE rendering, uvicorn with uvloop and httptools) without Ray or an engine: a st
 every open request one chunk per "step" into an inbox, as the channel reader (serve_app.channels) does,
 and `from_inbox` reads it, as in production. Each turn starts a server process on 127.0.0.1 with the
 revision's `serve_app` (the base's tree from `git archive`), streams `--streams` x `--tokens` completions
-from an aiohttp client process (perf/bench_serving.py's), and reads the server's CPU time (user +
+from a client process (perf/bench_serving.py's), and reads the server's CPU time (user +
 system) per token. Turns alternate base / working tree, round by round in alternating order: the host's
 speed drifts by 20-40% within minutes. Ray Serve's own wrappers around the router are not in it
 (perf/bench_overhead.py measures the whole path).

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 from perf.common import machine  # noqa: E402
+from perf.sse_client import SSEClient  # noqa: E402
 from perf.serving_report import fmt, point_label, print_table, summary_line, write_plot  # noqa: E402
 
 SENTENCES = [  # ~10 words each; a prompt joins 1-6 of them (seeded)
@@ -94,43 +94,40 @@ def run_client(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def client_session(max_connections: int, timeout_s: float) -> aiohttp.ClientSession:
-    """The load generator's HTTP client. aiohttp parses responses in C: on a 2-core host the client shares
-    the cores with the server it measures, and httpx (pure-Python parsing) took ~0.075 cores at 10 streams
-    against aiohttp's ~0.037 (perf/README.md, session 9)."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max_connections),
-                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
+def client_session(max_connections: int, timeout_s: float) -> SSEClient:  # noqa: ARG001 - send_request times out
+    """The load generator's HTTP client (perf/sse_client.py): it shares the cores with the server it measures.
+    httpx (pure-Python parsing) took ~0.075 cores at 10 streams against aiohttp's ~0.037 (perf/README.md,
+    session 9); at 10 SmolLM2 streams the bench process took 63.5 us of CPU per token with aiohttp against
+    42.0 with this client (session 27, 4 alternated rounds)."""
+    return SSEClient(max_connections)
 
 
-async def stream_request(client: aiohttp.ClientSession, args: argparse.Namespace, prompt: str, rec: Record) -> None:
+async def stream_request(client: SSEClient, args: argparse.Namespace, prompt: str, rec: Record) -> None:
     path, body = request_body(args, prompt)
-    async with client.post(args.base_url.rstrip("/") + path, json=body) as resp:
-        rec.status = resp.status
-        if resp.status != 200:
-            rec.error, rec.message = str(resp.status), error_message(await resp.read())
+
+    def on_data(data: bytes) -> None:
+        if data == b"[DONE]":
             return
-        async for raw in resp.content:  # one SSE line at a time
-            if not raw.startswith(b"data:"):
-                continue  # blank separators, ":" comments, other SSE fields
-            data = raw[5:].strip().decode()
-            if data == "[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                rec.error, rec.message = "stream_error", error_message(data.encode())
-                continue
-            if chunk_text(event, args.endpoint):
-                rec.chunk_times.append(time.perf_counter())
-            if event.get("usage"):
-                rec.completion_tokens = event["usage"].get("completion_tokens")
+        event = json.loads(data)
+        if "error" in event:
+            rec.error, rec.message = "stream_error", error_message(data)
+            return
+        if chunk_text(event, args.endpoint):
+            rec.chunk_times.append(time.perf_counter())
+        if event.get("usage"):
+            rec.completion_tokens = event["usage"].get("completion_tokens")
+
+    rec.status, raw = await client.post(args.base_url.rstrip("/") + path, body, on_data)
+    if rec.status != 200:
+        rec.error, rec.message = str(rec.status), error_message(raw)
 
 
-async def send_request(client: aiohttp.ClientSession, args: argparse.Namespace, prompt: str) -> Record:
+async def send_request(client: SSEClient, args: argparse.Namespace, prompt: str) -> Record:
     """One streamed request; never raises (failures become the record's error)."""
     rec = Record(start=time.perf_counter())
     try:
         await asyncio.wait_for(stream_request(client, args, prompt, rec), args.timeout_s)
-    except (asyncio.TimeoutError, aiohttp.ClientError, ValueError, OSError) as exc:
+    except (asyncio.TimeoutError, ValueError, OSError) as exc:
         rec.error, rec.message = type(exc).__name__, str(exc)[:500]
     rec.end = time.perf_counter()
     if rec.error is None and rec.completion_tokens is None:
@@ -167,7 +164,7 @@ def summarize(records: list[Record], duration: float | None = None, slo_ttft_ms:
             "raw": {"ttft_ms": [t * 1000 for t in ttft], "e2e_ms": [t * 1000 for t in e2e]}}
 
 
-async def closed_loop(client: aiohttp.ClientSession, args: argparse.Namespace, prompts: list[str],
+async def closed_loop(client: SSEClient, args: argparse.Namespace, prompts: list[str],
                       concurrency: int, deadline: float) -> list[Record]:
     queue = list(reversed(prompts))
     records: list[Record] = []
@@ -180,7 +177,7 @@ async def closed_loop(client: aiohttp.ClientSession, args: argparse.Namespace, p
     return records
 
 
-async def open_loop(client: aiohttp.ClientSession, args: argparse.Namespace, prompts: list[str],
+async def open_loop(client: SSEClient, args: argparse.Namespace, prompts: list[str],
                     rate: float, deadline: float, seed: int) -> list[Record]:
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(prompts))
     t0, tasks = time.perf_counter(), []
@@ -192,7 +189,7 @@ async def open_loop(client: aiohttp.ClientSession, args: argparse.Namespace, pro
     return list(await asyncio.gather(*tasks))
 
 
-async def run_point(client: aiohttp.ClientSession, args: argparse.Namespace, prompts: list[str], *,
+async def run_point(client: SSEClient, args: argparse.Namespace, prompts: list[str], *,
                     concurrency: int | None = None, rate: float | None = None,
                     deadline: float = float("inf")) -> dict[str, Any]:
     """Run one point (closed loop at `concurrency`, or Poisson open loop at `rate` req/s) and summarize it."""
@@ -210,7 +207,7 @@ async def run_point(client: aiohttp.ClientSession, args: argparse.Namespace, pro
     return point
 
 
-async def run_spec(client: aiohttp.ClientSession, args: argparse.Namespace, prompts: list[str], spec: dict[str, Any],
+async def run_spec(client: SSEClient, args: argparse.Namespace, prompts: list[str], spec: dict[str, Any],
                    points: list[dict[str, Any]], deadline: float) -> dict[str, Any] | str:
     """Run one planned point, or return why it was skipped."""
     if time.perf_counter() >= deadline:
@@ -247,7 +244,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    return {**machine(), "aiohttp": aiohttp.__version__, "base_url": args.base_url, "model": args.model,
+    return {**machine(), "client": "perf/sse_client.py", "base_url": args.base_url, "model": args.model,
             "endpoint": args.endpoint}
 
 

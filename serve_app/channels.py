@@ -21,8 +21,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from contextvars import ContextVar
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -30,7 +31,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 # Serve's default router; Ray 2.60 exports the mixins and base class publicly but not this one.
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
-from deployments.channel import read_frame, write_frame
+from deployments.channel_socket import read_frame, write_frame
 from deployments.errors import ChannelClosedError
 from deployments.protocol import ChannelBatch, Chunk, Routed, merge_chunks
 
@@ -41,6 +42,21 @@ OPEN_TIMEOUT_S = 5.0  # a channel not open by then is given up (and not retried 
 RETRY_AFTER_S = 10.0
 CHANNEL_ERROR_GRACE_S = 2.0  # a closed channel waits this long for its request's own stream to say why
 Item = Chunk | BaseException
+
+
+class Direct:
+    """A request's way around its inbox: while its response waits for the next chunk, `deliver(chunk)`
+    sends that chunk's events itself, on the channel reader's turn (serve_app.streaming). It returns
+    False when it did not take the chunk (the inbox gets it). The last chunk always takes the inbox."""
+
+    __slots__ = ("deliver",)
+
+    def __init__(self) -> None:
+        self.deliver: Callable[[Chunk], bool] | None = None
+
+
+DIRECT: ContextVar[Direct | None] = ContextVar("direct_delivery", default=None)
+"""The current request's `Direct`, set by its route before the request is generated (channels registered)."""
 
 
 class ChannelRouter(PowerOfTwoChoicesRequestRouter):
@@ -67,17 +83,20 @@ class ChannelSet:
         self._ids = itertools.count()
         self.inbox: dict[str, asyncio.Queue[Item]] = {}
         self.via: dict[str, str] = {}  # request id -> the replica whose channel carries it
+        self.direct: dict[str, Direct] = {}  # request id -> its response's way around the inbox
         self.open: dict[str, str] = {}  # replica -> channel id, for channels that are open
         self.readers: dict[str, asyncio.Task[None]] = {}  # replica -> its channel's reader (opening or open)
         self.refused_until: dict[str, float] = {}
         self.num_batches = 0  # messages received through channels (tests and benchmarks read it)
+        self.num_direct = 0  # chunks their responses got straight from the reader (not through the inbox)
 
     def channel_ids(self) -> tuple[str, ...]:
         return tuple(self.open.values())
 
     def stats(self) -> dict[str, int]:
         """For the router's view of the model (GET /models)."""
-        return {"open": len(self.open), "batches": self.num_batches, "running_via_channels": len(self.via)}
+        return {"open": len(self.open), "batches": self.num_batches, "running_via_channels": len(self.via),
+                "direct_chunks": self.num_direct}
 
     def register(self, request_id: str = "") -> tuple[str, asyncio.Queue[Item]]:
         """The request's id (one of ours if it has none, or if a running request has it) and its inbox."""
@@ -85,11 +104,14 @@ class ChannelSet:
             request_id = f"{self.prefix}-{next(self._ids)}"
         inbox: asyncio.Queue[Item] = asyncio.Queue()
         self.inbox[request_id] = inbox
+        if (direct := DIRECT.get()) is not None:
+            self.direct[request_id] = direct
         return request_id, inbox
 
     def release(self, request_id: str) -> None:
         self.inbox.pop(request_id, None)
         self.via.pop(request_id, None)
+        self.direct.pop(request_id, None)
 
     def routed(self, request_id: str, routed: Routed) -> None:
         """A replica took one of our requests: note where its chunks come from; open a channel to
@@ -119,8 +141,15 @@ class ChannelSet:
                     self.num_batches += 1
                     for request_id, chunk in batch:
                         inbox = self.inbox.get(request_id)
-                        if inbox is not None:
-                            inbox.put_nowait(chunk)
+                        if inbox is None:
+                            continue
+                        # its response waits for it and nothing is ahead of it: sent from here, no task woken
+                        direct = self.direct.get(request_id)
+                        if (direct is not None and (deliver := direct.deliver) is not None and chunk.finish_reason is None
+                                and inbox.empty() and deliver(chunk)):
+                            self.num_direct += 1
+                            continue
+                        inbox.put_nowait(chunk)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - a refused or broken channel: its requests get the error

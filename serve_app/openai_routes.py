@@ -26,7 +26,7 @@ from serve_app.schemas import (
     ModelCard,
     ModelList,
 )
-from serve_app.streaming import EventTemplate, collect, open_stream, sse_event, sse_response
+from serve_app.streaming import EventTemplate, collect, deliver_directly, open_stream, sse_event, sse_response
 
 router = APIRouter(prefix="/v1")
 
@@ -52,6 +52,7 @@ async def retrieve_model(model: str, registry: ModelRegistry = Depends(get_regis
 async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Depends(get_lifecycle)) -> Any:
     request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     wire = GenerateRequest(request_id, body.engine_params(), prompt=str(body.prompt))  # one prompt: the schema made it a str
+    direct = deliver_directly() if body.stream else None  # before the request is generated
     first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     echo = body.prompt if body.echo else ""
 
@@ -74,7 +75,7 @@ async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Dep
                 events.append(sse_event(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
-        return sse_response(first, rest, to_events)
+        return sse_response(first, rest, to_events, direct)
     result = await collect(first, rest)
     return response(echo + result.text, result.finish_reason, result.usage)
 
@@ -84,6 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleMana
     request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     wire = GenerateRequest(request_id, body.engine_params(), messages=messages)
+    direct = deliver_directly() if body.stream else None  # before the request is generated
     first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if body.stream:
         state = {"sent_role": False}
@@ -107,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleMana
                     events.append(sse_event(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
-        return sse_response(first, rest, to_events)
+        return sse_response(first, rest, to_events, direct)
     result = await collect(first, rest)
     choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
     return ChatCompletionResponse(id=request_id, created=created, model=body.model, choices=[choice], usage=result.usage)  # type: ignore[arg-type]

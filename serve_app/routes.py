@@ -15,7 +15,7 @@ from serve_app.clients import ModelRegistry
 from serve_app.config import AppSettings
 from serve_app.lifecycle import LifecycleManager
 from serve_app.schemas import InferRequest, InferResponse, LoadRequest, ModelInfo, ModelInfoList, UnloadRequest
-from serve_app.streaming import EventTemplate, collect, open_stream, sse_event, sse_response
+from serve_app.streaming import EventTemplate, collect, deliver_directly, open_stream, sse_event, sse_response
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 router = APIRouter()
@@ -119,6 +119,7 @@ async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleMa
     request_id = f"infer-{uuid.uuid4().hex}"
     messages = None if body.messages is None else [{"role": m.role, "content": m.text()} for m in body.messages]
     wire = GenerateRequest(request_id, body.engine_params(), prompt=None if messages is not None else body.prompt, messages=messages)
+    direct = deliver_directly() if stream else None  # before the request is generated
     first, rest = await open_stream(lifecycle.generate(body.model, wire, body.keep_alive_s(), body.timeout))
     if stream:
         def event(text: str) -> dict[str, Any]:
@@ -132,7 +133,7 @@ async def infer(body: InferRequest, stream: bool = False, lifecycle: LifecycleMa
                 return [sse_event(event(chunk.text) | {"finish_reason": chunk.finish_reason, "usage": usage})]
             return [token_event.render(chunk.text)] if chunk.text else []
 
-        return sse_response(first, rest, to_events)
+        return sse_response(first, rest, to_events, direct)
     result = await collect(first, rest)
     return InferResponse(id=request_id, model=body.model, text=result.text, finish_reason=result.finish_reason, usage=result.usage)  # type: ignore[arg-type]
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from deployments.errors import APIError
 from deployments.protocol import Chunk, LoadProgress
+from serve_app.channels import DIRECT, Direct
 from serve_app.errors import unwrap_error
 
 Item = Chunk | LoadProgress
@@ -113,27 +115,125 @@ async def _chain(first: Item, rest: AsyncIterator[Item]) -> AsyncIterator[Item]:
         yield chunk
 
 
-def sse_response(first: Item, rest: AsyncIterator[Item], to_events: Callable[[Chunk], Iterable[str]]) -> StreamingResponse:
-    """Stream the SSE events `to_events(chunk)` renders for every chunk; a client that leaves cancels generation."""
+def deliver_directly() -> Direct:
+    """Let this request's channel reader send its chunks' events itself (`sse_response(..., direct)`);
+    call before the request is generated."""
+    direct = Direct()
+    DIRECT.set(direct)
+    return direct
+
+
+class _SSEResponse(StreamingResponse):
+    """Keeps the ASGI `send` it streams through, for the channel reader's direct sends."""
+
+    send: Send | None = None
+
+    async def stream_response(self, send: Send) -> None:
+        self.send = send
+        await super().stream_response(send)
+
+
+class _Resume:
+    """The rest of a coroutine that `send(None)` started and that suspended on `waiting`, to await in a task."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro, self.waiting = coro, waiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        waiting = self.waiting
+        while True:
+            try:
+                value = yield waiting
+            except BaseException as exc:  # noqa: BLE001 - the awaiting task's cancellation, passed in
+                step, arg = self.coro.throw, exc
+            else:
+                step, arg = self.coro.send, value
+            try:
+                waiting = step(arg)
+            except StopIteration:
+                return
+
+
+class _DirectSends:
+    """Sends a chunk's events from the channel reader's turn (channels.Direct): on the loop's thread,
+    through the same ASGI `send` and middlewares as the response's own, in order. A send that must wait
+    (the client reads slowly) is finished by a task the response awaits before its own next send, and
+    the chunks after it take the inbox again, merged there as for any slow consumer."""
+
+    def __init__(self, response: _SSEResponse, to_events: Callable[[Chunk], Iterable[str]], direct: Direct) -> None:
+        self.response, self.to_events, self.direct = response, to_events, direct
+        self.pending: asyncio.Future[None] | None = None
+
+    def deliver(self, chunk: Chunk) -> bool:
+        events = [event.encode() for event in self.to_events(chunk)]
+        send = self.response.send
+        assert send is not None
+        for i, body in enumerate(events):
+            coro = send({"type": "http.response.body", "body": body, "more_body": True})
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                continue
+            except Exception:  # noqa: BLE001 - the response's own send meets it again, on the usual path
+                self.direct.deliver = None
+                return i > 0
+            self.direct.deliver = None
+            self.pending = asyncio.ensure_future(self._finish(_Resume(coro, waiting), events[i + 1:]))
+            return True
+        return True
+
+    async def _finish(self, started: Awaitable[None], rest: list[bytes]) -> None:
+        await started
+        send = self.response.send
+        assert send is not None
+        for body in rest:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def settle(self) -> None:
+        """Before the response sends anything itself: take the direct path away and finish what it began."""
+        self.direct.deliver = None
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+
+
+def sse_response(first: Item, rest: AsyncIterator[Item], to_events: Callable[[Chunk], Iterable[str]],
+                 direct: Direct | None = None) -> StreamingResponse:
+    """Stream the SSE events `to_events(chunk)` renders for every chunk; a client that leaves cancels generation.
+    With `direct` (from `deliver_directly()`), a chunk that arrives through a channel while the response
+    waits is sent by the channel reader (no wakeup of this response's task and generators per token)."""
+    response: _SSEResponse
 
     async def events() -> AsyncIterator[str]:
+        sends = _DirectSends(response, to_events, direct) if direct is not None else None
         try:
             async for chunk in _chain(first, rest):
+                if sends is not None:
+                    await sends.settle()
                 if isinstance(chunk, LoadProgress):  # waiting for a load: a comment keeps the client informed
                     yield f": {chunk.message}\n\n"
                     continue
                 for event in to_events(chunk):
                     yield event
+                if sends is not None and chunk.finish_reason is None:  # every send of it is done: wait
+                    sends.direct.deliver = sends.deliver
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - after headers, an error can only be an event
+            if sends is not None:
+                await sends.settle()
             error = unwrap_error(exc) or APIError(f"internal error: {type(exc).__name__}", code="internal_error")
             yield sse_event(error.to_dict())
         finally:
+            if sends is not None:
+                sends.direct.deliver = None
+                if sends.pending is not None:
+                    sends.pending.cancel()
             await rest.aclose()  # type: ignore[attr-defined]
         yield SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    response = _SSEResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
 
 
 @dataclass

@@ -35,11 +35,22 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (it crashed or was shut down); in-flight requests cannot finish."""
 
 
+@dataclass(frozen=True)
+class ThreadSink:
+    """Takes a request's outputs, all but the last, on the engine thread that made them, as its step
+    ends: `item(output)` for each, then `flush(items)` once per step with the items of every request
+    that shares that `flush` (a channel's one write per step; no wakeup of the serving loop)."""
+
+    item: Callable[[RequestOutput], Any]
+    flush: Callable[[list[Any]], None]
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
     sink: Callable[[RequestOutput], None] | None = None
+    thread_sink: ThreadSink | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -112,17 +123,18 @@ class AsyncLLMEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-        sink: Callable[[RequestOutput], None] | None = None,
+        sink: Callable[[RequestOutput], None] | None = None, thread_sink: ThreadSink | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as they are produced; the last one has a finish_reason.
         With a `sink`, every output but the last is handed to it on the serving loop instead (this
-        generator then wakes once, not once per step; an error the sink raises ends it)."""
+        generator then wakes once, not once per step; an error the sink raises ends it); with a
+        `thread_sink`, to that on the engine thread."""
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
         self.engine.validate(prompt_token_ids, params)  # raise before anything is queued
         if request_id in self._streams:  # two streams under one id would take each other's tokens
             raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), sink)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), sink, thread_sink)
         self._streams[request_id] = stream
         self._send("add", request_id, prompt_token_ids, params, adapter)
         finished = False
@@ -218,14 +230,32 @@ class AsyncLLMEngine:
             log.exception("the engine's idle hook failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """One hand-over per event loop per step (one wakeup of the serving loop, not one per request)."""
+        """Outputs for thread sinks go to them here, one flush per sink target; the rest in one hand-over
+        per event loop (one wakeup of the serving loop per step, not one per request)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        by_flush: dict[Callable[[list[Any]], None], tuple[list[Any], list[_Stream]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is not None:
+            if stream is None:
+                continue
+            sink = stream.thread_sink
+            if sink is None or output.finished:
                 by_loop.setdefault(stream.loop, []).append((stream, output))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+                continue
+            items, streams = by_flush.setdefault(sink.flush, ([], []))
+            try:
+                items.append(sink.item(output))
+                streams.append(stream)
+            except Exception as exc:  # noqa: BLE001 - the request's own generator raises it
+                stream.put(exc)
+        for flush, (items, streams) in by_flush.items():
+            try:
+                flush(items)
+            except Exception as exc:  # noqa: BLE001 - each of these requests' generators raises it
+                for stream in streams:
+                    stream.put(exc)
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     def _drain_inbox(self) -> None:
         while True:

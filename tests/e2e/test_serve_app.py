@@ -202,7 +202,8 @@ def test_chat_page_is_served(serve_url: str) -> None:
 
 def test_concurrent_streams_share_one_channel_per_replica(serve_url: str) -> None:
     """tiny-pair (2 replicas, channels on): concurrent streams' tokens come through the router's
-    channel to each replica (serve_app.channels), and every stream gets exactly the tokens it would alone."""
+    channel to each replica (serve_app.channels), written there by the engine's thread, sent on by the
+    router's channel reader, and every stream gets exactly the tokens it would alone."""
     body = {"model": "tiny-pair", "prompt": "The quick brown", "max_tokens": 16, "ignore_eos": True, "temperature": 0}
 
     def streamed(_: int = 0) -> tuple[str, dict]:
@@ -219,6 +220,8 @@ def test_concurrent_streams_share_one_channel_per_replica(serve_url: str) -> Non
             assert list(pool.map(streamed, range(8))) == [reference] * 8
     after = model_status(serve_url, "tiny-pair")["channels"]
     assert after["batches"] > before["batches"] and after["open"] >= 1, (before, after)
+    # the channel reader sent many of those tokens on itself, straight to their responses (serve_app.streaming)
+    assert after["direct_chunks"] - before["direct_chunks"] >= 8 * 15, (before, after)
 
 
 def test_the_router_logs_each_request_with_its_id_as_it_happens_and_never_the_prompt(serve_url: str) -> None:

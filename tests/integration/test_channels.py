@@ -165,9 +165,9 @@ def test_socket_directories_of_killed_replicas_are_removed(server: ModelServer) 
     stale = tempfile.mkdtemp(prefix="llm-serve-channel-999999999-")  # no such process
     live = tempfile.mkdtemp(prefix=f"llm-serve-channel-{os.getpid()}-")
     try:
-        from deployments.channel import ChannelListener
+        from deployments.channel_socket import ChannelListener
 
-        listener = ChannelListener(server.channels, "other")
+        listener = ChannelListener(server.channels.open, server.channels.close, "other")
         asyncio.run(listener.start())
         listener.close()
         assert not os.path.exists(stale) and os.path.isdir(live)
