@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.engine.async_engine import EngineDeadError
+from deployments.engine.async_engine import EngineDeadError, ThreadSink
 from deployments.engine.config import EngineConfig
 from deployments.engine.request import FinishReason, InvalidRequestError, RequestOutput, SamplingParams
 from deployments.engine.stream_interval import StreamInterval
@@ -105,7 +105,7 @@ class ScriptedEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-        sink: Callable[[RequestOutput], None] | None = None,
+        sink: Callable[[RequestOutput], None] | None = None, thread_sink: ThreadSink | None = None,
     ) -> AsyncIterator[RequestOutput]:
         assert adapter is None, f"the scripted model has no adapter {adapter!r}"
         if self._stopped:
@@ -121,7 +121,9 @@ class ScriptedEngine:
                     raise EngineDeadError("the model was unloaded while this request was running")
                 reason = None if i < count else (FinishReason.STOP if count == len(words) else FinishReason.LENGTH)
                 output = RequestOutput(request_id, [i], word, reason, len(prompt_token_ids), i)
-                if sink is not None and reason is None:  # as AsyncLLMEngine: all but the last to the sink
+                if thread_sink is not None and reason is None:  # as AsyncLLMEngine: all but the last, there
+                    thread_sink.flush([thread_sink.item(output)])
+                elif sink is not None and reason is None:  # as AsyncLLMEngine: all but the last to the sink
                     sink(output)
                 else:
                     yield output
