@@ -165,7 +165,11 @@ class _DirectSends:
         self.pending: asyncio.Future[None] | None = None
 
     def deliver(self, chunk: Chunk) -> bool:
-        events = [event.encode() for event in self.to_events(chunk)]
+        try:
+            events = [event.encode() for event in self.to_events(chunk)]
+        except Exception:  # noqa: BLE001 - not the channel's error: the response's own path meets it
+            self.direct.deliver = None
+            return False
         send = self.response.send
         assert send is not None
         for i, body in enumerate(events):
