@@ -87,7 +87,6 @@ class Channel:
         """Until something is to be sent; False once the channel is to end (closed, or idle for
         `idle_close_s` with none of the caller's requests running here: an open channel is an ongoing
         call, which Ray Serve's graceful shutdown of the replica would wait for)."""
-        self._loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(idle_close_s):
