@@ -139,7 +139,7 @@ async def over_http(args: argparse.Namespace, url: str, prompts: list[str], c1: 
         return argparse.Namespace(base_url=f"{url}/v1", model=model_id, endpoint="completions", output_len=output_len,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
 
-    async with bench_serving.client_session(64, 600.0) as client:
+    async with bench_serving.client_session(64) as client:
         await bench_serving.run_point(client, point_args(4), prompts[:2], concurrency=2)  # warm-up
         before = thread_cpu(model_id)
         streams = await bench_serving.run_point(client, point_args(args.output_len), prompts, concurrency=args.streams)

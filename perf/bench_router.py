@@ -129,7 +129,7 @@ def client(port: int, streams: int, tokens: int) -> None:
     async def main() -> dict[str, Any]:
         args = argparse.Namespace(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, endpoint="completions", output_len=tokens,
                                   slo_ttft_ms=2000.0, slo_tpot_ms=200.0, seed=0, timeout_s=600.0)
-        async with bench_serving.client_session(64, 600.0) as session:
+        async with bench_serving.client_session(64) as session:
             cpu = time.process_time()
             point = await bench_serving.run_point(session, args, bench_serving.build_prompts(streams), concurrency=streams)
             cpu = time.process_time() - cpu

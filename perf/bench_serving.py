@@ -94,7 +94,7 @@ def run_client(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def client_session(max_connections: int, timeout_s: float) -> SSEClient:  # noqa: ARG001 - send_request times out
+def client_session(max_connections: int) -> SSEClient:
     """The load generator's HTTP client (perf/sse_client.py): it shares the cores with the server it measures.
     httpx (pure-Python parsing) took ~0.075 cores at 10 streams against aiohttp's ~0.037 (perf/README.md,
     session 9); at 10 SmolLM2 streams the bench process took 63.5 us of CPU per token with aiohttp against
@@ -228,7 +228,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     plan = [{"concurrency": c} for c in args.concurrency] + [{"fraction": f} for f in args.poisson_fractions]
     points: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    async with client_session(max_inflight, args.timeout_s) as client:
+    async with client_session(max_inflight) as client:  # each request times out in send_request
         for spec in plan:
             point = await run_spec(client, args, prompts, spec, points, deadline)
             if isinstance(point, str):

@@ -148,7 +148,7 @@ def other_cores(before: tuple[float, float], wall_s: float) -> float:
 
 async def measure_http(base_url: str, model_id: str, plan: Plan, output_len: int) -> dict[str, Any]:
     """The plan as streamed /v1/completions (bench_serving.send_request: max_tokens = min_tokens, ignore_eos)."""
-    async with bench_serving.client_session(64, 900.0) as client:
+    async with bench_serving.client_session(64) as client:
         def send(prompt: str, n: int) -> Awaitable[Record]:
             ns = argparse.Namespace(base_url=base_url, model=model_id, endpoint="completions", output_len=n,
                                     timeout_s=900.0)
