@@ -26,6 +26,10 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
   Serve's metrics exported every 1 s (not 0.1 s) from each replica, Ray's task events reported every
   10 s and resource reports every 1 s, its internal event-loop stats off. An idle app (SmolLM2, router,
   HAProxy) went from 0.145 to 0.085 cores on a 2-core host (perf/README.md, session 12).
+- Ray's log monitor (which sends the workers' log lines to the driver: `serve run`'s terminal) lists its
+  log directory every 2 s (`RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0`, `LOG_NAME_UPDATE_INTERVAL_S=2`), not on
+  every 0.1 s pass: its CPU with the app idle 0.67-0.80 -> 0.33% of a core (perf/README.md, session 28). A new
+  worker's log file is found up to 2 s later; its lines still all arrive, from the file's start.
 - `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5`: a stopping router replica stays up at least this
   long for load balancers to stop sending to it. Serve's default, 30 s, is for a remote balancer; our
   HAProxy runs beside the controller and is reconfigured within a control-loop period. `serve.shutdown()`
@@ -35,6 +39,7 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -53,12 +58,38 @@ RAY_ENV = {
     "RAY_raylet_report_resources_period_milliseconds": "1000",
     "RAY_event_stats": "0",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "2",
 }
 HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
 
 
+# Side ports are drawn from here, below Serve's direct-ingress ports (30000+) and above Ray's worker ports
+# (10002-19999), minus the kernel's ephemeral range: a port the kernel hands out (Ray's gRPC servers bind port
+# 0, every outgoing connection takes one) could be taken between this check and the bind that uses it.
+SIDE_PORTS = range(20000, 30000)
+
+
+def ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, outside the kernel's ephemeral range where the host leaves room for it."""
+    ephemeral = ephemeral_ports()
+    candidates = [p for p in SIDE_PORTS if p not in ephemeral]
+    for port in random.sample(candidates, min(len(candidates), 50)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room outside the ephemeral range: whatever the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

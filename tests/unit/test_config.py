@@ -134,3 +134,18 @@ def test_lifecycle_fields_are_validated_and_named() -> None:
         parse_app_settings(base | {"pools": [{"id": "p", "models": [{"id": "b", "source": "/y"}],
                                               "adapters": [{"id": "a", "base": "b", "path": "/z", "keep_alive": "forever"}]}]})
     assert parse_app_settings(base | {"memory_budget": {"cpu": "1GiB"}}).budget_bytes("cpu") == 1 << 30
+
+
+def test_side_ports_are_free_and_outside_the_kernels_ephemeral_range() -> None:
+    """serve_app/ray_env.py: HAProxy's stats and metrics ports and Serve's fallback proxy's are chosen before
+    Ray starts; a port the kernel could hand out meanwhile (to a gRPC server on port 0, to an outgoing
+    connection) would make HAProxy's bind fail at start."""
+    import socket
+
+    from serve_app import ray_env
+
+    ports = {ray_env.free_port() for _ in range(20)}
+    assert not ports & set(ray_env.ephemeral_ports())
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free: binds
