@@ -87,8 +87,7 @@ class ControlPlane(ControlStore):
         while missing < 2:  # twice in a row: a redeploy may briefly list no app
             time.sleep(check_every_s)
             try:  # the deployments' ids, not serve.status(): 1 ms of CPU per check against 10 (perf/README.md, session 28)
-                client = _get_global_client()
-                ids = [] if client is None else ray.get(client._controller.list_deployment_ids.remote())
+                ids = ray.get(ServeControllerConfigs()._controller().list_deployment_ids.remote())
                 missing = 0 if any(d.app_name == app_name for d in ids) else missing + 1
             except Exception:  # noqa: BLE001 - Serve itself is gone
                 missing += 1
