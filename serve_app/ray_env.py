@@ -30,6 +30,12 @@ instance of ours (`make serve` goes through `python -m serve_app.ray_env serve r
   log directory every 2 s (`RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0`, `LOG_NAME_UPDATE_INTERVAL_S=2`), not on
   every 0.1 s pass: its CPU with the app idle 0.67-0.80 -> 0.33% of a core (perf/README.md, session 28). A new
   worker's log file is found up to 2 s later; its lines still all arrive, from the file's start.
+- `RAY_worker_niceness=0`: Ray starts every worker (our replicas and router, Serve's actors, and the HAProxy a
+  Serve actor starts) at nice 15, so any nice-0 process on the host -- Ray's GCS, raylet and agents, a load
+  generator, a user's other programs -- preempted the engine's threads whenever it woke. Here the replicas are
+  the service: they run at the host's normal priority, as the same engine in a plain process does. SmolLM2, 10
+  streams, through Ray / in process, alternated turns, four runs of 10-12 rounds: +0.5 to +2.8 points, median
+  paired gain 1.7% (perf/README.md, session 29).
 - `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5`: a stopping router replica stays up at least this
   long for load balancers to stop sending to it. Serve's default, 30 s, is for a remote balancer; our
   HAProxy runs beside the controller and is reconfigured within a control-loop period. `serve.shutdown()`
@@ -60,6 +66,7 @@ RAY_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "2",
+    "RAY_worker_niceness": "0",
 }
 HAPROXY_WRAPPER = Path(__file__).resolve().parent / "haproxy-loopback"
 

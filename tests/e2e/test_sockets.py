@@ -78,3 +78,20 @@ def test_http_enters_through_haproxy_straight_to_the_router(serve_url: str) -> N
     assert owners and all(name.startswith("haproxy") for name in owners), f"port {port} is held by {owners}"
     router_ports = [p for p, name in listening if "ServeReplica" in name and "router" in name and 30000 <= p <= 31000]
     assert router_ports, f"the router replica listens on no direct-ingress port: {sorted(listening)}"
+
+
+def test_serving_processes_run_at_normal_priority(serve_url: str) -> None:
+    """serve_app/ray_env.py: `RAY_worker_niceness=0`. Ray starts its workers at nice 15, under every
+    nice-0 process on the host (Ray's own GCS and raylet, the HTTP client of a benchmark, a user's other
+    programs), so any of them preempted the model replica's engine threads at once; the replicas, the router
+    and the HAProxy a Serve actor starts are the service here, and run at the host's normal priority."""
+    processes = service_processes()
+    serving = {pid: name for pid, name in processes.items() if "ServeReplica" in name or name.startswith("haproxy")}
+    assert any("ServeReplica" in name for name in serving.values()), sorted(set(processes.values()))
+    niceness = {}
+    for pid, name in serving.items():
+        try:
+            niceness[name] = os.getpriority(os.PRIO_PROCESS, pid)
+        except OSError:  # ended while we looked
+            continue
+    assert niceness and all(n == 0 for n in niceness.values()), niceness
