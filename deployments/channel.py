@@ -28,7 +28,8 @@ from collections.abc import AsyncIterator
 
 from deployments.channel_socket import ChannelListener, SocketOut, frame
 from deployments.errors import ChannelClosedError
-from deployments.protocol import ChannelBatch, Chunk
+from deployments.handoff import Handoffs
+from deployments.protocol import ChannelBatch, Chunk, Handback
 
 IDLE_CLOSE_S = 2.0  # short: an open channel is an ongoing call, which a replica's graceful shutdown waits for
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class Channel:
             self._loop = asyncio.get_running_loop()
         self._wake_pending = False
         self.frames_sent_from_thread = 0  # steps' frames an engine thread wrote straight into the socket
+        self.handoffs = Handoffs()  # client connections the caller handed over (deployments.handoff)
 
-    def push(self, request_id: str, chunk: Chunk) -> None:
+    def push(self, request_id: str, chunk: Chunk | Handback) -> None:
         """On the serving loop."""
         if self.closed:
             raise ChannelClosedError("the router's channel to this replica closed; retry")
@@ -63,7 +65,11 @@ class Channel:
 
     def push_from_thread(self, items: ChannelBatch) -> None:
         """On an engine thread: one step's chunks, written to the socket at once when nothing is ahead of
-        them (else queued for the serving loop, which keeps their order and merges them as for a slow caller)."""
+        them (else queued for the serving loop, which keeps their order and merges them as for a slow caller).
+        A None item is an output written into its handed-over connection instead (deployments.handoff)."""
+        items = [item for item in items if item is not None]
+        if not items:
+            return
         with self._lock:
             if self.closed or self._loop is None:
                 raise ChannelClosedError("the router's channel to this replica closed; retry")
@@ -124,7 +130,17 @@ class Channel:
                     writer.write(data)
             await writer.drain()
 
+    def end_handoff(self, request_id: str, always: bool = False) -> None:
+        """On the serving loop: the request ended (or its caller reclaims its connection, `always`): its
+        connection is closed here and the caller told, before anything else of the request, if it was
+        handed over; with `always` the caller is told either way (it waits for the answer)."""
+        handback = self.handoffs.end(request_id)
+        if handback is not None or always:
+            with contextlib.suppress(ChannelClosedError):  # the caller is gone: nobody to tell
+                self.push(request_id, handback or Handback())
+
     def close(self) -> None:
+        self.handoffs.close_all()
         with self._lock:
             self.closed = True
             if self._out is not None:  # its own descriptor: closed with the channel, or the caller never sees the end

@@ -5,6 +5,7 @@ No Ray or FastAPI import.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 SOCKET_IDLE_CLOSE_S = 60.0  # a socket channel holds no call open: it may idle longer
 SOCKET_PREFIX = "llm-serve-channel-"  # its directory: this prefix, the replica's pid, a random part
 FRAME = struct.Struct("<I")  # a frame: its length, then a pickle
+MAX_FDS = 64  # descriptors taken per read of the caller's messages (one per handoff)
 
 
 def frame(item: Any) -> bytes:
@@ -73,6 +75,51 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     return pickle.loads(await reader.readexactly(size))  # from our own replica, through a socket only its user can reach
 
 
+async def read_control(writer: asyncio.StreamWriter, channel: Channel) -> None:
+    """The caller's messages on its channel socket, until it closes it: ("handoff", request id, tokens seen,
+    head, tail) with a client connection's descriptor attached (SCM_RIGHTS), and ("reclaim", request id)
+    (deployments.handoff). Read from a descriptor of our own: asyncio's streams drop ancillary data."""
+    transport: Any = writer.transport  # uvloop's are no asyncio.ReadTransport subclasses
+    transport.pause_reading()  # everything the caller sends is read here
+    sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    buffer, fds = bytearray(), array.array("i")
+
+    def readable() -> None:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancillary = b"", []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            if not ended.done():
+                ended.set_result(None)
+            return
+        buffer.extend(data)
+        while len(buffer) >= FRAME.size and len(buffer) >= FRAME.size + (size := FRAME.unpack_from(buffer)[0]):
+            message = pickle.loads(bytes(buffer[FRAME.size:FRAME.size + size]))  # our own router's, see read_frame
+            del buffer[:FRAME.size + size]
+            if message[0] == "handoff" and fds:
+                channel.handoffs.accept(message[1], message[2], fds.pop(0), message[3], message[4])
+            elif message[0] == "reclaim":
+                channel.end_handoff(message[1], always=True)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+
+
 class ChannelListener:
     """This replica's Unix socket for channels from callers on this host, in a directory of its own
     that only this user can enter (the frames are pickles). A caller sends its channel id and gets
@@ -97,7 +144,7 @@ class ChannelListener:
             channel = opened = self.open_channel(channel_id, local=True)
             write_frame(writer, self.replica_name)
             await writer.drain()
-            closed = asyncio.ensure_future(reader.read())  # the caller sends nothing more: this ends when it goes
+            closed = asyncio.ensure_future(read_control(writer, opened))  # handoffs; ends when the caller goes
             closed.add_done_callback(lambda _: opened.close())
             await opened.write_to(writer, SOCKET_IDLE_CLOSE_S)
         except (OSError, asyncio.IncompleteReadError, pickle.UnpicklingError, ChannelClosedError):

@@ -13,6 +13,7 @@ byte sizes in serve_app.model_settings (ByteCount: pydantic's ByteSize).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +69,32 @@ class Routed:
     channel_path: str | None = None  # the replica's socket for channels from this host (deployments.channel)
 
 
+@dataclass(frozen=True)
+class Handback:
+    """A request's client connection given back by the replica it was handed to (deployments.handoff):
+    `raw` is the end of an event it could not finish writing (the router writes it first, as is);
+    `bytes_written` what it wrote into the connection itself."""
+
+    raw: bytes = b""
+    bytes_written: int = 0
+
+
 # What a channel carries per message: the chunks of the caller's requests on this replica since the
-# last message, as (request_id, chunk) in order.
-ChannelBatch = list[tuple[str, Chunk]]
+# last message, as (request_id, chunk) in order, and the handbacks of connections handed to it.
+ChannelBatch = list[tuple[str, Chunk | Handback]]
+
+
+# Characters Python's str.splitlines() (and so requests' iter_lines and many SSE clients) treat as
+# line breaks, which json.dumps(ensure_ascii=False) leaves raw inside strings: escaped, so a token like
+# U+2028 or U+0085 never splits an event.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per event
+
+
+def sse_json(data: Any) -> str:
+    """Compact JSON with the line breaks SSE clients split on escaped: the one encoding of every SSE event,
+    the router's (serve_app.streaming) and a replica's writing into a handed-over connection alike."""
+    return _encode(data).translate(_LINE_BREAKS)
 
 
 def merge_chunks(first: Chunk, second: Chunk) -> Chunk:

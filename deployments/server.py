@@ -228,6 +228,7 @@ class ModelServer:
             channel.num_running += 1
         # alone, its own stream is one hop shorter than a channel that is a Ray call (not than a socket)
         via_channel = channel is not None and (channel.local or channel.num_running > 1)
+        request_id = ""
         try:
             prompt_ids = engine.engine.encode(request.prompt, request.messages)
             fields = dict(request.params)
@@ -258,6 +259,7 @@ class ModelServer:
         finally:
             if channel is not None:
                 channel.num_running -= 1
+                channel.end_handoff(request_id)  # ended early (aborted, failed): its connection is closed here
             self.last_used = time.time()
             timer.finish()
 

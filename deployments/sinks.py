@@ -9,7 +9,7 @@ from deployments.channel import Channel
 from deployments.engine.async_engine import ThreadSink
 from deployments.engine.request import RequestOutput
 from deployments.metrics import RequestTimer
-from deployments.protocol import Chunk, Usage
+from deployments.protocol import Chunk, Handback, Usage
 
 
 def to_chunk(out: RequestOutput) -> Chunk:
@@ -23,16 +23,20 @@ def channel_sink(channel: Channel, request_id: str, timer: RequestTimer) -> Call
 
     def push(out: RequestOutput) -> None:
         timer.output(out)
+        if out.finished:  # a handed-over connection comes back first: the router writes the last events
+            channel.end_handoff(request_id)
         channel.push(request_id, to_chunk(out))
 
     return push
 
 
 def channel_thread_sink(channel: Channel, request_id: str, timer: RequestTimer) -> ThreadSink:
-    """Records each output on the engine thread; the step's chunks for the channel leave in one write."""
+    """Records each output on the engine thread; the step's chunks for the channel leave in one write, or
+    each goes straight into the request's client connection once its router handed that over."""
+    channel.handoffs.track(request_id)
 
-    def item(out: RequestOutput) -> tuple[str, Chunk]:
+    def item(out: RequestOutput) -> tuple[str, Chunk | Handback] | None:
         timer.output(out)
-        return request_id, to_chunk(out)
+        return channel.handoffs.item(request_id, to_chunk(out))
 
     return ThreadSink(item, channel.push_from_thread)

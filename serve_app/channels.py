@@ -16,6 +16,7 @@ default router does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -33,7 +34,8 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 
 from deployments.channel_socket import read_frame, write_frame
 from deployments.errors import ChannelClosedError
-from deployments.protocol import ChannelBatch, Chunk, Routed, merge_chunks
+from deployments.protocol import ChannelBatch, Chunk, Handback, Routed, merge_chunks
+from serve_app.handoff import ControlSocket
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,14 @@ class Direct:
     sends that chunk's events itself, on the channel reader's turn (serve_app.streaming). It returns
     False when it did not take the chunk (the inbox gets it). The last chunk always takes the inbox."""
 
-    __slots__ = ("deliver",)
+    __slots__ = ("deliver", "handoff", "reclaim", "handback")
 
     def __init__(self) -> None:
         self.deliver: Callable[[Chunk], bool] | None = None
+        # the request's connection handoff (serve_app.handoff): set by its channels, and by its response
+        self.handoff: Callable[[int, int, str, str], bool] | None = None
+        self.reclaim: Callable[[], bool] | None = None
+        self.handback: Callable[[Handback], None] | None = None
 
 
 DIRECT: ContextVar[Direct | None] = ContextVar("direct_delivery", default=None)
@@ -89,6 +95,8 @@ class ChannelSet:
         self.refused_until: dict[str, float] = {}
         self.num_batches = 0  # messages received through channels (tests and benchmarks read it)
         self.num_direct = 0  # chunks their responses got straight from the reader (not through the inbox)
+        self.control: dict[str, ControlSocket] = {}  # replica -> our messages to it on its channel socket
+        self.num_handoffs = 0  # connections handed to replicas (serve_app.handoff)
 
     def channel_ids(self) -> tuple[str, ...]:
         return tuple(self.open.values())
@@ -96,7 +104,7 @@ class ChannelSet:
     def stats(self) -> dict[str, int]:
         """For the router's view of the model (GET /models)."""
         return {"open": len(self.open), "batches": self.num_batches, "running_via_channels": len(self.via),
-                "direct_chunks": self.num_direct}
+                "direct_chunks": self.num_direct, "handoffs": self.num_handoffs}
 
     def register(self, request_id: str = "") -> tuple[str, asyncio.Queue[Item]]:
         """The request's id (one of ours if it has none, or if a running request has it) and its inbox."""
@@ -106,7 +114,22 @@ class ChannelSet:
         self.inbox[request_id] = inbox
         if (direct := DIRECT.get()) is not None:
             self.direct[request_id] = direct
+            direct.handoff = functools.partial(self._handoff, request_id)
+            direct.reclaim = functools.partial(self._reclaim, request_id)
         return request_id, inbox
+
+    def _handoff(self, request_id: str, tokens: int, fd: int, head: str, tail: str) -> bool:
+        """Send the request's client connection to the replica running it (through its channel socket only)."""
+        control = self.control.get(self.via.get(request_id, ""))
+        if control is None or not control.send(("handoff", request_id, tokens, head, tail), fd):
+            return False
+        self.num_handoffs += 1
+        return True
+
+    def _reclaim(self, request_id: str) -> bool:
+        """Ask for the connection back; False when the channel has ended (the replica holds nothing of it)."""
+        control = self.control.get(self.via.get(request_id, ""))
+        return control is not None and control.send(("reclaim", request_id), stuck_is_sent=True)
 
     def release(self, request_id: str) -> None:
         self.inbox.pop(request_id, None)
@@ -143,6 +166,10 @@ class ChannelSet:
                         inbox = self.inbox.get(request_id)
                         if inbox is None:
                             continue
+                        if isinstance(chunk, Handback):  # its connection is ours again: before any chunk after it
+                            if (direct := self.direct.get(request_id)) is not None and direct.handback is not None:
+                                direct.handback(chunk)
+                            continue
                         # its response waits for it and nothing is ahead of it: sent from here, no task woken
                         direct = self.direct.get(request_id)
                         if (direct is not None and (deliver := direct.deliver) is not None and chunk.finish_reason is None
@@ -160,6 +187,8 @@ class ChannelSet:
             self.readers.pop(replica, None)
             for request_id, where in list(self.via.items()):
                 if where == replica and request_id in self.inbox:
+                    if (direct := self.direct.get(request_id)) is not None and direct.handback is not None:
+                        direct.handback(Handback())  # a connection handed over is ours again: the replica's end is gone
                     self.inbox[request_id].put_nowait(ChannelClosedError("the channel to the model's replica closed; retry"))
 
     async def _open_socket(self, replica: str, channel_id: str, path: str) -> AsyncGenerator[ChannelBatch, None] | None:
@@ -179,6 +208,7 @@ class ChannelSet:
         if answer != replica:
             writer.close()
             raise ChannelClosedError(f"channel socket answered {answer!r}")
+        self.control[replica] = control = ControlSocket(writer)
 
         async def batches() -> AsyncGenerator[ChannelBatch, None]:
             try:
@@ -188,6 +218,9 @@ class ChannelSet:
                     except asyncio.IncompleteReadError:  # the replica closed it (idle) or died
                         return
             finally:
+                if self.control.get(replica) is control:
+                    del self.control[replica]
+                control.close()
                 writer.close()
 
         return batches()

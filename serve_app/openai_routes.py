@@ -75,7 +75,7 @@ async def completions(body: CompletionRequest, lifecycle: LifecycleManager = Dep
                 events.append(sse_event(CompletionResponse(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
-        return sse_response(first, rest, to_events, direct)
+        return sse_response(first, rest, to_events, direct, token_event)  # after the first: token_event.render(text)
     result = await collect(first, rest)
     return response(echo + result.text, result.finish_reason, result.usage)
 
@@ -109,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, lifecycle: LifecycleMana
                     events.append(sse_event(ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[], usage=chunk.usage.to_dict()).model_dump()))  # type: ignore[arg-type]
             return events
 
-        return sse_response(first, rest, to_events, direct)
+        return sse_response(first, rest, to_events, direct, content_event)  # after the first: content_event.render(text)
     result = await collect(first, rest)
     choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
     return ChatCompletionResponse(id=request_id, created=created, model=body.model, choices=[choice], usage=result.usage)  # type: ignore[arg-type]

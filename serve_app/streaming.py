@@ -7,17 +7,18 @@ code; an error after streaming began becomes one SSE error event, then `data: [D
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from deployments.errors import APIError
-from deployments.protocol import Chunk, LoadProgress
+from deployments.protocol import Chunk, LoadProgress, sse_json
+import serve_app.handoff as connection_handoff
 from serve_app.channels import DIRECT, Direct
+from serve_app.handoff import Handoff
 from serve_app.errors import unwrap_error
 
 Item = Chunk | LoadProgress
@@ -25,19 +26,8 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-# Characters Python's str.splitlines() (and so requests' iter_lines and many SSE clients) treat as
-# line breaks, which json.dumps(ensure_ascii=False) leaves raw inside strings: escape them, so a
-# token like U+2028 or U+0085 never splits an event.
-_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
-
-
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once, not per event
+_json = sse_json  # compact, with the line breaks SSE clients split on escaped (deployments.protocol)
 T = TypeVar("T")
-
-
-def _json(data: Any) -> str:
-    """Compact JSON with the line breaks SSE clients split on escaped (one encoding for whole events and templates)."""
-    return _encode(data).translate(_LINE_BREAKS)
 
 
 def sse_event(data: Any) -> str:
@@ -124,9 +114,15 @@ def deliver_directly() -> Direct:
 
 
 class _SSEResponse(StreamingResponse):
-    """Keeps the ASGI `send` it streams through, for the channel reader's direct sends."""
+    """Keeps the ASGI `send` it streams through, for the channel reader's direct sends, and its scope (where
+    the access log left uvicorn's cycle, for a connection handoff)."""
 
     send: Send | None = None
+    scope: Scope | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        await super().__call__(scope, receive, send)
 
     async def stream_response(self, send: Send) -> None:
         self.send = send
@@ -160,9 +156,19 @@ class _DirectSends:
     (the client reads slowly) is finished by a task the response awaits before its own next send, and
     the chunks after it take the inbox again, merged there as for any slow consumer."""
 
-    def __init__(self, response: _SSEResponse, to_events: Callable[[Chunk], Iterable[str]], direct: Direct) -> None:
+    def __init__(self, response: _SSEResponse, to_events: Callable[[Chunk], Iterable[str]], direct: Direct,
+                 template: EventTemplate | None) -> None:
         self.response, self.to_events, self.direct = response, to_events, direct
         self.pending: asyncio.Future[None] | None = None
+        self.handoff: Handoff | None = None
+        if template is not None and connection_handoff.ENABLED and direct.handoff is not None and direct.reclaim is not None:
+            self.handoff = Handoff(response.scope or {}, template.head, template.tail, direct.handoff, direct.reclaim)
+            direct.handback = self.handoff.handed_back
+
+    def sent(self, chunk: Chunk) -> None:
+        """All of `chunk`'s events are out (or with the pending send): count its tokens for a handoff."""
+        if self.handoff is not None:
+            self.handoff.tokens += len(chunk.token_ids)
 
     def deliver(self, chunk: Chunk) -> bool:
         try:
@@ -180,10 +186,14 @@ class _DirectSends:
                 continue
             except Exception:  # noqa: BLE001 - the response's own send meets it again, on the usual path
                 self.direct.deliver = None
+                if i > 0:
+                    self.sent(chunk)
                 return i > 0
             self.direct.deliver = None
             self.pending = asyncio.ensure_future(self._finish(_Resume(coro, waiting), events[i + 1:]))
+            self.sent(chunk)
             return True
+        self.sent(chunk)
         return True
 
     async def _finish(self, started: Awaitable[None], rest: list[bytes]) -> None:
@@ -202,14 +212,17 @@ class _DirectSends:
 
 
 def sse_response(first: Item, rest: AsyncIterator[Item], to_events: Callable[[Chunk], Iterable[str]],
-                 direct: Direct | None = None) -> StreamingResponse:
+                 direct: Direct | None = None, template: EventTemplate | None = None) -> StreamingResponse:
     """Stream the SSE events `to_events(chunk)` renders for every chunk; a client that leaves cancels generation.
     With `direct` (from `deliver_directly()`), a chunk that arrives through a channel while the response
-    waits is sent by the channel reader (no wakeup of this response's task and generators per token)."""
+    waits is sent by the channel reader (no wakeup of this response's task and generators per token).
+    With a `template` as well (`to_events` of every chunk after the first but the last is exactly
+    `[template.render(chunk.text)]`, or nothing for no text), the connection may be handed to the replica
+    after the first event (serve_app.handoff)."""
     response: _SSEResponse
 
     async def events() -> AsyncIterator[str]:
-        sends = _DirectSends(response, to_events, direct) if direct is not None else None
+        sends = _DirectSends(response, to_events, direct, template) if direct is not None else None
         try:
             async for chunk in _chain(first, rest):
                 if sends is not None:
@@ -219,11 +232,17 @@ def sse_response(first: Item, rest: AsyncIterator[Item], to_events: Callable[[Ch
                     continue
                 for event in to_events(chunk):
                     yield event
+                if sends is not None:
+                    sends.sent(chunk)
                 if sends is not None and chunk.finish_reason is None:  # every send of it is done: wait
                     sends.direct.deliver = sends.deliver
+                    if sends.handoff is not None:
+                        sends.handoff.attempt()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - after headers, an error can only be an event
+            if sends is not None and sends.handoff is not None and not await sends.handoff.reclaim():
+                return  # the replica kept the connection: closed, nothing more can be written into it
             if sends is not None:
                 await sends.settle()
             error = unwrap_error(exc) or APIError(f"internal error: {type(exc).__name__}", code="internal_error")

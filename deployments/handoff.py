@@ -1,0 +1,110 @@
+"""Client connections handed over to the replica for the rest of a stream (the router's end: serve_app.handoff).
+
+Through a channel socket (deployments.channel_socket) a router may send, with a streamed request's id, the
+descriptor of that request's HTTP connection (uvicorn's, to HAProxy) once it has written the response's head and
+first event, and nothing of the request is in flight. From then on the engine's lane thread writes each output's
+SSE event into that connection itself, as one HTTP/1.1 chunk framed as uvicorn frames it, and neither the channel
+nor the router handles the request per token: SmolLM2 at 10 streams, through Ray / in process 0.835 -> 0.890 over 12
+alternated rounds (perf/README.md, session 29). The router rendered the request's events from a template with one
+string field open (serve_app.streaming.EventTemplate); it sends the template's two ends, and the text goes between
+them through the same encoding (deployments.protocol.sse_json), byte for byte.
+
+The connection goes back (`Handback` through the channel, before anything else of the request) when the request
+ends, when the router reclaims it (to write an error itself), and when a write would block or fails: then `raw`
+holds the rest of the event being written, which the router writes first; the request's later outputs take the
+channel again. No Ray or FastAPI import.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from deployments.protocol import Chunk, Handback, sse_json
+
+
+def http_chunk(head: str, text: str, tail: str) -> bytes:
+    """One event (`head`, the text as JSON, `tail`) as an HTTP/1.1 chunk, framed as uvicorn frames a body part."""
+    body = (head + sse_json(text) + tail).encode()
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+@dataclass
+class _Out:
+    fd: int
+    head: str
+    tail: str
+    written: int = 0
+
+
+class Handoffs:
+    """The connections handed to this replica through one channel, and the tokens each request sent through
+    that channel (a handoff is taken only when the router has seen them all). Called from the serving loop
+    (`track`, `accept`, `end`) and the engine's lane threads (`item`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._out: dict[str, _Out] = {}
+        self._sent_tokens: dict[str, int] = {}
+        self.num_accepted = 0
+        self.num_events = 0  # events written into handed-over connections
+
+    def track(self, request_id: str) -> None:
+        """A request whose outputs leave through this channel from a lane thread: it may be handed over."""
+        with self._lock:
+            self._sent_tokens[request_id] = 0
+
+    def accept(self, request_id: str, tokens: int, fd: int, head: str, tail: str) -> bool:
+        """Take the connection `fd` if the router has seen every token this request sent (else close it)."""
+        with self._lock:
+            if self._sent_tokens.get(request_id) == tokens and request_id not in self._out:
+                self._out[request_id] = _Out(fd, head, tail)
+                self.num_accepted += 1
+                return True
+        os.close(fd)
+        return False
+
+    def item(self, request_id: str, chunk: Chunk) -> tuple[str, Chunk | Handback] | None:
+        """On a lane thread: the channel's item for this output, or None once written into the connection."""
+        with self._lock:
+            out = self._out.get(request_id)
+            if out is None:
+                if request_id in self._sent_tokens:
+                    self._sent_tokens[request_id] += len(chunk.token_ids)
+                return request_id, chunk
+            if not chunk.text:  # nothing to show yet (a held-back stop string): no event, as the router renders it
+                return None
+            data = http_chunk(out.head, chunk.text, out.tail)
+            try:
+                sent = os.write(out.fd, data)  # the descriptor is non-blocking, as uvicorn's
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the client went away: the router meets that on its side
+                sent = -1
+            self.num_events += 1
+            if sent == len(data):
+                out.written += sent
+                return None
+            del self._out[request_id]
+            self._sent_tokens.pop(request_id, None)  # not handed over again
+            os.close(out.fd)
+            rest = data[max(sent, 0):] if sent >= 0 else b""
+            return request_id, Handback(rest, out.written + max(sent, 0))
+
+    def end(self, request_id: str) -> Handback | None:
+        """The request ended or its connection is reclaimed: close it here; its handback if it was handed over."""
+        with self._lock:
+            self._sent_tokens.pop(request_id, None)
+            out = self._out.pop(request_id, None)
+        if out is None:
+            return None
+        os.close(out.fd)
+        return Handback(b"", out.written)
+
+    def close_all(self) -> None:
+        with self._lock:
+            outs, self._out = list(self._out.values()), {}
+            self._sent_tokens.clear()
+        for out in outs:
+            os.close(out.fd)
