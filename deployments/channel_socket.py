@@ -102,13 +102,17 @@ async def read_control(writer: asyncio.StreamWriter, channel: Channel) -> None:
                 ended.set_result(None)
             return
         buffer.extend(data)
-        while len(buffer) >= FRAME.size and len(buffer) >= FRAME.size + (size := FRAME.unpack_from(buffer)[0]):
-            message = pickle.loads(bytes(buffer[FRAME.size:FRAME.size + size]))  # our own router's, see read_frame
-            del buffer[:FRAME.size + size]
-            if message[0] == "handoff" and fds:
-                channel.handoffs.accept(message[1], message[2], fds.pop(0), message[3], message[4])
-            elif message[0] == "reclaim":
-                channel.end_handoff(message[1], always=True)
+        try:
+            while len(buffer) >= FRAME.size and len(buffer) >= FRAME.size + (size := FRAME.unpack_from(buffer)[0]):
+                message = pickle.loads(bytes(buffer[FRAME.size:FRAME.size + size]))  # our own router's, see read_frame
+                del buffer[:FRAME.size + size]
+                if message[0] == "handoff" and fds:
+                    channel.handoffs.accept(message[1], message[2], fds.pop(0), message[3], message[4])
+                elif message[0] == "reclaim":
+                    channel.end_handoff(message[1], always=True)
+        except Exception:  # noqa: BLE001 - not our router's protocol: the channel ends (its requests see why)
+            if not ended.done():
+                ended.set_result(None)
 
     loop.add_reader(sock.fileno(), readable)
     try:
