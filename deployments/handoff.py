@@ -49,6 +49,7 @@ class Handoffs:
         self._sent_tokens: dict[str, int] = {}
         self.num_accepted = 0
         self.num_events = 0  # events written into handed-over connections
+        self.closed = False  # the channel ended: no handoff is taken any more
 
     def track(self, request_id: str) -> None:
         """A request whose outputs leave through this channel from a lane thread: it may be handed over."""
@@ -58,7 +59,7 @@ class Handoffs:
     def accept(self, request_id: str, tokens: int, fd: int, head: str, tail: str) -> bool:
         """Take the connection `fd` if the router has seen every token this request sent (else close it)."""
         with self._lock:
-            if self._sent_tokens.get(request_id) == tokens and request_id not in self._out:
+            if not self.closed and self._sent_tokens.get(request_id) == tokens and request_id not in self._out:
                 self._out[request_id] = _Out(fd, head, tail)
                 self.num_accepted += 1
                 return True
@@ -103,7 +104,9 @@ class Handoffs:
         return Handback(b"", out.written)
 
     def close_all(self) -> None:
+        """The channel ended (its router is gone or closed it): every connection handed over is closed here."""
         with self._lock:
+            self.closed = True
             outs, self._out = list(self._out.values()), {}
             self._sent_tokens.clear()
         for out in outs:

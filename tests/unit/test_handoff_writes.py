@@ -62,6 +62,10 @@ def test_a_handoff_with_tokens_in_flight_is_refused() -> None:
     assert handoffs.item("r", Chunk("b", [3])) == ("r", Chunk("b", [3]))
     _, _, fd2 = connection()
     assert not handoffs.accept("other", 0, fd2, TEMPLATE.head, TEMPLATE.tail)  # not a request of this channel
+    handoffs.track("late")
+    handoffs.close_all()  # the channel ended: a handoff still on its way is refused
+    _, _, fd3 = connection()
+    assert not handoffs.accept("late", 0, fd3, TEMPLATE.head, TEMPLATE.tail) and not is_open(fd3)
     client.close(); server.close()
 
 
