@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from deployments.protocol import Chunk, Handback, sse_json
 
 
-def http_chunk(head: str, text: str, tail: str) -> bytes:
-    """One event (`head`, the text as JSON, `tail`) as an HTTP/1.1 chunk, framed as uvicorn frames a body part."""
-    body = (head + sse_json(text) + tail).encode()
+def event_body(head: str, text: str, tail: str) -> bytes:
+    """One event: `head`, the text as JSON, `tail` (the router's EventTemplate.render, encoded)."""
+    return (head + sse_json(text) + tail).encode()
+
+
+def http_chunk(body: bytes) -> bytes:
+    """A body part as an HTTP/1.1 chunk, framed as uvicorn frames it."""
     return b"%x\r\n%b\r\n" % (len(body), body)
 
 
@@ -35,7 +39,7 @@ class _Out:
     fd: int
     head: str
     tail: str
-    written: int = 0
+    body_bytes: int = 0  # of the events written or begun (the access log counts bodies, not chunk framing)
 
 
 class Handoffs:
@@ -47,8 +51,6 @@ class Handoffs:
         self._lock = threading.Lock()
         self._out: dict[str, _Out] = {}
         self._sent_tokens: dict[str, int] = {}
-        self.num_accepted = 0
-        self.num_events = 0  # events written into handed-over connections
         self.closed = False  # the channel ended: no handoff is taken any more
 
     def track(self, request_id: str) -> None:
@@ -61,7 +63,6 @@ class Handoffs:
         with self._lock:
             if not self.closed and self._sent_tokens.get(request_id) == tokens and request_id not in self._out:
                 self._out[request_id] = _Out(fd, head, tail)
-                self.num_accepted += 1
                 return True
         os.close(fd)
         return False
@@ -76,22 +77,23 @@ class Handoffs:
                 return request_id, chunk
             if not chunk.text:  # nothing to show yet (a held-back stop string): no event, as the router renders it
                 return None
-            data = http_chunk(out.head, chunk.text, out.tail)
+            body = event_body(out.head, chunk.text, out.tail)
+            data = http_chunk(body)
             try:
                 sent = os.write(out.fd, data)  # the descriptor is non-blocking, as uvicorn's
             except BlockingIOError:
                 sent = 0
             except OSError:  # the client went away: the router meets that on its side
                 sent = -1
-            self.num_events += 1
             if sent == len(data):
-                out.written += sent
+                out.body_bytes += len(body)
                 return None
             del self._out[request_id]
             self._sent_tokens.pop(request_id, None)  # not handed over again
             os.close(out.fd)
-            rest = data[max(sent, 0):] if sent >= 0 else b""
-            return request_id, Handback(rest, out.written + max(sent, 0))
+            if sent < 0:  # nothing more goes into it
+                return request_id, Handback(b"", out.body_bytes)
+            return request_id, Handback(data[sent:], out.body_bytes + len(body))  # the router finishes this event
 
     def end(self, request_id: str) -> Handback | None:
         """The request ended or its connection is reclaimed: close it here; its handback if it was handed over."""
@@ -101,7 +103,7 @@ class Handoffs:
         if out is None:
             return None
         os.close(out.fd)
-        return Handback(b"", out.written)
+        return Handback(b"", out.body_bytes)
 
     def close_all(self) -> None:
         """The channel ended (its router is gone or closed it): every connection handed over is closed here."""

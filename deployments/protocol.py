@@ -73,10 +73,10 @@ class Routed:
 class Handback:
     """A request's client connection given back by the replica it was handed to (deployments.handoff):
     `raw` is the end of an event it could not finish writing (the router writes it first, as is);
-    `bytes_written` what it wrote into the connection itself."""
+    `body_bytes` the bytes of the events it wrote or began, HTTP chunk framing aside (the access log's count)."""
 
     raw: bytes = b""
-    bytes_written: int = 0
+    body_bytes: int = 0
 
 
 # What a channel carries per message: the chunks of the caller's requests on this replica since the

@@ -51,13 +51,14 @@ class Handoff:
         self.tokens = 0  # of the chunks this response has written
         self.state = "ready"  # -> "tried" (not sent), "sent" (the replica may hold it), "back"
         self.back = asyncio.Event()
+        self.cycle: Any = None  # uvicorn's cycle of this response, found when the handoff is tried
 
     def attempt(self) -> None:
         """Hand the connection over if every byte so far is out of uvicorn's hands (HTTP/1.1 chunked)."""
         if self.state != "ready":
             return
         self.state = "tried"
-        cycle = self.scope.get("llm.cycle")
+        cycle = self.cycle = find_cycle(self.scope.get("llm.send"))  # looked for once, by a streamed response only
         transport = getattr(cycle, "transport", None)
         if transport is None or getattr(cycle, "chunked_encoding", None) is not True or getattr(cycle, "disconnected", True):
             return
@@ -69,11 +70,11 @@ class Handoff:
 
     def handed_back(self, handback: Handback) -> None:
         """From the channel reader: the replica gave the connection back; the rest of its event goes out first."""
-        cycle = self.scope.get("llm.cycle")
+        cycle = self.cycle
         if handback.raw and cycle is not None and not cycle.transport.is_closing():
             cycle.transport.write(handback.raw)
         if (counts := self.scope.get("llm.counts")) is not None:  # the access log's bytes out
-            counts["out"] += handback.bytes_written + len(handback.raw)
+            counts["out"] += handback.body_bytes
         self.state = "back"
         self.back.set()
 
@@ -89,9 +90,8 @@ class Handoff:
             return True
         except TimeoutError:
             pass
-        cycle = self.scope.get("llm.cycle")
-        if cycle is not None:
-            cycle.transport.close()
+        if self.cycle is not None:
+            self.cycle.transport.close()
         return False
 
 

@@ -26,7 +26,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deployments.errors import APIError, BadRequestError
 from serve_app.config import AppSettings, check_api_key
 from serve_app.errors import AuthenticationError, PermissionDeniedError, send_error
-from serve_app.handoff import find_cycle
 
 API_KEY_ENV = "LLM_SERVE_API_KEY"
 ADMIN_API_KEY_ENV = "LLM_SERVE_ADMIN_API_KEY"
@@ -191,9 +190,9 @@ class AccessLog:
         started = time.perf_counter()
         request_id, generated = _request_id(scope)
         counts = {"in": 0, "out": 0, "status": 500}
-        # for a streamed response's connection handoff (serve_app.handoff): uvicorn's cycle, and where the bytes
-        # the replica writes into the connection itself are counted
-        scope["llm.cycle"], scope["llm.counts"] = find_cycle(send), counts
+        # for a streamed response's connection handoff (serve_app.handoff): the `send` nearest uvicorn's (its cycle is
+        # looked for behind it only if a handoff is tried), and where the bytes the replica writes itself are counted
+        scope["llm.send"], scope["llm.counts"] = send, counts
         body = bytearray() if access_logger.isEnabledFor(logging.DEBUG) else None
 
         async def counting_receive() -> Message:

@@ -16,9 +16,8 @@ from starlette.types import Receive, Scope, Send
 
 from deployments.errors import APIError
 from deployments.protocol import Chunk, LoadProgress, sse_json
-import serve_app.handoff as connection_handoff
+from serve_app import handoff as connection_handoff
 from serve_app.channels import DIRECT, Direct
-from serve_app.handoff import Handoff
 from serve_app.errors import unwrap_error
 
 Item = Chunk | LoadProgress
@@ -26,12 +25,11 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-_json = sse_json  # compact, with the line breaks SSE clients split on escaped (deployments.protocol)
 T = TypeVar("T")
 
 
 def sse_event(data: Any) -> str:
-    return f"data: {_json(data)}\n\n"
+    return f"data: {sse_json(data)}\n\n"
 
 
 class EventTemplate:
@@ -43,13 +41,13 @@ class EventTemplate:
     OPEN = "\x00open\x00"  # no id or model name holds a NUL (model ids with one are refused)
 
     def __init__(self, data: Any) -> None:
-        parts = sse_event(data).split(_json(self.OPEN))
+        parts = sse_event(data).split(sse_json(self.OPEN))
         if len(parts) != 2:
             raise ValueError("an event template needs its open field exactly once")
         self.head, self.tail = parts
 
     def render(self, text: str) -> str:
-        return self.head + _json(text) + self.tail
+        return self.head + sse_json(text) + self.tail
 
 
 class Deadline:
@@ -160,9 +158,9 @@ class _DirectSends:
                  template: EventTemplate | None) -> None:
         self.response, self.to_events, self.direct = response, to_events, direct
         self.pending: asyncio.Future[None] | None = None
-        self.handoff: Handoff | None = None
+        self.handoff: connection_handoff.Handoff | None = None
         if template is not None and connection_handoff.ENABLED and direct.handoff is not None and direct.reclaim is not None:
-            self.handoff = Handoff(response.scope or {}, template.head, template.tail, direct.handoff, direct.reclaim)
+            self.handoff = connection_handoff.Handoff(response.scope or {}, template.head, template.tail, direct.handoff, direct.reclaim)
             direct.handback = self.handoff.handed_back
 
     def sent(self, chunk: Chunk) -> None:

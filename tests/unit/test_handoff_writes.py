@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
-from deployments.handoff import Handoffs, http_chunk
+from deployments.handoff import Handoffs, event_body, http_chunk
 from deployments.protocol import Chunk, Handback
 from serve_app.streaming import EventTemplate
 
@@ -46,8 +46,9 @@ def test_outputs_go_into_the_connection_as_the_router_would_write_them() -> None
     assert [handoffs.item("r", Chunk(t, [i])) for i, t in enumerate(texts)] == [None, None, None]
     expected = b"".join(chunked(TEMPLATE.render(t)) for t in texts if t)
     assert client.recv(65536) == expected
-    assert http_chunk(TEMPLATE.head, "x", TEMPLATE.tail) == chunked(TEMPLATE.render("x"))
-    assert handoffs.end("r") == Handback(b"", len(expected)) and not is_open(fd)
+    assert http_chunk(event_body(TEMPLATE.head, "x", TEMPLATE.tail)) == chunked(TEMPLATE.render("x"))
+    bodies = sum(len(TEMPLATE.render(t).encode()) for t in texts if t)  # what the access log counts: bodies, not framing
+    assert handoffs.end("r") == Handback(b"", bodies) and not is_open(fd)
     assert handoffs.end("r") is None  # once
     client.close(); server.close()
 
@@ -95,5 +96,5 @@ def test_a_write_that_would_block_gives_the_connection_back_with_the_rest_of_its
             break
     expected = b"".join(chunked(TEMPLATE.render(text)) for _ in range(first + 1))
     assert received + handback.raw == expected  # the rest of the event, not one byte lost or repeated
-    assert handback.bytes_written == len(received)
+    assert handback.body_bytes == (first + 1) * len(TEMPLATE.render(text).encode())  # the unfinished event counted whole
     client.close(); server.close()
